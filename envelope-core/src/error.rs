@@ -1,0 +1,436 @@
+//! The crate's error type and its focused sub-enums.
+//!
+//! Every error is `Send + Sync + 'static` and `Clone`, so it survives the trip through the
+//! boxed errors of diesel and sqlx (downcast with `downcast_ref::<envelope_core::Error>()`) and
+//! can be shared between the waiters of one cache load. Messages name only what is safe to
+//! name: key ids, scopes, labels, format versions, providers, KMS error codes and request ids.
+//! They never carry plaintext, key material, wrapped keys or KMS response bodies.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keys::{KeyId, KeyKind};
+
+/// Everything that can go wrong in envelope-core.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The bytes are not a well-formed envelope value; rejected before any cryptography.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+
+    /// Authentication failed: the value was tampered with, copied from another column (context
+    /// mismatch), or sealed under a different key with the same id. Deliberately opaque.
+    #[error(
+        "cannot decrypt value: it was altered, belongs to another column, or was sealed under a different key"
+    )]
+    Decrypt,
+
+    /// The value names a key id that the key table does not hold.
+    #[error(
+        "value is sealed under key {key_id}, which is not in the key table (deleted, shredded, or a value from another database)"
+    )]
+    UnknownKey {
+        /// The key id read from the value's header.
+        key_id: KeyId,
+    },
+
+    /// A key was used for the wrong job (a blind-index key for a value, or the reverse).
+    #[error("key {key_id} is a {found} key, but a {expected} key was needed")]
+    KeyKindMismatch {
+        /// The key's id.
+        key_id: KeyId,
+        /// The kind the operation needs.
+        expected: KeyKind,
+        /// The kind the key table holds.
+        found: KeyKind,
+    },
+
+    /// The KMS refused or failed a call.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+
+    /// The key store (the key table) failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// A synchronous caller waited for the KMS or the key store longer than the keyring allows.
+    #[error(
+        "timed out after {waited:?} waiting for the KMS or key store ({what}); check the KMS endpoint and network, or raise Policy::kms_timeout"
+    )]
+    KmsTimeout {
+        /// How long the caller waited.
+        waited: Duration,
+        /// What was being done.
+        what: Cow<'static, str>,
+    },
+
+    /// No data key can be used for writing in this scope: the active key reached its hard limit
+    /// (age or use count) and a new one could not be made.
+    #[error(
+        "no usable data key for writes in scope '{scope}': the active key reached its limit and a new one could not be created ({source}); reads of cached keys go on, writes resume when the KMS answers"
+    )]
+    WriteKeyUnavailable {
+        /// The scope being written.
+        scope: String,
+        /// Why the new key could not be made.
+        source: Box<Error>,
+    },
+
+    /// A column type needed a keyring and none was installed.
+    #[error(
+        "no keyring is installed: call Keyring::install_default() at start-up, or wrap the work in keyring.scope(..) / keyring.enter()"
+    )]
+    NoKeyring,
+
+    /// The keyring was dropped (its runtime is shut down) while a call was in flight.
+    #[error("the keyring has been shut down; build a new one")]
+    KeyringShutDown,
+
+    /// A blocking call was made from the keyring's own KMS thread, which would deadlock.
+    #[error(
+        "a blocking keyring call was made on the keyring's own KMS thread; use the async API there"
+    )]
+    BridgeReentrant,
+
+    /// A context label or scope is not valid.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// "context label" or "scope".
+        what: &'static str,
+        /// The rejected value (labels and scopes are names, never secrets).
+        value: String,
+        /// What rule it breaks.
+        reason: &'static str,
+    },
+
+    /// The plaintext is larger than the format can carry.
+    #[error("plaintext of {len} bytes is larger than the format's limit of {max} bytes")]
+    PlaintextTooLarge {
+        /// The plaintext's length.
+        len: usize,
+        /// The format's limit.
+        max: usize,
+    },
+
+    /// The keyring or a provider was configured wrongly.
+    #[error("configuration error: {0}")]
+    Config(Cow<'static, str>),
+
+    /// A local file (such as the local KMS master key) could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed and what to do.
+        message: String,
+    },
+}
+
+impl Error {
+    /// A short, stable name for the error's variant, as used by the test vectors' `expect` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Error::Format(f) => f.name(),
+            Error::Decrypt => "Decrypt",
+            Error::UnknownKey { .. } => "UnknownKey",
+            Error::KeyKindMismatch { .. } => "KeyKindMismatch",
+            Error::Kms(_) => "Kms",
+            Error::Store(_) => "Store",
+            Error::KmsTimeout { .. } => "KmsTimeout",
+            Error::WriteKeyUnavailable { .. } => "WriteKeyUnavailable",
+            Error::NoKeyring => "NoKeyring",
+            Error::KeyringShutDown => "KeyringShutDown",
+            Error::BridgeReentrant => "BridgeReentrant",
+            Error::InvalidName { .. } => "InvalidName",
+            Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
+            Error::Config(_) => "Config",
+            Error::Io { .. } => "Io",
+        }
+    }
+
+    pub(crate) fn io(path: &std::path::Path, message: impl Into<String>) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why bytes were rejected as an envelope value, before any cryptography ran.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// The bytes do not start like an envelope value (for example legacy plaintext).
+    #[error(
+        "not an envelope value (legacy plaintext? enable the column's migration window while `envelope encrypt` runs)"
+    )]
+    NotEnvelope,
+
+    /// The value was written by a newer format version.
+    #[error(
+        "value uses envelope format version {0}, which this build does not support; upgrade envelope"
+    )]
+    UnsupportedVersion(u8),
+
+    /// The value names an algorithm this build does not know.
+    #[error("value uses algorithm id {0}, which this build does not support; upgrade envelope")]
+    UnknownAlgorithm(u8),
+
+    /// The value ends before its header, length or tag is complete.
+    #[error("envelope value is truncated: {len} bytes, at least {needed} needed")]
+    Truncated {
+        /// The value's length.
+        len: usize,
+        /// The least length the header promises.
+        needed: usize,
+    },
+
+    /// The value continues past the end its length field declares.
+    #[error("envelope value has {extra} trailing bytes after its tag")]
+    TrailingBytes {
+        /// How many bytes follow the tag.
+        extra: usize,
+    },
+
+    /// The ciphertext length field is not a minimal LEB128 number within the format's limit.
+    #[error("envelope value has a malformed length field")]
+    MalformedLength,
+
+    /// A text-form value carries the prefix but its body is not canonical padded base64.
+    #[error("text-form envelope value is not valid base64 after its prefix")]
+    MalformedText,
+}
+
+impl FormatError {
+    /// A short, stable name for the variant, as used by the test vectors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FormatError::NotEnvelope => "NotEnvelope",
+            FormatError::UnsupportedVersion(_) => "UnsupportedVersion",
+            FormatError::UnknownAlgorithm(_) => "UnknownAlgorithm",
+            FormatError::Truncated { .. } => "Truncated",
+            FormatError::TrailingBytes { .. } => "TrailingBytes",
+            FormatError::MalformedLength => "MalformedLength",
+            FormatError::MalformedText => "MalformedText",
+        }
+    }
+}
+
+/// What kind of failure a KMS reported; drives retries and what the user is told to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KmsErrorKind {
+    /// The KMS could not be reached, or the connection failed mid-call.
+    Network,
+    /// The call did not finish in time.
+    Timeout,
+    /// The KMS is rate limiting this account or caller.
+    Throttled,
+    /// Credentials, signature or permission were refused.
+    Auth,
+    /// The master key exists but is disabled.
+    KeyDisabled,
+    /// The master key does not exist (or this provider does not hold it).
+    KeyNotFound,
+    /// The master key is scheduled for deletion.
+    KeyPendingDeletion,
+    /// The wrapped key cannot be decrypted: wrong master key, wrong encryption context, or corrupt.
+    InvalidCiphertext,
+    /// The request was malformed or had a bad parameter.
+    InvalidRequest,
+    /// The KMS failed internally or is temporarily unavailable.
+    Unavailable,
+    /// The KMS answered with something this client cannot use.
+    InvalidResponse,
+    /// Anything else the provider reported.
+    Other,
+}
+
+impl KmsErrorKind {
+    /// Whether a call that failed this way may succeed if sent again.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            KmsErrorKind::Network
+                | KmsErrorKind::Timeout
+                | KmsErrorKind::Throttled
+                | KmsErrorKind::Unavailable
+        )
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            KmsErrorKind::Network => "network error (check the endpoint and connectivity)",
+            KmsErrorKind::Timeout => "timed out",
+            KmsErrorKind::Throttled => "throttled (request rate above the account's limit)",
+            KmsErrorKind::Auth => "authentication refused (check the credentials and clock)",
+            KmsErrorKind::KeyDisabled => "master key is disabled (enable it in the KMS)",
+            KmsErrorKind::KeyNotFound => "master key not found (check the CMK id and region)",
+            KmsErrorKind::KeyPendingDeletion => {
+                "master key is pending deletion (cancel the deletion in the KMS)"
+            }
+            KmsErrorKind::InvalidCiphertext => {
+                "wrapped key cannot be decrypted (wrong master key, wrong encryption context, or corrupt)"
+            }
+            KmsErrorKind::InvalidRequest => "request rejected as invalid",
+            KmsErrorKind::Unavailable => "service unavailable",
+            KmsErrorKind::InvalidResponse => "unusable response",
+            KmsErrorKind::Other => "error",
+        }
+    }
+}
+
+/// A failed KMS call: which provider, what kind of failure, and the provider's own code and
+/// request id when it sent them.
+#[derive(Clone, Debug)]
+pub struct KmsError {
+    provider: Cow<'static, str>,
+    kind: KmsErrorKind,
+    code: Option<String>,
+    request_id: Option<String>,
+    message: Option<String>,
+}
+
+impl KmsError {
+    /// A new error of `kind` from `provider`.
+    pub fn new(provider: impl Into<Cow<'static, str>>, kind: KmsErrorKind) -> Self {
+        KmsError {
+            provider: provider.into(),
+            kind,
+            code: None,
+            request_id: None,
+            message: None,
+        }
+    }
+
+    /// Attach the provider's error code (for example `ResourceUnavailable.CmkDisabled`).
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// Attach the provider's request id.
+    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = Some(request_id.into());
+        self
+    }
+
+    /// Attach a human-readable detail. It must not contain key material or a response body.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    /// The provider's name.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> KmsErrorKind {
+        self.kind
+    }
+
+    /// The provider's error code, if it sent one.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// The provider's request id, if it sent one.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// Whether the call may succeed if sent again.
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+}
+
+impl fmt::Display for KmsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kms {}: {}", self.provider, self.kind.describe())?;
+        if let Some(code) = &self.code {
+            write!(f, " [code {code}]")?;
+        }
+        if let Some(id) = &self.request_id {
+            write!(f, " [request id {id}]")?;
+        }
+        if let Some(message) = &self.message {
+            write!(f, ": {message}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for KmsError {}
+
+/// A failure of the key store (the key table).
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An insert collided with an existing row (same id, or a second live index key for a label).
+    #[error("key store conflict: {0}")]
+    Conflict(String),
+
+    /// The key table holds a row that does not make sense (for example its KMS context names
+    /// another key id): it was edited or copied by hand.
+    #[error("key table row for key {key_id} is inconsistent: {reason}")]
+    Corrupt {
+        /// The row's key id.
+        key_id: KeyId,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The row to update does not exist.
+    #[error("key {0} is not in the key table")]
+    NotFound(KeyId),
+
+    /// The backing database failed.
+    #[error("key store backend error: {0}")]
+    Backend(Arc<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl StoreError {
+    /// Wrap a backend error.
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Arc::new(e))
+    }
+}
+
+/// Shorthand for `Result<T, envelope_core::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync_static<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn errors_travel_through_boxed_errors() {
+        assert_send_sync_static::<Error>();
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Decrypt);
+        assert!(matches!(
+            boxed.downcast_ref::<Error>(),
+            Some(Error::Decrypt)
+        ));
+    }
+
+    #[test]
+    fn kms_error_display_names_code_and_request_id() {
+        let e = KmsError::new("tencent", KmsErrorKind::KeyDisabled)
+            .with_code("ResourceUnavailable.CmkDisabled")
+            .with_request_id("abc-123");
+        let s = e.to_string();
+        assert!(s.contains("tencent"), "{s}");
+        assert!(s.contains("ResourceUnavailable.CmkDisabled"), "{s}");
+        assert!(s.contains("abc-123"), "{s}");
+        assert!(!e.is_retryable());
+        assert!(KmsError::new("x", KmsErrorKind::Throttled).is_retryable());
+    }
+}

@@ -1,0 +1,1229 @@
+//! The keyring: the one object an application builds at start-up.
+//!
+//! It holds the KMS provider, the key store, the policy and the metrics; a shared cache from key
+//! id to opened key (the initialized cipher, never raw bytes) with single-flight loading; and one
+//! active data key per scope for writes, rotated by age and by use count and refreshed in the
+//! background before it expires, so a write never waits for the KMS in steady state.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::blind::{BlindIndexSpec, IndexKey};
+use crate::bridge::{Bridge, RuntimeGuard};
+use crate::cipher::DataCipher;
+use crate::error::{Error, KmsError, Result, StoreError};
+use crate::format;
+use crate::keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
+use crate::kms::{EncryptionContext, KmsProvider};
+use crate::metrics::{Metrics, MetricsSnapshot, bump};
+use crate::store::{KeyFilter, KeyStore};
+
+/// The most values one data key may seal, whatever the policy says: 2^31, half the 2^32 bound
+/// NIST SP 800-38D sets for random 96-bit nonces.
+pub const MAX_USES_CEILING: u64 = 1 << 31;
+
+/// Context keys the keyring binds every wrapped key to.
+const CTX_KEY_ID: &str = "envelope.key_id";
+const CTX_KIND: &str = "envelope.kind";
+const CTX_SCOPE: &str = "envelope.scope";
+
+/// Limits and cache settings. The defaults suit most applications; change a field with
+/// `Policy { dek_max_age: Duration::from_secs(3600), ..Policy::default() }`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// A data key takes no new writes after this age (default 24 h).
+    pub dek_max_age: Duration,
+    /// A data key takes no new writes after this many values (default 2^28; at most
+    /// [`MAX_USES_CEILING`]). At 2^28 random nonces the chance of any repeat is below 2^-40.
+    pub dek_max_uses: u64,
+    /// Percent of either limit at which a replacement is made in the background (default 80).
+    pub refresh_at_percent: u8,
+    /// How many opened keys the cache holds (default 10,000).
+    pub cache_capacity: u64,
+    /// How long an opened key stays cached after loading (default 1 h): the window in which a
+    /// key deleted or disabled in the KMS can still be used by this process.
+    pub cache_ttl: Duration,
+    /// How long a call may wait for the KMS and key store (default 10 s).
+    pub kms_timeout: Duration,
+    /// After a failed background refresh, wait this long before trying again (default 5 s).
+    pub refresh_retry: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            dek_max_age: Duration::from_secs(24 * 3600),
+            dek_max_uses: 1 << 28,
+            refresh_at_percent: 80,
+            cache_capacity: 10_000,
+            cache_ttl: Duration::from_secs(3600),
+            kms_timeout: Duration::from_secs(10),
+            refresh_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Policy {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &'static str| Err(Error::Config(m.into()));
+        if self.dek_max_uses == 0 || self.dek_max_uses > MAX_USES_CEILING {
+            return bad("Policy::dek_max_uses must be between 1 and 2^31");
+        }
+        if self.dek_max_age.is_zero() {
+            return bad("Policy::dek_max_age must be positive");
+        }
+        if !(1..=99).contains(&self.refresh_at_percent) {
+            return bad("Policy::refresh_at_percent must be between 1 and 99");
+        }
+        if self.cache_capacity == 0 {
+            return bad("Policy::cache_capacity must be at least 1");
+        }
+        if self.kms_timeout.is_zero() || self.cache_ttl.is_zero() {
+            return bad("Policy::kms_timeout and Policy::cache_ttl must be positive");
+        }
+        Ok(())
+    }
+
+    fn soft_uses(&self) -> u64 {
+        self.dek_max_uses / 100 * u64::from(self.refresh_at_percent)
+            + self.dek_max_uses % 100 * u64::from(self.refresh_at_percent) / 100
+    }
+
+    fn soft_age(&self) -> Duration {
+        self.dek_max_age * u32::from(self.refresh_at_percent) / 100
+    }
+}
+
+/// An opened key in the cache. Always behind an `Arc`, so the size difference between the
+/// variants (the AES key schedule is large) costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum OpenedKey {
+    Data(DataCipher),
+    Index(IndexKey),
+}
+
+impl OpenedKey {
+    fn new(kind: KeyKind, id: KeyId, material: &KeyMaterial) -> Self {
+        match kind {
+            KeyKind::Data => OpenedKey::Data(DataCipher::new(id, material)),
+            KeyKind::Index => OpenedKey::Index(IndexKey::new(id, material)),
+        }
+    }
+
+    fn id(&self) -> KeyId {
+        match self {
+            OpenedKey::Data(c) => c.id(),
+            OpenedKey::Index(k) => k.id(),
+        }
+    }
+
+    fn data(&self) -> Result<&DataCipher> {
+        match self {
+            OpenedKey::Data(c) => Ok(c),
+            OpenedKey::Index(k) => Err(Error::KeyKindMismatch {
+                key_id: k.id(),
+                expected: KeyKind::Data,
+                found: KeyKind::Index,
+            }),
+        }
+    }
+
+    fn index(&self) -> Result<&IndexKey> {
+        match self {
+            OpenedKey::Index(k) => Ok(k),
+            OpenedKey::Data(c) => Err(Error::KeyKindMismatch {
+                key_id: c.id(),
+                expected: KeyKind::Index,
+                found: KeyKind::Data,
+            }),
+        }
+    }
+}
+
+const AGE_FRESH: u8 = 0;
+const AGE_SOFT: u8 = 1;
+const AGE_HARD: u8 = 2;
+
+/// The data key a scope writes under, with its use count and age state.
+struct ActiveKey {
+    key: Arc<OpenedKey>,
+    created: Instant,
+    uses: AtomicU64,
+    /// Age against the policy, updated by the maintenance tick (once a second) so the write path
+    /// does not read the clock.
+    age_state: AtomicU8,
+    /// Set while a refresh runs and after it prepared a successor; cleared after a failure.
+    refresh_in_flight: AtomicBool,
+    /// Milliseconds since the keyring's epoch before which no refresh is tried (back-off).
+    refresh_not_before_ms: AtomicU64,
+}
+
+/// A test clock: the system clock plus an offset tests can advance.
+#[derive(Clone, Default)]
+struct Clock {
+    offset: Arc<Mutex<Duration>>,
+}
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::now() + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[cfg(test)]
+    fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += by;
+    }
+}
+
+struct Inner {
+    kms: Arc<dyn KmsProvider>,
+    store: Arc<dyn KeyStore>,
+    cmk: String,
+    policy: Policy,
+    default_scope: Scope,
+    cache: moka::sync::Cache<KeyId, Arc<OpenedKey>>,
+    active: RwLock<HashMap<Scope, Arc<ActiveKey>>>,
+    rotate_locks: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
+    index_ids: RwLock<HashMap<Label, KeyId>>,
+    /// The last failed attempt to make a data key, per scope: writers that find no usable key
+    /// fail fast with this error for `refresh_retry` instead of each waiting on a KMS that is down.
+    recent_failures: Mutex<HashMap<Scope, (Instant, Error)>>,
+    /// Successors prepared by background refreshes, swapped in at the current key's hard limit.
+    pending: Mutex<HashMap<Scope, Arc<OpenedKey>>>,
+    metrics: Metrics,
+    bridge: Bridge,
+    epoch: Instant,
+    clock: Clock,
+}
+
+/// Builds a [`Keyring`].
+pub struct KeyringBuilder {
+    kms: Arc<dyn KmsProvider>,
+    cmk: String,
+    store: Arc<dyn KeyStore>,
+    policy: Policy,
+    default_scope: Scope,
+    clock: Clock,
+}
+
+impl KeyringBuilder {
+    /// Replace the policy.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The scope used by [`Keyring::encrypt`] and friends (default `default`).
+    pub fn default_scope(mut self, scope: Scope) -> Self {
+        self.default_scope = scope;
+        self
+    }
+
+    #[cfg(test)]
+    fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Start the keyring: its runtime thread and its maintenance task. Makes no KMS call; call
+    /// [`Keyring::warm`] to create the first data key up front.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid policy or CMK id, or when the runtime thread cannot start.
+    pub fn build(self) -> Result<Keyring> {
+        self.policy.validate()?;
+        if self.cmk.is_empty() {
+            return Err(Error::Config("the CMK id must not be empty".into()));
+        }
+        let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
+        let cache = moka::sync::Cache::builder()
+            .name("envelope-keys")
+            .max_capacity(self.policy.cache_capacity)
+            .time_to_live(self.policy.cache_ttl)
+            // TinyLFU may refuse to admit a brand-new key; a refused key would cost a KMS call on
+            // every read. LRU always admits.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        let inner = Arc::new(Inner {
+            kms: self.kms,
+            store: self.store,
+            cmk: self.cmk,
+            policy: self.policy,
+            default_scope: self.default_scope,
+            cache,
+            active: RwLock::default(),
+            rotate_locks: Mutex::default(),
+            index_ids: RwLock::default(),
+            recent_failures: Mutex::default(),
+            pending: Mutex::default(),
+            metrics: Metrics::default(),
+            bridge,
+            epoch: Instant::now(),
+            clock: self.clock,
+        });
+        inner
+            .bridge
+            .handle()
+            .spawn(maintenance(Arc::downgrade(&inner)));
+        Ok(Keyring {
+            inner,
+            _runtime: Arc::new(guard),
+        })
+    }
+}
+
+/// The handle an application builds once and shares (it is cheap to clone).
+///
+/// See the crate docs for a complete example.
+#[derive(Clone)]
+pub struct Keyring {
+    inner: Arc<Inner>,
+    // Dropped with the last handle: shuts the runtime down. Background tasks hold only `Inner`.
+    _runtime: Arc<RuntimeGuard>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("kms", &self.inner.kms.name())
+            .field("cmk", &self.inner.cmk)
+            .field("default_scope", &self.inner.default_scope)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    /// Start building a keyring that makes new keys under `cmk` with `kms` and keeps wrapped
+    /// keys in `store`.
+    pub fn builder(
+        kms: Arc<dyn KmsProvider>,
+        cmk: impl Into<String>,
+        store: Arc<dyn KeyStore>,
+    ) -> KeyringBuilder {
+        KeyringBuilder {
+            kms,
+            cmk: cmk.into(),
+            store,
+            policy: Policy::default(),
+            default_scope: Scope::default(),
+            clock: Clock::default(),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The KMS provider's name.
+    pub fn provider(&self) -> &str {
+        self.inner.kms.name()
+    }
+
+    /// The CMK new keys are made under.
+    pub fn cmk(&self) -> &str {
+        &self.inner.cmk
+    }
+
+    /// The default scope.
+    pub fn default_scope(&self) -> &Scope {
+        &self.inner.default_scope
+    }
+
+    /// The key store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.inner.store
+    }
+
+    /// The KMS provider.
+    pub fn kms(&self) -> &Arc<dyn KmsProvider> {
+        &self.inner.kms
+    }
+
+    /// A copy of the counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.metrics.snapshot()
+    }
+
+    // ----- async API -------------------------------------------------------------------------
+
+    /// Seal `plaintext` for the column `label`, under the default scope's active data key.
+    ///
+    /// # Errors
+    /// [`Error::WriteKeyUnavailable`] when no data key can be made; [`Error::PlaintextTooLarge`].
+    pub async fn encrypt(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.encrypt_scoped(&self.inner.default_scope, label, plaintext)
+            .await
+    }
+
+    /// Seal under `scope`'s active data key.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`].
+    pub async fn encrypt_scoped(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        for _ in 0..3 {
+            if let Some(key) = self.inner.usable_active(scope) {
+                return key.data()?.seal(label, plaintext);
+            }
+            if self.inner.promote_pending(scope).is_some() {
+                continue;
+            }
+            let inner = self.inner.clone();
+            let s = scope.clone();
+            self.inner
+                .bridge
+                .run("making a data key", async move {
+                    inner.rotate(s, Rotation::IfUnusable).await
+                })
+                .await
+                .map_err(|e| write_unavailable(scope, e))?;
+        }
+        Err(exhausted(scope))
+    }
+
+    /// Open a value sealed for the column `label`.
+    ///
+    /// # Errors
+    /// [`Error::Format`] for malformed input, [`Error::Decrypt`] for a tampered, swapped or
+    /// foreign value, [`Error::UnknownKey`], or a KMS / key-store error while loading its key.
+    pub async fn decrypt(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        let envelope = format::parse(blob)?;
+        let key = self.key_async(envelope.key_id()).await?;
+        key.data()?.open(&envelope, label)
+    }
+
+    /// Seal and return the text form (`ev1:` + base64), for columns that must stay text.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`].
+    pub async fn encrypt_text(&self, label: &Label, plaintext: &[u8]) -> Result<String> {
+        Ok(format::to_text(&self.encrypt(label, plaintext).await?))
+    }
+
+    /// Open a text-form value.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`], plus [`crate::FormatError::MalformedText`].
+    pub async fn decrypt_text(&self, label: &Label, text: &str) -> Result<Vec<u8>> {
+        let blob = format::from_text(text)?;
+        self.decrypt(label, &blob).await
+    }
+
+    /// Make sure the default scope has an active data key (one KMS call if it has none), so the
+    /// first write does not wait for the KMS.
+    ///
+    /// # Errors
+    /// A KMS or key-store error.
+    pub async fn warm(&self) -> Result<()> {
+        self.warm_scope(&self.inner.default_scope.clone()).await
+    }
+
+    /// [`Keyring::warm`] for a given scope.
+    ///
+    /// # Errors
+    /// A KMS or key-store error.
+    pub async fn warm_scope(&self, scope: &Scope) -> Result<()> {
+        let inner = self.inner.clone();
+        let s = scope.clone();
+        self.inner
+            .bridge
+            .run("making a data key", async move {
+                inner.rotate(s, Rotation::IfUnusable).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Load keys into the cache ahead of reads (for example the ids of a page of rows, from
+    /// [`crate::format::peek_key_id`]). One KMS call per key not yet cached.
+    ///
+    /// # Errors
+    /// The first load that failed.
+    pub async fn prefetch(&self, ids: impl IntoIterator<Item = KeyId>) -> Result<()> {
+        for id in ids {
+            self.key_async(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Replace `scope`'s active data key now, whatever its age; returns the new key's id. The old
+    /// key is retired in the key table but stays readable.
+    ///
+    /// # Errors
+    /// A KMS or key-store error; the old key then stays active.
+    pub async fn rotate(&self, scope: &Scope) -> Result<KeyId> {
+        let inner = self.inner.clone();
+        let s = scope.clone();
+        self.inner.rotate_and_report(s, inner).await
+    }
+
+    /// The blind index of `value` under `spec` (see [`crate::blind`]). The index key for the
+    /// spec's label is created on first use and shared through the key table.
+    ///
+    /// # Errors
+    /// A KMS or key-store error while loading or creating the index key; a non-UTF-8 value with a
+    /// text normalizer.
+    pub async fn blind_index(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
+        let id = match self.inner.cached_index_id(spec.label()) {
+            Some(id) => id,
+            None => {
+                let inner = self.inner.clone();
+                let label = spec.label().clone();
+                self.inner
+                    .bridge
+                    .run("resolving an index key", async move {
+                        inner.resolve_index_id(label).await
+                    })
+                    .await?
+            }
+        };
+        let key = self.key_async(id).await?;
+        key.index()?.compute(spec, value)
+    }
+
+    // ----- blocking API (for synchronous column codecs) --------------------------------------
+
+    /// [`Keyring::encrypt`] for synchronous callers (diesel `ToSql`, sqlx `Encode`). Never waits
+    /// for the KMS in steady state; when a new data key is needed it waits through the bridge.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`], plus [`Error::KmsTimeout`].
+    pub fn encrypt_blocking(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.encrypt_scoped_blocking(&self.inner.default_scope, label, plaintext)
+    }
+
+    /// [`Keyring::encrypt_scoped`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt_blocking`].
+    pub fn encrypt_scoped_blocking(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        for _ in 0..3 {
+            if let Some(key) = self.inner.usable_active(scope) {
+                return key.data()?.seal(label, plaintext);
+            }
+            if self.inner.promote_pending(scope).is_some() {
+                continue;
+            }
+            bump(&self.inner.metrics.bridge_waits);
+            let inner = self.inner.clone();
+            let s = scope.clone();
+            Bridge::blocking_section(|| {
+                self.inner.bridge.wait("making a data key", async move {
+                    inner.rotate(s, Rotation::IfUnusable).await
+                })
+            })
+            .map_err(|e| self.inner.note_timeout(e))
+            .map_err(|e| write_unavailable(scope, e))?;
+        }
+        Err(exhausted(scope))
+    }
+
+    /// [`Keyring::decrypt`] for synchronous callers. A cached key costs no I/O; a missing one is
+    /// loaded once through the bridge, however many callers ask for it at the same time.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
+    pub fn decrypt_blocking(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        let envelope = format::parse(blob)?;
+        let key = self.inner.key_blocking(envelope.key_id())?;
+        key.data()?.open(&envelope, label)
+    }
+
+    /// [`Keyring::encrypt_text`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt_blocking`].
+    pub fn encrypt_text_blocking(&self, label: &Label, plaintext: &[u8]) -> Result<String> {
+        Ok(format::to_text(&self.encrypt_blocking(label, plaintext)?))
+    }
+
+    /// [`Keyring::decrypt_text`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt_blocking`].
+    pub fn decrypt_text_blocking(&self, label: &Label, text: &str) -> Result<Vec<u8>> {
+        let blob = format::from_text(text)?;
+        self.decrypt_blocking(label, &blob)
+    }
+
+    /// [`Keyring::blind_index`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::blind_index`], plus [`Error::KmsTimeout`].
+    pub fn blind_index_blocking(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
+        let id = match self.inner.cached_index_id(spec.label()) {
+            Some(id) => id,
+            None => {
+                bump(&self.inner.metrics.bridge_waits);
+                let inner = self.inner.clone();
+                let label = spec.label().clone();
+                Bridge::blocking_section(|| {
+                    self.inner
+                        .bridge
+                        .wait("resolving an index key", async move {
+                            inner.resolve_index_id(label).await
+                        })
+                })
+                .map_err(|e| self.inner.note_timeout(e))?
+            }
+        };
+        let key = self.inner.key_blocking(id)?;
+        key.index()?.compute(spec, value)
+    }
+
+    async fn key_async(&self, id: KeyId) -> Result<Arc<OpenedKey>> {
+        if let Some(key) = self.inner.cache.get(&id) {
+            bump(&self.inner.metrics.cache_hits);
+            return Ok(key);
+        }
+        // Load through the same single-flight path as synchronous callers, on the keyring's
+        // blocking pool, so async and sync misses for one key coalesce into one KMS call.
+        let inner = self.inner.clone();
+        self.inner
+            .bridge
+            .run_blocking(move || inner.key_blocking(id))
+            .await
+    }
+
+    #[cfg(test)]
+    fn tick(&self) {
+        self.inner.tick();
+    }
+}
+
+fn write_unavailable(scope: &Scope, e: Error) -> Error {
+    match e {
+        e @ (Error::WriteKeyUnavailable { .. }
+        | Error::PlaintextTooLarge { .. }
+        | Error::KeyringShutDown
+        | Error::BridgeReentrant) => e,
+        e => Error::WriteKeyUnavailable {
+            scope: scope.to_string(),
+            source: Box::new(e),
+        },
+    }
+}
+
+fn exhausted(scope: &Scope) -> Error {
+    Error::WriteKeyUnavailable {
+        scope: scope.to_string(),
+        source: Box::new(Error::Config(
+            "each new data key was used up by concurrent writers before this write could use it; raise Policy::dek_max_uses".into(),
+        )),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Rotation {
+    /// Make a key only if the scope has none that may take writes (first write, hard limit).
+    IfUnusable,
+    /// Make a key only if the current one is past its soft limit (background refresh).
+    IfDue,
+    /// Make a key now (operator request).
+    Always,
+}
+
+impl Inner {
+    /// The scope's active data key, if it may take one more write; counts the write.
+    fn usable_active(self: &Arc<Self>, scope: &Scope) -> Option<Arc<OpenedKey>> {
+        let active = self.active_key(scope)?;
+        let uses = active.uses.fetch_add(1, Ordering::Relaxed);
+        let age = active.age_state.load(Ordering::Relaxed);
+        if age == AGE_HARD || uses >= self.policy.dek_max_uses {
+            return None;
+        }
+        if age == AGE_SOFT || uses >= self.policy.soft_uses() {
+            self.schedule_refresh(scope, &active);
+        }
+        Some(active.key.clone())
+    }
+
+    fn active_key(&self, scope: &Scope) -> Option<Arc<ActiveKey>> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(scope)
+            .cloned()
+    }
+
+    /// Whether `active` may still take writes (without counting one).
+    fn is_usable(&self, active: &ActiveKey) -> bool {
+        active.uses.load(Ordering::Relaxed) < self.policy.dek_max_uses
+            && self.clock.now().duration_since(active.created) < self.policy.dek_max_age
+    }
+
+    fn is_due(&self, active: &ActiveKey) -> bool {
+        active.uses.load(Ordering::Relaxed) >= self.policy.soft_uses()
+            || self.clock.now().duration_since(active.created) >= self.policy.soft_age()
+    }
+
+    fn millis_since_epoch(&self) -> u64 {
+        u64::try_from(self.clock.now().duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn schedule_refresh(self: &Arc<Self>, scope: &Scope, active: &Arc<ActiveKey>) {
+        if active.refresh_not_before_ms.load(Ordering::Relaxed) > self.millis_since_epoch() {
+            return;
+        }
+        if active.refresh_in_flight.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        let scope = scope.clone();
+        let active = active.clone();
+        self.bridge.handle().spawn(async move {
+            let timeout = inner.policy.kms_timeout;
+            let result =
+                tokio::time::timeout(timeout, inner.clone().rotate(scope.clone(), Rotation::IfDue))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::KmsTimeout {
+                            waited: timeout,
+                            what: "refreshing a data key".into(),
+                        })
+                    });
+            // On success the successor is prepared (or the key was already replaced): the flag
+            // stays set so later writes do not schedule again. On failure, back off and retry.
+            if let Err(e) = result {
+                bump(&inner.metrics.rotation_failures);
+                tracing::warn!(
+                    target: "envelope::keyring",
+                    scope = %scope,
+                    error = %e,
+                    "background data key refresh failed; the current key stays in use until its hard limit"
+                );
+                let retry_at = inner.millis_since_epoch().saturating_add(
+                    u64::try_from(inner.policy.refresh_retry.as_millis()).unwrap_or(u64::MAX),
+                );
+                active.refresh_not_before_ms.store(retry_at, Ordering::Relaxed);
+                active.refresh_in_flight.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    fn rotate_lock(&self, scope: &Scope) -> Arc<tokio::sync::Mutex<()>> {
+        self.rotate_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(scope.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Bring a new data key into service for `scope` if `when` says so. Serialized per scope, so
+    /// concurrent writers that all found the key unusable make one new key, not many.
+    ///
+    /// A background refresh ([`Rotation::IfDue`]) only prepares the successor: it is generated
+    /// and stored ahead of time, and swapped in when the current key reaches its hard limit, so
+    /// every key serves its full quota and the swap needs no KMS call.
+    async fn rotate(self: Arc<Self>, scope: Scope, when: Rotation) -> Result<Option<KeyId>> {
+        let lock = self.rotate_lock(&scope);
+        let _serial = lock.lock().await;
+        let current = self.active_key(&scope);
+        match (&current, when) {
+            (Some(a), Rotation::IfUnusable) if self.is_usable(a) => return Ok(None),
+            (Some(a), Rotation::IfDue) if !self.is_due(a) || self.has_pending(&scope) => {
+                return Ok(None);
+            }
+            (None, Rotation::IfDue) => return Ok(None),
+            _ => {}
+        }
+        if when == Rotation::IfUnusable
+            && let Some(id) = self.promote_pending(&scope)
+        {
+            return Ok(Some(id));
+        }
+        if when != Rotation::Always
+            && let Some(e) = self.recent_failure(&scope)
+        {
+            return Err(e);
+        }
+        let (record, key) = match self.create_key(KeyKind::Data, scope.as_str()).await {
+            Ok(made) => {
+                self.failures().remove(&scope);
+                made
+            }
+            Err(e) => {
+                self.failures()
+                    .insert(scope.clone(), (self.clock.now(), e.clone()));
+                return Err(e);
+            }
+        };
+        if when == Rotation::IfDue {
+            tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %record.id, "prepared the next data key");
+            self.pending_keys().insert(scope, key);
+        } else {
+            self.activate(&scope, key);
+        }
+        Ok(Some(record.id))
+    }
+
+    fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Arc<OpenedKey>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_pending(&self, scope: &Scope) -> bool {
+        self.pending_keys().contains_key(scope)
+    }
+
+    /// Swap in the prepared successor, if there is one. No I/O on the caller's thread.
+    fn promote_pending(self: &Arc<Self>, scope: &Scope) -> Option<KeyId> {
+        let next = self.pending_keys().remove(scope)?;
+        let id = next.id();
+        self.activate(scope, next);
+        Some(id)
+    }
+
+    /// Make `key` the scope's active key and retire the previous one in the background.
+    fn activate(self: &Arc<Self>, scope: &Scope, key: Arc<OpenedKey>) {
+        let id = key.id();
+        let fresh = Arc::new(ActiveKey {
+            key,
+            created: self.clock.now(),
+            uses: AtomicU64::new(0),
+            age_state: AtomicU8::new(AGE_FRESH),
+            refresh_in_flight: AtomicBool::new(false),
+            refresh_not_before_ms: AtomicU64::new(0),
+        });
+        let previous = self
+            .active
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.clone(), fresh);
+        bump(&self.metrics.rotations);
+        let previous = previous.map(|a| a.key.id());
+        tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %id, ?previous, "new active data key");
+        if let Some(old) = previous {
+            // The old key stays readable; retiring it only records that writes under it ended.
+            let store = self.store.clone();
+            self.bridge.handle().spawn(async move {
+                if let Err(e) = store.retire(&old, SystemTime::now()).await {
+                    tracing::warn!(target: "envelope::keyring", key_id = %old, error = %e, "could not mark the previous data key retired");
+                }
+            });
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, (Instant, Error)>> {
+        self.recent_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent_failure(&self, scope: &Scope) -> Option<Error> {
+        let failures = self.failures();
+        let (at, e) = failures.get(scope)?;
+        (self.clock.now().duration_since(*at) < self.policy.refresh_retry).then(|| e.clone())
+    }
+
+    async fn rotate_and_report(&self, scope: Scope, me: Arc<Self>) -> Result<KeyId> {
+        let id = self
+            .bridge
+            .run("rotating a data key", async move {
+                me.rotate(scope, Rotation::Always).await
+            })
+            .await?;
+        id.ok_or_else(|| Error::Config("rotation made no key".into()))
+    }
+
+    /// Generate, persist and open a new key.
+    async fn create_key(
+        self: &Arc<Self>,
+        kind: KeyKind,
+        scope: &str,
+    ) -> Result<(KeyRecord, Arc<OpenedKey>)> {
+        let id = KeyId::random()?;
+        let context = kms_context(&id, kind, scope);
+        let generated = self
+            .kms_call(
+                &self.metrics.kms_generate_data_key,
+                self.kms.generate_data_key(&self.cmk, &context),
+            )
+            .await?;
+        let record = KeyRecord {
+            id,
+            kind,
+            scope: scope.to_owned(),
+            provider: self.kms.name().to_owned(),
+            cmk_id: self.cmk.clone(),
+            wrapped: generated.wrapped,
+            kms_context: context.canonical_json(),
+            created_at: SystemTime::now(),
+            retired_at: None,
+        };
+        // Persist before first use: a value must never exist under a key the table lacks.
+        self.store.insert(&record).await?;
+        let key = Arc::new(OpenedKey::new(kind, id, &generated.plaintext));
+        self.cache.insert(id, key.clone());
+        Ok((record, key))
+    }
+
+    async fn kms_call<T>(
+        &self,
+        counter: &AtomicU64,
+        call: impl std::future::Future<Output = std::result::Result<T, KmsError>>,
+    ) -> Result<T> {
+        bump(counter);
+        let started = Instant::now();
+        let result = call.await;
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(_) => {
+                tracing::debug!(target: "envelope::kms", provider = self.kms.name(), ?elapsed, "kms call")
+            }
+            Err(e) => {
+                bump(&self.metrics.kms_errors);
+                tracing::warn!(target: "envelope::kms", provider = self.kms.name(), ?elapsed, error = %e, "kms call failed");
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Load a key from the store and unwrap it with the KMS.
+    async fn load(self: Arc<Self>, id: KeyId) -> Result<Arc<OpenedKey>> {
+        let record = self
+            .store
+            .get(&id)
+            .await?
+            .ok_or(Error::UnknownKey { key_id: id })?;
+        let context = checked_context(&record)?;
+        if record.provider != self.kms.name() {
+            return Err(Error::Config(
+                format!(
+                    "key {id} was wrapped by the '{}' KMS provider, but this keyring uses '{}'",
+                    record.provider,
+                    self.kms.name()
+                )
+                .into(),
+            ));
+        }
+        let material = self
+            .kms_call(
+                &self.metrics.kms_decrypt,
+                self.kms.decrypt(&record.cmk_id, &record.wrapped, &context),
+            )
+            .await?;
+        tracing::debug!(target: "envelope::keyring", key_id = %id, kind = %record.kind, "loaded key");
+        Ok(Arc::new(OpenedKey::new(record.kind, id, &material)))
+    }
+
+    /// The opened key for `id`, from the cache or loaded once for all concurrent callers.
+    fn key_blocking(self: &Arc<Self>, id: KeyId) -> Result<Arc<OpenedKey>> {
+        if let Some(key) = self.cache.get(&id) {
+            bump(&self.metrics.cache_hits);
+            return Ok(key);
+        }
+        bump(&self.metrics.cache_misses);
+        // The whole single-flight call sits inside the blocking section: moka's waiters block
+        // their thread too, and on a multi-thread runtime they must not hold a worker hostage.
+        Bridge::blocking_section(|| {
+            self.cache.try_get_with(id, || {
+                bump(&self.metrics.bridge_waits);
+                let inner = self.clone();
+                self.bridge
+                    .wait("loading a key", async move { inner.load(id).await })
+                    .map_err(|e| self.note_timeout(e))
+            })
+        })
+        .map_err(|shared: Arc<Error>| (*shared).clone())
+    }
+
+    fn note_timeout(&self, e: Error) -> Error {
+        if matches!(e, Error::KmsTimeout { .. }) {
+            bump(&self.metrics.bridge_timeouts);
+        }
+        e
+    }
+
+    fn cached_index_id(&self, label: &Label) -> Option<KeyId> {
+        self.index_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(label)
+            .copied()
+    }
+
+    /// Find the live index key for `label` in the key table, creating it if there is none. When
+    /// two processes race to create it, the store lets one insert win and the other reads it.
+    async fn resolve_index_id(self: Arc<Self>, label: Label) -> Result<KeyId> {
+        let filter = KeyFilter {
+            kind: Some(KeyKind::Index),
+            scope: Some(label.to_string()),
+            ..KeyFilter::default()
+        };
+        let id = match self.store.list(&filter).await?.first() {
+            Some(record) => record.id,
+            None => match self.create_key(KeyKind::Index, label.as_str()).await {
+                Ok((record, _)) => record.id,
+                Err(Error::Store(StoreError::Conflict(_))) => {
+                    self.store
+                        .list(&filter)
+                        .await?
+                        .first()
+                        .ok_or_else(|| {
+                            Error::Store(StoreError::Conflict(format!(
+                                "index key for '{label}' was created and then vanished"
+                            )))
+                        })?
+                        .id
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        self.index_ids
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(label, id);
+        Ok(id)
+    }
+
+    /// Once a second: expire cache entries for real (moka expires lazily), update the age state
+    /// of active keys, and start refreshes that are due.
+    fn tick(self: &Arc<Self>) {
+        self.cache.run_pending_tasks();
+        let now = self.clock.now();
+        let active: Vec<(Scope, Arc<ActiveKey>)> = self
+            .active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(s, a)| (s.clone(), a.clone()))
+            .collect();
+        for (scope, key) in active {
+            let age = now.duration_since(key.created);
+            let state = if age >= self.policy.dek_max_age {
+                AGE_HARD
+            } else if age >= self.policy.soft_age() {
+                AGE_SOFT
+            } else {
+                AGE_FRESH
+            };
+            key.age_state.store(state, Ordering::Relaxed);
+            if state == AGE_HARD && self.promote_pending(&scope).is_some() {
+                continue;
+            }
+            if state != AGE_FRESH {
+                self.schedule_refresh(&scope, &key);
+            }
+        }
+    }
+}
+
+async fn maintenance(inner: Weak<Inner>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.tick();
+    }
+}
+
+fn kms_context(id: &KeyId, kind: KeyKind, scope: &str) -> EncryptionContext {
+    EncryptionContext::new()
+        .with(CTX_KEY_ID, id.to_hex())
+        .with(CTX_KIND, kind.as_str())
+        .with(CTX_SCOPE, scope)
+}
+
+/// The stored context must name the row's own id and kind: a wrapped key copied onto another
+/// row is refused here rather than opened under the wrong id.
+fn checked_context(record: &KeyRecord) -> Result<EncryptionContext> {
+    let corrupt = |reason: String| {
+        Error::Store(StoreError::Corrupt {
+            key_id: record.id,
+            reason,
+        })
+    };
+    let context = EncryptionContext::from_json(&record.kms_context)
+        .map_err(|e| corrupt(format!("kms_context is not a JSON object of strings: {e}")))?;
+    if context.get(CTX_KEY_ID) != Some(record.id.to_hex().as_str()) {
+        return Err(corrupt("kms_context names a different key id".into()));
+    }
+    if context.get(CTX_KIND) != Some(record.kind.as_str()) {
+        return Err(corrupt("kms_context names a different key kind".into()));
+    }
+    Ok(context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::local::LocalKms;
+    use crate::store::MemoryKeyStore;
+
+    fn label() -> Label {
+        Label::new("users.ssn").unwrap()
+    }
+
+    fn keyring_with(policy: Policy, clock: Clock) -> (Keyring, Arc<MemoryKeyStore>) {
+        let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
+        let cmk = kms.cmk_id().to_owned();
+        let store = Arc::new(MemoryKeyStore::new());
+        let k = Keyring::builder(Arc::new(kms), cmk, store.clone())
+            .policy(policy)
+            .clock(clock)
+            .build()
+            .unwrap();
+        (k, store)
+    }
+
+    #[test]
+    fn rotates_by_use_count() {
+        let policy = Policy {
+            dek_max_uses: 10,
+            ..Policy::default()
+        };
+        let (k, store) = keyring_with(policy, Clock::default());
+        let mut per_key = HashMap::new();
+        for _ in 0..35 {
+            let blob = k.encrypt_blocking(&label(), b"v").unwrap();
+            *per_key
+                .entry(format::peek_key_id(&blob).unwrap())
+                .or_insert(0) += 1;
+        }
+        // Each key serves exactly its quota: 10, 10, 10, 5.
+        let mut counts: Vec<i32> = per_key.values().copied().collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![5, 10, 10, 10]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let rows = rt.block_on(store.list(&KeyFilter::all())).unwrap();
+        // Every key made is in the table (the last one may be a prepared successor).
+        assert_eq!(rows.len() as u64, k.metrics().kms_generate_data_key);
+        assert_eq!(k.metrics().rotations, 4);
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[test]
+    fn rotates_by_age_and_prepares_the_successor_ahead() {
+        let clock = Clock::default();
+        let policy = Policy {
+            dek_max_age: Duration::from_secs(100),
+            ..Policy::default()
+        };
+        let (k, store) = keyring_with(policy, clock.clone());
+        let first = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        clock.advance(Duration::from_secs(50));
+        k.tick();
+        assert_eq!(k.metrics().kms_generate_data_key, 1);
+        // Past 80 %: the tick prepares the successor in the background; writes stay on the
+        // current key until its hard limit.
+        clock.advance(Duration::from_secs(35));
+        k.tick();
+        wait_until("the successor", || k.metrics().kms_generate_data_key == 2);
+        let same = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        assert_eq!(first, same);
+        // Past 100 %: the successor takes over with no KMS call, and the old key is retired.
+        clock.advance(Duration::from_secs(20));
+        k.tick();
+        let next = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        assert_ne!(first, next);
+        assert_eq!(k.metrics().kms_generate_data_key, 2);
+        assert_eq!(k.metrics().rotations, 2);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        wait_until("the old key's retirement", || {
+            rt.block_on(store.get(&first))
+                .unwrap()
+                .unwrap()
+                .retired_at
+                .is_some()
+        });
+        // Old values stay readable.
+        let blob = k.encrypt_blocking(&label(), b"x").unwrap();
+        assert_eq!(rt.block_on(k.decrypt(&label(), &blob)).unwrap(), b"x");
+    }
+
+    #[test]
+    fn policy_is_validated() {
+        for p in [
+            Policy {
+                dek_max_uses: 0,
+                ..Policy::default()
+            },
+            Policy {
+                dek_max_uses: MAX_USES_CEILING + 1,
+                ..Policy::default()
+            },
+            Policy {
+                refresh_at_percent: 100,
+                ..Policy::default()
+            },
+            Policy {
+                cache_capacity: 0,
+                ..Policy::default()
+            },
+        ] {
+            let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
+            let cmk = kms.cmk_id().to_owned();
+            let err = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+                .policy(p)
+                .build()
+                .unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err}");
+        }
+        let p = Policy {
+            dek_max_uses: 1 << 28,
+            ..Policy::default()
+        };
+        assert_eq!(p.soft_uses(), (1u64 << 28) * 80 / 100);
+    }
+
+    #[test]
+    fn copied_wrapped_key_is_refused() {
+        let (k, store) = keyring_with(Policy::default(), Clock::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let blob_a = k.encrypt_blocking(&label(), b"a").unwrap();
+        let a = format::peek_key_id(&blob_a).unwrap();
+        let b = rt.block_on(k.rotate(&Scope::default())).unwrap();
+        // Forge: give row B the wrapped key and context of row A.
+        let ra = rt.block_on(store.get(&a)).unwrap().unwrap();
+        let mut rb = rt.block_on(store.get(&b)).unwrap().unwrap();
+        rt.block_on(store.delete(&b)).unwrap();
+        rb.wrapped = ra.wrapped.clone();
+        rb.kms_context = ra.kms_context.clone();
+        rt.block_on(store.insert(&rb)).unwrap();
+        // A fresh keyring over the same store (cold cache) must refuse row B.
+        let kms2 = k.kms().clone();
+        let k2 = Keyring::builder(kms2, k.cmk(), store.clone())
+            .build()
+            .unwrap();
+        let mut forged = blob_a.clone();
+        forged[format::KEY_ID_OFFSET..format::KEY_ID_OFFSET + 16].copy_from_slice(b.as_bytes());
+        let err = k2.decrypt_blocking(&label(), &forged).unwrap_err();
+        assert!(
+            matches!(err, Error::Store(StoreError::Corrupt { .. })),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! # envelope-core
+//!
+//! KMS envelope encryption for database columns. A KMS generates data keys (DEKs) under a
+//! customer master key (CMK); each DEK's plaintext stays in memory and seals values locally with
+//! AES-256-GCM; its wrapped form lives in the key table. The KMS is called again only to unwrap a
+//! key that is not cached, so KMS traffic grows with the number of keys, never with rows.
+//!
+//! Start with [`Keyring`]: build one at start-up from a [`KmsProvider`] (the embedded default is
+//! [`LocalKms`]) and a [`KeyStore`] (the key table: envelope-sqlx and envelope-diesel provide
+//! database stores; [`MemoryKeyStore`] serves tests), then seal and open values by column label.
+//! The column types of envelope-sqlx and envelope-diesel do this for you on every read and write.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use envelope_core::{Keyring, KeyMaterial, Label, LocalKms, MemoryKeyStore};
+//!
+//! # fn main() -> Result<(), envelope_core::Error> {
+//! let kms = LocalKms::from_key(KeyMaterial::generate()?);
+//! let cmk = kms.cmk_id().to_owned();
+//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+//!
+//! let ssn = Label::new("users.ssn")?;
+//! let blob = keyring.encrypt_blocking(&ssn, b"078-05-1120")?;
+//! assert_eq!(keyring.decrypt_blocking(&ssn, &blob)?, b"078-05-1120");
+//!
+//! // The label is bound into the value: it will not open as another column.
+//! let email = Label::new("users.email")?;
+//! assert!(keyring.decrypt_blocking(&email, &blob).is_err());
+//! # Ok(()) }
+//! ```
+//!
+//! ## What is guaranteed
+//!
+//! - Confidentiality and integrity of each value under AES-256-GCM with a random 96-bit nonce; a
+//!   tampered, truncated, swapped (another column) or foreign value fails with a typed error,
+//!   never with wrong plaintext. The format is specified in `docs/FORMAT.md`.
+//! - Every data key is retired long before the random-nonce bound: by default after 2^28 values
+//!   or 24 hours, whichever comes first ([`Policy`]).
+//! - Plaintext keys live only in memory, in types that wipe themselves on drop; no `Debug` output
+//!   shows a key, a credential or a plaintext; no log line carries a KMS body.
+//! - Concurrent cache misses for one key make one KMS call.
+//!
+//! ## What is not
+//!
+//! - Values reveal their length (plus 47 to 50 bytes) and which key sealed them.
+//! - Blind indexes reveal which rows hold equal values ([`blind`]).
+//! - Plaintext handed back to the application, database driver buffers, and swapped memory are
+//!   outside this crate's reach.
+//!
+//! ## Synchronous callers
+//!
+//! The `*_blocking` methods serve synchronous codecs. A cached key costs no I/O; a miss waits
+//! for the keyring's own runtime thread with a timeout ([`Policy::kms_timeout`]), which is safe on
+//! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
+
+pub mod blind;
+mod bridge;
+mod cipher;
+mod error;
+pub mod format;
+mod keyring;
+mod keys;
+pub mod kms;
+mod metrics;
+mod registry;
+mod store;
+#[cfg(test)]
+mod vectors;
+
+pub use blind::{BlindIndexSpec, Normalizer};
+pub use error::{Error, FormatError, KmsError, KmsErrorKind, Result, StoreError};
+pub use keyring::{Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
+pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
+#[cfg(feature = "kms-local")]
+pub use kms::local::LocalKms;
+pub use kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
+pub use metrics::MetricsSnapshot;
+pub use registry::{KeyringGuard, current};
+pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
+
+/// Re-exported so implementors of [`KmsProvider`] and [`KeyStore`] use the same macro version.
+pub use async_trait::async_trait;

@@ -1,0 +1,96 @@
+//! How column types find their keyring: diesel's `FromSql` and sqlx's `Decode` take no context.
+//!
+//! [`current`] resolves, in order:
+//! 1. a task-local override set by [`Keyring::scope`] (async code, per tenant or per test);
+//! 2. a thread-local override set by [`Keyring::enter`] (sync diesel, `spawn_blocking`);
+//! 3. the process default set by [`Keyring::install_default`].
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::RwLock;
+
+use crate::error::{Error, Result};
+use crate::keyring::Keyring;
+
+tokio::task_local! {
+    static TASK_KEYRING: Keyring;
+}
+
+thread_local! {
+    static THREAD_KEYRING: RefCell<Vec<Keyring>> = const { RefCell::new(Vec::new()) };
+}
+
+static DEFAULT_KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
+
+/// The keyring that applies here: task-local, then thread-local, then the process default.
+///
+/// # Errors
+/// [`Error::NoKeyring`] when none is installed.
+pub fn current() -> Result<Keyring> {
+    if let Ok(k) = TASK_KEYRING.try_with(Keyring::clone) {
+        return Ok(k);
+    }
+    if let Some(k) = THREAD_KEYRING.with(|s| s.borrow().last().cloned()) {
+        return Ok(k);
+    }
+    DEFAULT_KEYRING
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or(Error::NoKeyring)
+}
+
+/// Restores the previous thread-local keyring when dropped. Not `Send`: it belongs to the thread
+/// that made it.
+#[must_use = "the keyring is only in effect while the guard lives"]
+pub struct KeyringGuard {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for KeyringGuard {
+    fn drop(&mut self) {
+        THREAD_KEYRING.with(|s| {
+            s.borrow_mut().pop();
+        });
+    }
+}
+
+impl std::fmt::Debug for KeyringGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyringGuard")
+    }
+}
+
+impl Keyring {
+    /// Make this the process-wide default keyring; returns the one it replaces.
+    pub fn install_default(&self) -> Option<Keyring> {
+        DEFAULT_KEYRING
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(self.clone())
+    }
+
+    /// Remove the process-wide default keyring; returns it.
+    pub fn uninstall_default() -> Option<Keyring> {
+        DEFAULT_KEYRING
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Run `fut` with this keyring as the task-local override (visible inside sqlx `Decode` and
+    /// diesel-async `FromSql`, which run in the caller's task).
+    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
+        TASK_KEYRING.scope(self.clone(), fut).await
+    }
+
+    /// Make this keyring the thread-local override until the guard drops (for sync diesel on a
+    /// plain thread or in `spawn_blocking`, where task-locals are not visible). Guards nest.
+    pub fn enter(&self) -> KeyringGuard {
+        THREAD_KEYRING.with(|s| s.borrow_mut().push(self.clone()));
+        KeyringGuard {
+            _not_send: PhantomData,
+        }
+    }
+}

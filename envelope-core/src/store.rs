@@ -1,0 +1,246 @@
+//! The key store: where wrapped keys live (the key table), and an in-memory store for tests.
+//!
+//! envelope-sqlx and envelope-diesel implement [`KeyStore`] over the `envelope_keys` table on
+//! PostgreSQL, MySQL/MariaDB and SQLite. Values carry only a key id; the store maps it back to the
+//! wrapped key and the master key it needs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::keys::{KeyId, KeyKind, KeyRecord};
+
+/// Which rows [`KeyStore::list`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    /// Only rows of this kind.
+    pub kind: Option<KeyKind>,
+    /// Only rows of this scope.
+    pub scope: Option<String>,
+    /// Only rows wrapped under this CMK.
+    pub cmk_id: Option<String>,
+    /// Include rows whose `retired_at` is set.
+    pub include_retired: bool,
+}
+
+impl KeyFilter {
+    /// Every row, retired or not.
+    pub fn all() -> Self {
+        KeyFilter {
+            include_retired: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `record` passes the filter.
+    pub fn matches(&self, record: &KeyRecord) -> bool {
+        self.kind.is_none_or(|k| k == record.kind)
+            && self.scope.as_deref().is_none_or(|s| s == record.scope)
+            && self.cmk_id.as_deref().is_none_or(|c| c == record.cmk_id)
+            && (self.include_retired || record.retired_at.is_none())
+    }
+}
+
+/// Storage for the key table.
+///
+/// Contract (every implementation runs the same tests):
+/// - `insert` fails with [`StoreError::Conflict`] when the id exists, or when the row is an index
+///   key and a non-retired index key with the same scope exists (two processes racing to create a
+///   blind-index key must end up with one);
+/// - `list` returns rows ordered by `created_at`, then id;
+/// - `retire` is idempotent and keeps the first retirement time;
+/// - `rewrap` replaces the wrapped bytes only if they still equal `expected_wrapped`
+///   (compare-and-set), otherwise [`StoreError::Conflict`];
+/// - `delete` removes the row (crypto-shredding every value under it) and says whether it existed.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Add a row.
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// The row with this id.
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// The rows that pass `filter`.
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Stop new writes under a key.
+    async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError>;
+    /// Replace a row's wrapped key (after a CMK change), if it still holds `expected_wrapped`.
+    async fn rewrap(
+        &self,
+        id: &KeyId,
+        expected_wrapped: &[u8],
+        provider: &str,
+        cmk_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError>;
+    /// Delete a row.
+    async fn delete(&self, id: &KeyId) -> Result<bool, StoreError>;
+}
+
+/// A key store in memory, for unit tests and throwaway examples. Everything is lost when the
+/// process exits, and with it every value sealed under these keys.
+#[derive(Debug, Default)]
+pub struct MemoryKeyStore {
+    rows: Mutex<HashMap<KeyId, KeyRecord>>,
+}
+
+impl MemoryKeyStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, KeyRecord>> {
+        // A panic while holding this lock cannot leave a row half-written (each operation is a
+        // single map call), so a poisoned lock is still consistent.
+        self.rows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryKeyStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut rows = self.rows();
+        if rows.contains_key(&record.id) {
+            return Err(StoreError::Conflict(format!(
+                "key {} already exists",
+                record.id
+            )));
+        }
+        if record.kind == KeyKind::Index
+            && rows.values().any(|r| {
+                r.kind == KeyKind::Index && r.scope == record.scope && r.retired_at.is_none()
+            })
+        {
+            return Err(StoreError::Conflict(format!(
+                "a live index key for '{}' already exists",
+                record.scope
+            )));
+        }
+        rows.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.rows().get(id).cloned())
+    }
+
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut out: Vec<KeyRecord> = self
+            .rows()
+            .values()
+            .filter(|r| filter.matches(r))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError> {
+        let mut rows = self.rows();
+        let row = rows.get_mut(id).ok_or(StoreError::NotFound(*id))?;
+        row.retired_at.get_or_insert(at);
+        Ok(())
+    }
+
+    async fn rewrap(
+        &self,
+        id: &KeyId,
+        expected_wrapped: &[u8],
+        provider: &str,
+        cmk_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut rows = self.rows();
+        let row = rows.get_mut(id).ok_or(StoreError::NotFound(*id))?;
+        if row.wrapped != expected_wrapped {
+            return Err(StoreError::Conflict(format!(
+                "key {id} was rewrapped concurrently"
+            )));
+        }
+        row.provider = provider.to_owned();
+        row.cmk_id = cmk_id.to_owned();
+        row.wrapped = wrapped.to_vec();
+        Ok(())
+    }
+
+    async fn delete(&self, id: &KeyId) -> Result<bool, StoreError> {
+        Ok(self.rows().remove(id).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(kind: KeyKind, scope: &str, secs: u64) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::random().unwrap(),
+            kind,
+            scope: scope.into(),
+            provider: "local".into(),
+            cmk_id: "local:1".into(),
+            wrapped: vec![1, 2, 3],
+            kms_context: "{}".into(),
+            created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            retired_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_store_follows_the_contract() {
+        let s = MemoryKeyStore::new();
+        let a = record(KeyKind::Data, "default", 2);
+        let b = record(KeyKind::Data, "default", 1);
+        s.insert(&a).await.unwrap();
+        s.insert(&b).await.unwrap();
+        assert!(matches!(s.insert(&a).await, Err(StoreError::Conflict(_))));
+        let listed = s.list(&KeyFilter::default()).await.unwrap();
+        assert_eq!(
+            listed.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![b.id, a.id]
+        );
+
+        let i1 = record(KeyKind::Index, "users.email", 3);
+        let i2 = record(KeyKind::Index, "users.email", 4);
+        s.insert(&i1).await.unwrap();
+        assert!(matches!(s.insert(&i2).await, Err(StoreError::Conflict(_))));
+
+        let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+        s.retire(&a.id, t1).await.unwrap();
+        s.retire(&a.id, t1 + Duration::from_secs(5)).await.unwrap();
+        assert_eq!(s.get(&a.id).await.unwrap().unwrap().retired_at, Some(t1));
+        let live = s
+            .list(&KeyFilter {
+                kind: Some(KeyKind::Data),
+                ..KeyFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(s.list(&KeyFilter::all()).await.unwrap().len(), 3);
+
+        assert!(matches!(
+            s.rewrap(&b.id, &[9], "local", "local:2", &[4]).await,
+            Err(StoreError::Conflict(_))
+        ));
+        s.rewrap(&b.id, &[1, 2, 3], "local", "local:2", &[4])
+            .await
+            .unwrap();
+        let b2 = s.get(&b.id).await.unwrap().unwrap();
+        assert_eq!(
+            (b2.cmk_id.as_str(), b2.wrapped.as_slice()),
+            ("local:2", &[4u8][..])
+        );
+
+        assert!(s.delete(&b.id).await.unwrap());
+        assert!(!s.delete(&b.id).await.unwrap());
+        assert!(s.get(&b.id).await.unwrap().is_none());
+        assert!(matches!(
+            s.retire(&b.id, t1).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+}
