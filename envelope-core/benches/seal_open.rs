@@ -2,7 +2,8 @@
 //! one run, interleaved, so machine noise hits both sides alike. Prints one row per size with
 //! the median cost of each and their ratio.
 //!
-//! `cargo bench -p envelope-core --bench seal_open` (add `-- --quick` for a short run).
+//! `cargo bench -p envelope-core --bench seal_open` (add `-- --quick` for a short run, or
+//! `-- --size 64` for one size).
 //!
 //! Both sides do the same essential work for one value: a fresh nonce from the thread-local
 //! CSPRNG, one output allocation, AES-256-GCM over the same number of AAD bytes, then a copy and
@@ -56,7 +57,7 @@ impl Bare {
     }
 }
 
-/// Median nanoseconds per iteration of `f` over `rounds` batches of `iters`.
+/// The median of `samples`.
 fn per_op(samples: &mut [f64]) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -95,12 +96,17 @@ fn main() {
     let warm = keyring.encrypt_blocking(&label, b"warm").unwrap();
     keyring.decrypt_blocking(&label, &warm).unwrap();
 
-    println!("seal+open per value, median of {rounds} interleaved rounds (ns)");
+    println!("seal+open per value, median of {rounds} interleaved rounds (ns); ratio = median per-round envelope/bare");
     println!(
         "{:>9} {:>12} {:>12} {:>7}",
         "size", "bare AEAD", "envelope", "ratio"
     );
-    for size in SIZES {
+    // `-- --size 64` measures one size only (for profiling).
+    let only: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--size")
+        .nth(1)
+        .and_then(|s| s.parse().ok());
+    for size in SIZES.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
         let pt: Vec<u8> = (0..size).map(|i| i as u8).collect();
         // Pick a batch size that takes about `budget` per side.
         let probe = time_batch(3, || {
@@ -118,6 +124,10 @@ fn main() {
                 black_box(keyring.decrypt_blocking(&label, &blob).unwrap());
             }));
         }
+        // The ratio is taken per round (each envelope batch against the bare batch just before
+        // it, under the same machine conditions), then the median of those ratios.
+        let mut ratios: Vec<f64> = env_ns.iter().zip(&bare_ns).map(|(e, b)| e / b).collect();
+        let ratio = per_op(&mut ratios);
         let b = per_op(&mut bare_ns);
         let e = per_op(&mut env_ns);
         let name = match size {
@@ -125,7 +135,7 @@ fn main() {
             s if s >= 1024 => format!("{} KiB", s >> 10),
             s => format!("{s} B"),
         };
-        println!("{name:>9} {b:>12.0} {e:>12.0} {:>6.2}x", e / b);
+        println!("{name:>9} {b:>12.0} {e:>12.0} {ratio:>6.2}x");
     }
     let m = keyring.metrics();
     println!(

@@ -8,7 +8,7 @@ use rand::Rng as _;
 use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
-use crate::format::{self, Aad, Envelope, NONCE_LEN};
+use crate::format::{self, Envelope, NONCE_LEN};
 use crate::keys::{KeyId, KeyMaterial, Label};
 
 /// An opened data key: the initialized cipher (key schedule already expanded) and its id.
@@ -56,22 +56,19 @@ impl DataCipher {
         // One allocation of the exact final size: no reallocation copies plaintext around.
         let mut out = Vec::with_capacity(format::sealed_len(plaintext.len()));
         format::write_header(&mut out, &self.id, nonce);
-        let aad = Aad::new(&out, label);
         format::write_length(&mut out, plaintext.len());
         let body = out.len();
         out.extend_from_slice(plaintext);
-        let tag = self
-            .aead
-            .encrypt_inout_detached(
-                &Nonce::from(*nonce),
-                aad.as_slice(),
-                (&mut out[body..]).into(),
-            )
-            // Only possible past GCM's 2^36-byte limit, far above MAX_PLAINTEXT_LEN.
-            .map_err(|_| Error::PlaintextTooLarge {
-                len: plaintext.len(),
-                max: format::MAX_PLAINTEXT_LEN,
-            })?;
+        let (header, buffer) = out.split_at_mut(body);
+        let tag = format::with_aad(header, label, |aad| {
+            self.aead
+                .encrypt_inout_detached(&Nonce::from(*nonce), aad, buffer.into())
+        })
+        // Only possible past GCM's 2^36-byte limit, far above MAX_PLAINTEXT_LEN.
+        .map_err(|_| Error::PlaintextTooLarge {
+            len: plaintext.len(),
+            max: format::MAX_PLAINTEXT_LEN,
+        })?;
         out.extend_from_slice(&tag);
         Ok(out)
     }
@@ -79,14 +76,14 @@ impl DataCipher {
     /// Open a parsed value. The caller has checked that the value's key id is this key's.
     pub(crate) fn open(&self, envelope: &Envelope<'_>, label: &Label) -> Result<Vec<u8>> {
         debug_assert_eq!(envelope.key_id(), self.id);
-        let aad = Aad::new(envelope.header(), label);
         let mut buf = envelope.ciphertext().to_vec();
         let nonce = Nonce::try_from(envelope.nonce()).map_err(|_| Error::Decrypt)?;
         let tag = Tag::from(*envelope.tag());
-        match self
-            .aead
-            .decrypt_inout_detached(&nonce, aad.as_slice(), (&mut buf[..]).into(), &tag)
-        {
+        let result = format::with_aad(envelope.header(), label, |aad| {
+            self.aead
+                .decrypt_inout_detached(&nonce, aad, (&mut buf[..]).into(), &tag)
+        });
+        match result {
             Ok(()) => Ok(buf),
             Err(_) => {
                 buf.zeroize();

@@ -289,6 +289,12 @@ impl KmsErrorKind {
 pub struct KmsError {
     provider: Cow<'static, str>,
     kind: KmsErrorKind,
+    // Boxed so that `Result<_, Error>` stays small on the hot paths that never fail.
+    details: Box<KmsErrorDetails>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KmsErrorDetails {
     code: Option<String>,
     request_id: Option<String>,
     message: Option<String>,
@@ -300,27 +306,25 @@ impl KmsError {
         KmsError {
             provider: provider.into(),
             kind,
-            code: None,
-            request_id: None,
-            message: None,
+            details: Box::default(),
         }
     }
 
     /// Attach the provider's error code (for example `ResourceUnavailable.CmkDisabled`).
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
-        self.code = Some(code.into());
+        self.details.code = Some(code.into());
         self
     }
 
     /// Attach the provider's request id.
     pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
-        self.request_id = Some(request_id.into());
+        self.details.request_id = Some(request_id.into());
         self
     }
 
     /// Attach a human-readable detail. It must not contain key material or a response body.
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
-        self.message = Some(message.into());
+        self.details.message = Some(message.into());
         self
     }
 
@@ -336,12 +340,12 @@ impl KmsError {
 
     /// The provider's error code, if it sent one.
     pub fn code(&self) -> Option<&str> {
-        self.code.as_deref()
+        self.details.code.as_deref()
     }
 
     /// The provider's request id, if it sent one.
     pub fn request_id(&self) -> Option<&str> {
-        self.request_id.as_deref()
+        self.details.request_id.as_deref()
     }
 
     /// Whether the call may succeed if sent again.
@@ -353,13 +357,13 @@ impl KmsError {
 impl fmt::Display for KmsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "kms {}: {}", self.provider, self.kind.describe())?;
-        if let Some(code) = &self.code {
+        if let Some(code) = &self.details.code {
             write!(f, " [code {code}]")?;
         }
-        if let Some(id) = &self.request_id {
+        if let Some(id) = &self.details.request_id {
             write!(f, " [request id {id}]")?;
         }
-        if let Some(message) = &self.message {
+        if let Some(message) = &self.details.message {
             write!(f, ": {message}")?;
         }
         Ok(())
@@ -414,6 +418,8 @@ mod tests {
     #[test]
     fn errors_travel_through_boxed_errors() {
         assert_send_sync_static::<Error>();
+        // Hot paths return Result<_, Error>; keep it small.
+        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
         let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Decrypt);
         assert!(matches!(
             boxed.downcast_ref::<Error>(),

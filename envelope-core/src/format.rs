@@ -229,27 +229,24 @@ pub(crate) fn write_header(out: &mut Vec<u8>, key_id: &KeyId, nonce: &[u8; NONCE
     out.extend_from_slice(nonce);
 }
 
-/// The AAD: the 30 header bytes followed by the label's bytes. Built on the stack; labels are at
-/// most 255 bytes.
-pub(crate) struct Aad {
-    buf: [u8; HEADER_LEN + 255],
-    len: usize,
-}
-
-impl Aad {
-    pub(crate) fn new(header: &[u8], label: &Label) -> Aad {
-        let label = label.as_str().as_bytes();
-        let mut buf = [0u8; HEADER_LEN + 255];
+/// Call `f` with the AAD: the 30 header bytes followed by the label's bytes. The AAD is built
+/// on the stack, in place (labels of up to 34 bytes fit a 64-byte buffer; longer ones, up to
+/// 255, a 285-byte one), and never moved.
+pub(crate) fn with_aad<R>(header: &[u8], label: &Label, f: impl FnOnce(&[u8]) -> R) -> R {
+    #[inline(always)]
+    fn build<'a>(buf: &'a mut [u8], header: &[u8], label: &[u8]) -> &'a [u8] {
+        let len = HEADER_LEN + label.len();
         buf[..HEADER_LEN].copy_from_slice(&header[..HEADER_LEN]);
-        buf[HEADER_LEN..HEADER_LEN + label.len()].copy_from_slice(label);
-        Aad {
-            buf,
-            len: HEADER_LEN + label.len(),
-        }
+        buf[HEADER_LEN..len].copy_from_slice(label);
+        &buf[..len]
     }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.buf[..self.len]
+    let label = label.as_str().as_bytes();
+    if HEADER_LEN + label.len() <= 64 {
+        let mut buf = [0u8; 64];
+        f(build(&mut buf, header, label))
+    } else {
+        let mut buf = [0u8; HEADER_LEN + 255];
+        f(build(&mut buf, header, label))
     }
 }
 

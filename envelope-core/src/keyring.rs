@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::blind::{BlindIndexSpec, IndexKey};
@@ -16,7 +18,7 @@ use crate::bridge::{Bridge, RuntimeGuard};
 use crate::cipher::DataCipher;
 use crate::error::{Error, KmsError, Result, StoreError};
 use crate::format;
-use crate::keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
+use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 use crate::kms::{EncryptionContext, KmsProvider};
 use crate::metrics::{Metrics, MetricsSnapshot, bump};
 use crate::store::{KeyFilter, KeyStore};
@@ -161,6 +163,52 @@ struct ActiveKey {
     refresh_not_before_ms: AtomicU64,
 }
 
+/// A snapshot of the active keys.
+#[derive(Default, Clone)]
+struct ActiveSet {
+    /// The default scope's key, apart so the common case hashes nothing.
+    default: Option<Arc<ActiveKey>>,
+    /// Every other scope's key.
+    scoped: HashMap<Scope, Arc<ActiveKey>>,
+    /// The same keys by id: reads of recent values (the hot set) find their key here without
+    /// touching the shared cache. Holds nothing the maps above do not already keep alive.
+    by_id: HashMap<KeyId, Arc<OpenedKey>, KeyIdHash>,
+}
+
+impl ActiveSet {
+    fn get(&self, scope: &Scope, default_scope: &Scope) -> Option<&Arc<ActiveKey>> {
+        if scope == default_scope {
+            self.default.as_ref()
+        } else {
+            self.scoped.get(scope)
+        }
+    }
+
+    fn iter(&self, default_scope: &Scope) -> Vec<(Scope, Arc<ActiveKey>)> {
+        self.default
+            .iter()
+            .map(|a| (default_scope.clone(), a.clone()))
+            .chain(self.scoped.iter().map(|(s, a)| (s.clone(), a.clone())))
+            .collect()
+    }
+}
+
+static NEXT_KEYRING_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One thread's view of one keyring's active keys.
+struct Snapshot {
+    keyring: u64,
+    generation: u64,
+    set: Arc<ActiveSet>,
+}
+
+thread_local! {
+    // The last active-key set this thread used. It keeps those keys alive until the thread next
+    // uses a keyring (or exits): after a rotation that is the previous key, which the cache
+    // keeps for its TTL anyway.
+    static SNAPSHOT: std::cell::RefCell<Option<Snapshot>> = const { std::cell::RefCell::new(None) };
+}
+
 /// A test clock: the system clock plus an offset tests can advance.
 #[derive(Clone, Default)]
 struct Clock {
@@ -183,9 +231,18 @@ struct Inner {
     store: Arc<dyn KeyStore>,
     cmk: String,
     policy: Policy,
+    /// `policy.dek_max_uses` at `refresh_at_percent`, computed once.
+    soft_uses: u64,
     default_scope: Scope,
-    cache: moka::sync::Cache<KeyId, Arc<OpenedKey>>,
-    active: RwLock<HashMap<Scope, Arc<ActiveKey>>>,
+    cache: moka::sync::Cache<KeyId, Arc<OpenedKey>, KeyIdHash>,
+    /// The active keys, read lock-free on every write and most reads; replaced copy-on-write
+    /// when a key rotates (rare).
+    active: ArcSwap<ActiveSet>,
+    /// Bumped after every change of `active`; threads keep a snapshot of `active` and reload it
+    /// only when this moves, so the write and read paths touch no shared cache line.
+    generation: AtomicU64,
+    /// A process-unique id, so a thread's snapshot can never be mistaken for another keyring's.
+    id: u64,
     rotate_locks: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
     index_ids: RwLock<HashMap<Label, KeyId>>,
     /// The last failed attempt to make a data key, per scope: writers that find no usable key
@@ -246,15 +303,18 @@ impl KeyringBuilder {
             // TinyLFU may refuse to admit a brand-new key; a refused key would cost a KMS call on
             // every read. LRU always admits.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
+            .build_with_hasher(KeyIdHash::default());
         let inner = Arc::new(Inner {
             kms: self.kms,
             store: self.store,
             cmk: self.cmk,
+            soft_uses: self.policy.soft_uses(),
             policy: self.policy,
             default_scope: self.default_scope,
             cache,
-            active: RwLock::default(),
+            active: ArcSwap::from_pointee(ActiveSet::default()),
+            generation: AtomicU64::new(0),
+            id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
             rotate_locks: Mutex::default(),
             index_ids: RwLock::default(),
             recent_failures: Mutex::default(),
@@ -371,8 +431,8 @@ impl Keyring {
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
         for _ in 0..3 {
-            if let Some(key) = self.inner.usable_active(scope) {
-                return key.data()?.seal(label, plaintext);
+            if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
+                return sealed;
             }
             if self.inner.promote_pending(scope).is_some() {
                 continue;
@@ -397,6 +457,9 @@ impl Keyring {
     /// foreign value, [`Error::UnknownKey`], or a KMS / key-store error while loading its key.
     pub async fn decrypt(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
         let envelope = format::parse(blob)?;
+        if let Some(opened) = self.inner.open_hot(&envelope, label) {
+            return opened;
+        }
         let key = self.key_async(envelope.key_id()).await?;
         key.data()?.open(&envelope, label)
     }
@@ -511,11 +574,27 @@ impl Keyring {
         label: &Label,
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
+        match self.inner.seal_active(scope, label, plaintext) {
+            Some(sealed) => sealed,
+            None => self.encrypt_scoped_blocking_slow(scope, label, plaintext),
+        }
+    }
+
+    /// The write path when the scope has no usable key: swap in the prepared successor, or make
+    /// a key through the bridge.
+    #[cold]
+    #[inline(never)]
+    fn encrypt_scoped_blocking_slow(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
         for _ in 0..3 {
-            if let Some(key) = self.inner.usable_active(scope) {
-                return key.data()?.seal(label, plaintext);
-            }
             if self.inner.promote_pending(scope).is_some() {
+                if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
+                    return sealed;
+                }
                 continue;
             }
             bump(&self.inner.metrics.bridge_waits);
@@ -528,6 +607,9 @@ impl Keyring {
             })
             .map_err(|e| self.inner.note_timeout(e))
             .map_err(|e| write_unavailable(scope, e))?;
+            if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
+                return sealed;
+            }
         }
         Err(exhausted(scope))
     }
@@ -539,6 +621,9 @@ impl Keyring {
     /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
     pub fn decrypt_blocking(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
         let envelope = format::parse(blob)?;
+        if let Some(opened) = self.inner.open_hot(&envelope, label) {
+            return opened;
+        }
         let key = self.inner.key_blocking(envelope.key_id())?;
         key.data()?.open(&envelope, label)
     }
@@ -586,7 +671,7 @@ impl Keyring {
     }
 
     async fn key_async(&self, id: KeyId) -> Result<Arc<OpenedKey>> {
-        if let Some(key) = self.inner.cache.get(&id) {
+        if let Some(key) = self.inner.cached(&id) {
             bump(&self.inner.metrics.cache_hits);
             return Ok(key);
         }
@@ -638,26 +723,55 @@ enum Rotation {
 }
 
 impl Inner {
-    /// The scope's active data key, if it may take one more write; counts the write.
-    fn usable_active(self: &Arc<Self>, scope: &Scope) -> Option<Arc<OpenedKey>> {
-        let active = self.active_key(scope)?;
-        let uses = active.uses.fetch_add(1, Ordering::Relaxed);
-        let age = active.age_state.load(Ordering::Relaxed);
-        if age == AGE_HARD || uses >= self.policy.dek_max_uses {
-            return None;
-        }
-        if age == AGE_SOFT || uses >= self.policy.soft_uses() {
-            self.schedule_refresh(scope, &active);
-        }
-        Some(active.key.clone())
+    /// Seal under the scope's active data key if it may take one more write (counting the
+    /// write); `None` when there is no usable key. Runs under the read lock: no reference counts
+    /// change on this path, which every write takes.
+    #[inline]
+    fn seal_active(
+        self: &Arc<Self>,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Option<Result<Vec<u8>>> {
+        self.with_active(|active| {
+            let key = active.get(scope, &self.default_scope)?;
+            let uses = key.uses.fetch_add(1, Ordering::Relaxed);
+            let age = key.age_state.load(Ordering::Relaxed);
+            if age == AGE_HARD || uses >= self.policy.dek_max_uses {
+                return None;
+            }
+            if age == AGE_SOFT || uses >= self.soft_uses {
+                self.schedule_refresh(scope, key);
+            }
+            Some(key.key.data().and_then(|c| c.seal(label, plaintext)))
+        })
+    }
+
+    /// Run `f` on this thread's snapshot of the active keys, reloading it if it is stale.
+    #[inline]
+    fn with_active<R>(&self, f: impl FnOnce(&ActiveSet) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        SNAPSHOT.with(|cell| {
+            let fresh = matches!(
+                &*cell.borrow(),
+                Some(s) if s.keyring == self.id && s.generation == generation
+            );
+            if !fresh {
+                *cell.borrow_mut() = Some(Snapshot {
+                    keyring: self.id,
+                    generation,
+                    set: self.active.load_full(),
+                });
+            }
+            match &*cell.borrow() {
+                Some(s) => f(&s.set),
+                None => f(&self.active.load()),
+            }
+        })
     }
 
     fn active_key(&self, scope: &Scope) -> Option<Arc<ActiveKey>> {
-        self.active
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(scope)
-            .cloned()
+        self.active.load().get(scope, &self.default_scope).cloned()
     }
 
     /// Whether `active` may still take writes (without counting one).
@@ -667,7 +781,7 @@ impl Inner {
     }
 
     fn is_due(&self, active: &ActiveKey) -> bool {
-        active.uses.load(Ordering::Relaxed) >= self.policy.soft_uses()
+        active.uses.load(Ordering::Relaxed) >= self.soft_uses
             || self.clock.now().duration_since(active.created) >= self.policy.soft_age()
     }
 
@@ -799,13 +913,24 @@ impl Inner {
             refresh_in_flight: AtomicBool::new(false),
             refresh_not_before_ms: AtomicU64::new(0),
         });
-        let previous = self
-            .active
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(scope.clone(), fresh);
+        let mut previous = None;
+        // Copy-on-write; `rcu` retries if another scope rotated at the same moment.
+        self.active.rcu(|current| {
+            let mut next = ActiveSet::clone(current);
+            let slot = if *scope == self.default_scope {
+                next.default.replace(fresh.clone())
+            } else {
+                next.scoped.insert(scope.clone(), fresh.clone())
+            };
+            previous = slot.map(|a| a.key.id());
+            if let Some(old) = previous {
+                next.by_id.remove(&old);
+            }
+            next.by_id.insert(id, fresh.key.clone());
+            next
+        });
+        self.generation.fetch_add(1, Ordering::Release);
         bump(&self.metrics.rotations);
-        let previous = previous.map(|a| a.key.id());
         tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %id, ?previous, "new active data key");
         if let Some(old) = previous {
             // The old key stays readable; retiring it only records that writes under it ended.
@@ -923,7 +1048,7 @@ impl Inner {
 
     /// The opened key for `id`, from the cache or loaded once for all concurrent callers.
     fn key_blocking(self: &Arc<Self>, id: KeyId) -> Result<Arc<OpenedKey>> {
-        if let Some(key) = self.cache.get(&id) {
+        if let Some(key) = self.cached(&id) {
             bump(&self.metrics.cache_hits);
             return Ok(key);
         }
@@ -940,6 +1065,24 @@ impl Inner {
             })
         })
         .map_err(|shared: Arc<Error>| (*shared).clone())
+    }
+
+    /// Open under an active key without touching reference counts, if the value's key is one.
+    #[inline]
+    fn open_hot(&self, envelope: &format::Envelope<'_>, label: &Label) -> Option<Result<Vec<u8>>> {
+        self.with_active(|active| {
+            let key = active.by_id.get(&envelope.key_id())?;
+            bump(&self.metrics.cache_hits);
+            Some(key.data().and_then(|c| c.open(envelope, label)))
+        })
+    }
+
+    /// The opened key for `id` if it is in memory: an active key, or one in the shared cache.
+    fn cached(&self, id: &KeyId) -> Option<Arc<OpenedKey>> {
+        if let Some(key) = self.active.load().by_id.get(id) {
+            return Some(key.clone());
+        }
+        self.cache.get(id)
     }
 
     fn note_timeout(&self, e: Error) -> Error {
@@ -996,13 +1139,7 @@ impl Inner {
     fn tick(self: &Arc<Self>) {
         self.cache.run_pending_tasks();
         let now = self.clock.now();
-        let active: Vec<(Scope, Arc<ActiveKey>)> = self
-            .active
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(s, a)| (s.clone(), a.clone()))
-            .collect();
+        let active = self.active.load().iter(&self.default_scope);
         for (scope, key) in active {
             let age = now.duration_since(key.created);
             let state = if age >= self.policy.dek_max_age {

@@ -84,6 +84,28 @@ impl TryFrom<&[u8]> for KeyId {
     }
 }
 
+/// A cheap hasher for maps keyed by [`KeyId`]. Key ids are 16 random bytes, so folding them is
+/// as good as SipHash; and only the keyring's own keys are ever inserted (ids read from values
+/// are only looked up), so crafted ids cannot flood a bucket.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyIdHasher(u64);
+
+impl std::hash::Hasher for KeyIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+pub(crate) type KeyIdHash = std::hash::BuildHasherDefault<KeyIdHasher>;
+
 /// What a key in the key table is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyKind {
