@@ -96,7 +96,9 @@ fn main() {
     let warm = keyring.encrypt_blocking(&label, b"warm").unwrap();
     keyring.decrypt_blocking(&label, &warm).unwrap();
 
-    println!("seal+open per value, median of {rounds} interleaved rounds (ns); ratio = median per-round envelope/bare");
+    println!(
+        "seal+open per value, median of {rounds} interleaved rounds (ns); ratio = median per-round envelope/bare"
+    );
     println!(
         "{:>9} {:>12} {:>12} {:>7}",
         "size", "bare AEAD", "envelope", "ratio"

@@ -419,7 +419,11 @@ mod tests {
     fn errors_travel_through_boxed_errors() {
         assert_send_sync_static::<Error>();
         // Hot paths return Result<_, Error>; keep it small.
-        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
+        assert!(
+            std::mem::size_of::<Error>() <= 64,
+            "{}",
+            std::mem::size_of::<Error>()
+        );
         let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Decrypt);
         assert!(matches!(
             boxed.downcast_ref::<Error>(),

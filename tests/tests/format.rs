@@ -17,20 +17,22 @@ fn every_single_bit_flip_is_rejected() {
             let mut bad = blob.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             match fx.keyring.decrypt_blocking(&label, &bad) {
-                Ok(_) => panic!("flipping bit {bit} of a {}-byte value went unnoticed", blob.len()),
+                Ok(_) => panic!(
+                    "flipping bit {bit} of a {}-byte value went unnoticed",
+                    blob.len()
+                ),
                 // Each flip is caught by the parser, the key lookup, or the tag; never a panic.
-                Err(
-                    Error::Decrypt
-                    | Error::Format(_)
-                    | Error::UnknownKey { .. },
-                ) => {}
+                Err(Error::Decrypt | Error::Format(_) | Error::UnknownKey { .. }) => {}
                 Err(other) => panic!("bit {bit}: unexpected error {other}"),
             }
             // The same through the text form.
             let bad_text = format::to_text(&bad);
             assert!(fx.keyring.decrypt_text_blocking(&label, &bad_text).is_err());
         }
-        assert_eq!(fx.keyring.decrypt_text_blocking(&label, &text).unwrap(), plaintext);
+        assert_eq!(
+            fx.keyring.decrypt_text_blocking(&label, &text).unwrap(),
+            plaintext
+        );
     }
 }
 
@@ -40,7 +42,10 @@ fn truncation_at_every_length_is_rejected() {
     let label = Label::new("users.ssn").unwrap();
     let blob = fx.keyring.encrypt_blocking(&label, b"078-05-1120").unwrap();
     for len in 0..blob.len() {
-        let err = fx.keyring.decrypt_blocking(&label, &blob[..len]).unwrap_err();
+        let err = fx
+            .keyring
+            .decrypt_blocking(&label, &blob[..len])
+            .unwrap_err();
         assert!(matches!(err, Error::Format(_)), "length {len}: {err}");
     }
 }
