@@ -1,3 +1,5 @@
+// A benchmark: a failed setup should panic.
+#![allow(clippy::unwrap_used)]
 //! Seal + open through the keyring (cache hit) against the bare AEAD with a cached cipher, in
 //! one run, interleaved, so machine noise hits both sides alike. Prints one row per size with
 //! the median cost of each and their ratio.

@@ -63,6 +63,7 @@ mod keys;
 pub mod kms;
 mod metrics;
 mod registry;
+mod secret;
 mod store;
 #[cfg(test)]
 mod vectors;
@@ -76,6 +77,7 @@ pub use kms::local::LocalKms;
 pub use kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
 pub use metrics::MetricsSnapshot;
 pub use registry::{KeyringGuard, current};
+pub use secret::SecretString;
 pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
 
 /// Re-exported so implementors of [`KmsProvider`] and [`KeyStore`] use the same macro version.

@@ -14,6 +14,8 @@ use crate::keys::KeyMaterial;
 
 #[cfg(feature = "kms-local")]
 pub mod local;
+#[cfg(feature = "kms-tencent")]
+pub mod tencent;
 
 /// Key/value pairs a wrapped key is bound to. The KMS refuses to unwrap under any other context.
 ///

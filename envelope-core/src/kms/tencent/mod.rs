@@ -1,0 +1,645 @@
+//! Tencent Cloud KMS (API 3.0, version `2019-01-18`), signed with TC3-HMAC-SHA256.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), envelope_core::Error> {
+//! use std::sync::Arc;
+//! use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+//! use envelope_core::{Keyring, MemoryKeyStore};
+//!
+//! // TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY, TENCENTCLOUD_REGION
+//! // (and TENCENTCLOUD_SESSION_TOKEN for temporary credentials).
+//! let kms = TencentKms::new(TencentConfig::from_env()?)?;
+//! let keyring = Keyring::builder(Arc::new(kms), "<your CMK id>", Arc::new(MemoryKeyStore::new()))
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Requests go over HTTPS (rustls; no OpenSSL) to `kms.tencentcloudapi.com` unless
+//! [`TencentConfig::endpoint`] points elsewhere (a private endpoint, or the `envelope
+//! kms-emulator`). Errors that Tencent reports in `Response.Error` become typed
+//! [`KmsError`]s carrying the code and RequestId. Network errors, HTTP 5xx, `InternalError` and
+//! the `RequestLimitExceeded` family are retried with jittered exponential back-off, signing each
+//! attempt anew; authentication and ciphertext errors never are. No request or response body is
+//! ever logged: a GenerateDataKey response holds a plaintext key.
+
+pub mod sign;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rand::RngExt as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, KmsError, KmsErrorKind, Result};
+use crate::keys::KeyMaterial;
+use crate::kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
+use crate::secret::SecretString;
+
+const PROVIDER: &str = "tencent";
+/// The API version these actions belong to.
+pub const API_VERSION: &str = "2019-01-18";
+const SERVICE: &str = "kms";
+const DEFAULT_ENDPOINT: &str = "https://kms.tencentcloudapi.com";
+
+/// How to reach and authenticate to Tencent Cloud KMS.
+#[derive(Clone)]
+pub struct TencentConfig {
+    /// The SecretId.
+    pub secret_id: String,
+    /// The SecretKey.
+    pub secret_key: SecretString,
+    /// An STS session token, sent as `X-TC-Token`, for temporary credentials.
+    pub session_token: Option<SecretString>,
+    /// The region, for example `ap-guangzhou`.
+    pub region: String,
+    /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted for the
+    /// local emulator only.
+    pub endpoint: String,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for one attempt.
+    pub request_timeout: Duration,
+    /// Attempts per call, retries included (at least 1).
+    pub max_attempts: u32,
+    /// The first retry waits about this long; each later one twice as long, with jitter.
+    pub backoff: Duration,
+}
+
+impl fmt::Debug for TencentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TencentConfig")
+            .field("secret_id", &self.secret_id)
+            .field("secret_key", &self.secret_key)
+            .field("session_token", &self.session_token)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
+}
+
+impl TencentConfig {
+    /// A configuration with the given credentials and region and default settings.
+    pub fn new(
+        secret_id: impl Into<String>,
+        secret_key: impl Into<SecretString>,
+        region: impl Into<String>,
+    ) -> Self {
+        TencentConfig {
+            secret_id: secret_id.into(),
+            secret_key: secret_key.into(),
+            session_token: None,
+            region: region.into(),
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            backoff: Duration::from_millis(200),
+        }
+    }
+
+    /// Read `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY`, `TENCENTCLOUD_REGION` and, if
+    /// set, `TENCENTCLOUD_SESSION_TOKEN` and `ENVELOPE_TENCENT_ENDPOINT`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the missing variable.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &'static str| {
+            std::env::var(name).map_err(|_| {
+                Error::Config(Cow::Owned(format!(
+                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY and TENCENTCLOUD_REGION)"
+                )))
+            })
+        };
+        let mut config = TencentConfig::new(
+            var("TENCENTCLOUD_SECRET_ID")?,
+            SecretString::new(var("TENCENTCLOUD_SECRET_KEY")?),
+            var("TENCENTCLOUD_REGION")?,
+        );
+        config.session_token = std::env::var("TENCENTCLOUD_SESSION_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(SecretString::new);
+        if let Ok(endpoint) = std::env::var("ENVELOPE_TENCENT_ENDPOINT") {
+            config.endpoint = endpoint;
+        }
+        Ok(config)
+    }
+
+    /// Point at another endpoint (a private endpoint, or the emulator).
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = endpoint.into();
+        self
+    }
+}
+
+/// A Tencent Cloud KMS client. Cheap to share; reuses connections.
+pub struct TencentKms {
+    config: TencentConfig,
+    url: reqwest::Url,
+    host: String,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for TencentKms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TencentKms")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key metadata as DescribeKey and CreateKey return it (the fields envelope uses).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+#[non_exhaustive]
+pub struct KeyMetadata {
+    /// The CMK id.
+    pub key_id: String,
+    /// `Enabled`, `Disabled`, `PendingDelete`, ...
+    pub key_state: String,
+    /// The alias, if any.
+    #[serde(default)]
+    pub alias: String,
+}
+
+impl TencentKms {
+    /// A client for `config`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unusable endpoint or settings.
+    pub fn new(config: TencentConfig) -> Result<Self> {
+        if config.secret_id.is_empty() || config.secret_key.is_empty() {
+            return Err(Error::Config(
+                "Tencent SecretId and SecretKey must not be empty".into(),
+            ));
+        }
+        if config.region.is_empty() {
+            return Err(Error::Config("Tencent region must not be empty".into()));
+        }
+        let url = reqwest::Url::parse(&config.endpoint).map_err(|e| {
+            Error::Config(Cow::Owned(format!(
+                "Tencent endpoint {:?} is not a URL: {e}",
+                config.endpoint
+            )))
+        })?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            return Err(Error::Config(Cow::Owned(format!(
+                "Tencent endpoint {:?} must be an http(s) URL with a host",
+                config.endpoint
+            ))));
+        }
+        // The Host header hyper sends: the host, plus the port when it is not the scheme's.
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => unreachable!("checked above"),
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .build()
+            .map_err(|e| Error::Config(Cow::Owned(format!("cannot build the HTTP client: {e}"))))?;
+        Ok(TencentKms {
+            host,
+            url,
+            client,
+            config: TencentConfig {
+                max_attempts: config.max_attempts.max(1),
+                ..config
+            },
+        })
+    }
+
+    /// Call `action` with `params`, retrying what may succeed on a second try.
+    async fn call(&self, action: &str, params: Value) -> std::result::Result<Value, KmsError> {
+        // Serialized once: every attempt signs and sends these exact bytes.
+        let body = Zeroizing::new(serde_json::to_vec(&params).map_err(|e| {
+            KmsError::new(PROVIDER, KmsErrorKind::InvalidRequest).with_message(e.to_string())
+        })?);
+        drop(params);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.attempt(action, &body).await;
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
+                    let wait = self.backoff(attempt);
+                    tracing::debug!(target: "envelope::kms::tencent", action, attempt, ?wait, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .config
+            .backoff
+            .saturating_mul(1 << (attempt - 1).min(10));
+        // Full jitter between 50 % and 150 %, so synchronized clients spread out.
+        base.mul_f64(0.5 + rand::rng().random::<f64>())
+    }
+
+    async fn attempt(&self, action: &str, body: &[u8]) -> std::result::Result<Value, KmsError> {
+        let timestamp = i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        )
+        .unwrap_or(i64::MAX);
+        let content_type = "application/json";
+        let headers = [("content-type", content_type), ("host", self.host.as_str())];
+        let input = sign::CanonicalInput {
+            method: "POST",
+            uri: "/",
+            query: "",
+            headers: &headers,
+            payload: body,
+        };
+        let authorization = sign::authorization(
+            &self.config.secret_id,
+            self.config.secret_key.expose().as_bytes(),
+            timestamp,
+            SERVICE,
+            &input,
+        );
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header("Content-Type", content_type)
+            .header("Authorization", authorization)
+            .header("X-TC-Action", action)
+            .header("X-TC-Version", API_VERSION)
+            .header("X-TC-Region", &self.config.region)
+            .header("X-TC-Timestamp", timestamp.to_string())
+            .header("X-TC-Language", "en-US")
+            .body(body.to_vec());
+        if let Some(token) = &self.config.session_token {
+            request = request.header("X-TC-Token", token.expose());
+        }
+        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        let bytes = Zeroizing::new(
+            response
+                .bytes()
+                .await
+                .map_err(|e| transport_error(&e))?
+                .to_vec(),
+        );
+        if status.is_server_error() {
+            return Err(KmsError::new(PROVIDER, KmsErrorKind::Unavailable)
+                .with_message(format!("HTTP {status}")));
+        }
+        if status != reqwest::StatusCode::OK {
+            return Err(KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse)
+                .with_message(format!("HTTP {status}")));
+        }
+        parse_response(&bytes)
+    }
+
+    /// Create a symmetric CMK (`ENCRYPT_DECRYPT`); returns its id.
+    ///
+    /// # Errors
+    /// The KMS's error.
+    pub async fn create_key(&self, alias: &str, description: &str) -> Result<KeyMetadata> {
+        let r = self
+            .call(
+                "CreateKey",
+                json!({"Alias": alias, "Description": description, "KeyUsage": "ENCRYPT_DECRYPT"}),
+            )
+            .await?;
+        Ok(from_response(r)?)
+    }
+
+    /// Describe a CMK.
+    ///
+    /// # Errors
+    /// The KMS's error.
+    pub async fn describe_key(&self, key_id: &str) -> Result<KeyMetadata> {
+        let r = self.call("DescribeKey", json!({"KeyId": key_id})).await?;
+        let meta = r
+            .get("KeyMetadata")
+            .cloned()
+            .ok_or_else(|| invalid_response("DescribeKey without KeyMetadata"))?;
+        Ok(from_response(meta)?)
+    }
+
+    /// Enable a CMK.
+    ///
+    /// # Errors
+    /// The KMS's error.
+    pub async fn enable_key(&self, key_id: &str) -> Result<()> {
+        self.call("EnableKey", json!({"KeyId": key_id})).await?;
+        Ok(())
+    }
+
+    /// Disable a CMK: it can no longer generate or unwrap keys until enabled again.
+    ///
+    /// # Errors
+    /// The KMS's error.
+    pub async fn disable_key(&self, key_id: &str) -> Result<()> {
+        self.call("DisableKey", json!({"KeyId": key_id})).await?;
+        Ok(())
+    }
+
+    /// Schedule a CMK's deletion after `pending_days` (7 to 30 on the real service).
+    ///
+    /// # Errors
+    /// The KMS's error.
+    pub async fn schedule_key_deletion(&self, key_id: &str, pending_days: u32) -> Result<()> {
+        self.call(
+            "ScheduleKeyDeletion",
+            json!({"KeyId": key_id, "PendingWindowInDays": pending_days}),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> KmsError {
+    let kind = if e.is_timeout() {
+        KmsErrorKind::Timeout
+    } else {
+        KmsErrorKind::Network
+    };
+    // reqwest's Display names the URL and the failure, never a body.
+    KmsError::new(PROVIDER, kind).with_message(e.to_string())
+}
+
+fn invalid_response(what: &str) -> KmsError {
+    KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse).with_message(what.to_owned())
+}
+
+fn from_response<T: serde::de::DeserializeOwned>(v: Value) -> std::result::Result<T, KmsError> {
+    // The error names the missing field, never the body.
+    serde_json::from_value(v)
+        .map_err(|e| invalid_response(&format!("unexpected response shape: {e}")))
+}
+
+/// Map a Tencent error code to the kind of failure it is.
+pub fn classify(code: &str) -> KmsErrorKind {
+    let family = |prefix: &str| code == prefix || code.starts_with(&format!("{prefix}."));
+    match code {
+        "ResourceUnavailable.CmkDisabled" | "ResourceUnavailable.KeyDisabled" => {
+            KmsErrorKind::KeyDisabled
+        }
+        "ResourceUnavailable.KeyPendingDelete" => KmsErrorKind::KeyPendingDeletion,
+        "ResourceUnavailable.CmkNotFound"
+        | "InvalidParameterValue.InvalidKeyId"
+        | "ResourceNotFound" => KmsErrorKind::KeyNotFound,
+        "InvalidParameterValue.InvalidCiphertext" | "FailedOperation.DecryptError" => {
+            KmsErrorKind::InvalidCiphertext
+        }
+        "ServiceUnavailable" | "UnsupportedOperation.ServiceTemporaryUnavailable" => {
+            KmsErrorKind::Unavailable
+        }
+        _ if family("InternalError") => KmsErrorKind::Unavailable,
+        _ if family("RequestLimitExceeded") => KmsErrorKind::Throttled,
+        _ if family("AuthFailure") || family("UnauthorizedOperation") => KmsErrorKind::Auth,
+        _ if family("InvalidParameter")
+            || family("InvalidParameterValue")
+            || family("MissingParameter")
+            || family("UnknownParameter")
+            || family("InvalidAction")
+            || family("RequestSizeLimitExceeded") =>
+        {
+            KmsErrorKind::InvalidRequest
+        }
+        _ => KmsErrorKind::Other,
+    }
+}
+
+/// Read `{"Response": {...}}`, turning `Response.Error` into a typed error first.
+fn parse_response(bytes: &[u8]) -> std::result::Result<Value, KmsError> {
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|_| invalid_response("response is not JSON"))?;
+    let mut response = v
+        .get_mut("Response")
+        .map(Value::take)
+        .ok_or_else(|| invalid_response("response has no Response object"))?;
+    let request_id = response
+        .get("RequestId")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if let Some(error) = response.get("Error") {
+        let code = error.get("Code").and_then(Value::as_str).unwrap_or("");
+        let message: String = error
+            .get("Message")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect();
+        let mut e = KmsError::new(PROVIDER, classify(code))
+            .with_code(code)
+            .with_message(message);
+        if let Some(id) = request_id {
+            e = e.with_request_id(id);
+        }
+        return Err(e);
+    }
+    if let Some(obj) = response.as_object_mut() {
+        obj.remove("RequestId");
+    }
+    Ok(response)
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> std::result::Result<&'a str, KmsError> {
+    v.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_response(&format!("response has no {name}")))
+}
+
+fn key_from_base64(b64: &str) -> std::result::Result<KeyMaterial, KmsError> {
+    let bytes = Zeroizing::new(
+        STANDARD
+            .decode(b64)
+            .map_err(|_| invalid_response("Plaintext is not base64"))?,
+    );
+    KeyMaterial::from_slice(&bytes).map_err(|_| invalid_response("Plaintext is not a 32-byte key"))
+}
+
+fn blob_str(wrapped: &[u8]) -> std::result::Result<&str, KmsError> {
+    std::str::from_utf8(wrapped).map_err(|_| {
+        KmsError::new(PROVIDER, KmsErrorKind::InvalidCiphertext)
+            .with_message("a Tencent CiphertextBlob is ASCII; these bytes are not")
+    })
+}
+
+#[async_trait]
+impl KmsProvider for TencentKms {
+    fn name(&self) -> &str {
+        PROVIDER
+    }
+
+    async fn generate_data_key(
+        &self,
+        cmk: &str,
+        context: &EncryptionContext,
+    ) -> std::result::Result<GeneratedDataKey, KmsError> {
+        let mut r = self
+            .call(
+                "GenerateDataKey",
+                json!({"KeyId": cmk, "KeySpec": "AES_256", "EncryptionContext": context.canonical_json()}),
+            )
+            .await?;
+        let plaintext = key_from_base64(field(&r, "Plaintext")?);
+        // Wipe the base64 copy of the key inside the parsed response.
+        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
+            zeroize::Zeroize::zeroize(s);
+        }
+        let wrapped = field(&r, "CiphertextBlob")?.as_bytes().to_vec();
+        Ok(GeneratedDataKey {
+            plaintext: plaintext?,
+            wrapped,
+        })
+    }
+
+    async fn decrypt(
+        &self,
+        _cmk: &str,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+    ) -> std::result::Result<KeyMaterial, KmsError> {
+        // The blob names its CMK; Decrypt takes no KeyId.
+        let mut r = self
+            .call(
+                "Decrypt",
+                json!({"CiphertextBlob": blob_str(wrapped)?, "EncryptionContext": context.canonical_json()}),
+            )
+            .await?;
+        let key = key_from_base64(field(&r, "Plaintext")?);
+        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
+            zeroize::Zeroize::zeroize(s);
+        }
+        key
+    }
+
+    async fn encrypt(
+        &self,
+        cmk: &str,
+        plaintext: &KeyMaterial,
+        context: &EncryptionContext,
+    ) -> std::result::Result<Vec<u8>, KmsError> {
+        let b64 = Zeroizing::new(STANDARD.encode(plaintext.expose()));
+        let r = self
+            .call(
+                "Encrypt",
+                json!({"KeyId": cmk, "Plaintext": b64.as_str(), "EncryptionContext": context.canonical_json()}),
+            )
+            .await?;
+        Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
+    }
+
+    async fn re_encrypt(
+        &self,
+        wrapped: &[u8],
+        _source_cmk: &str,
+        source_context: &EncryptionContext,
+        destination_cmk: &str,
+        destination_context: &EncryptionContext,
+    ) -> std::result::Result<Vec<u8>, KmsError> {
+        let r = self
+            .call(
+                "ReEncrypt",
+                json!({
+                    "CiphertextBlob": blob_str(wrapped)?,
+                    "DestinationKeyId": destination_cmk,
+                    "SourceEncryptionContext": source_context.canonical_json(),
+                    "DestinationEncryptionContext": destination_context.canonical_json(),
+                }),
+            )
+            .await?;
+        Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified() {
+        assert_eq!(classify("AuthFailure.SignatureFailure"), KmsErrorKind::Auth);
+        assert_eq!(classify("RequestLimitExceeded"), KmsErrorKind::Throttled);
+        assert_eq!(
+            classify("RequestLimitExceeded.UinLimitExceeded"),
+            KmsErrorKind::Throttled
+        );
+        assert_eq!(classify("InternalError"), KmsErrorKind::Unavailable);
+        assert_eq!(
+            classify("ResourceUnavailable.CmkDisabled"),
+            KmsErrorKind::KeyDisabled
+        );
+        assert_eq!(
+            classify("ResourceUnavailable.KeyPendingDelete"),
+            KmsErrorKind::KeyPendingDeletion
+        );
+        assert_eq!(
+            classify("InvalidParameterValue.InvalidCiphertext"),
+            KmsErrorKind::InvalidCiphertext
+        );
+        assert_eq!(classify("MissingParameter"), KmsErrorKind::InvalidRequest);
+        assert_eq!(classify("Whatever.Else"), KmsErrorKind::Other);
+        assert!(!classify("AuthFailure.SignatureExpire").is_retryable());
+        assert!(!classify("FailedOperation.DecryptError").is_retryable());
+        assert!(classify("RequestLimitExceeded.IPLimitExceeded").is_retryable());
+    }
+
+    #[test]
+    fn response_error_is_parsed_first() {
+        let body = br#"{"Response":{"Error":{"Code":"ResourceUnavailable.CmkDisabled","Message":"disabled"},"RequestId":"r-1","Plaintext":"x"}}"#;
+        let e = parse_response(body).unwrap_err();
+        assert_eq!(e.kind(), KmsErrorKind::KeyDisabled);
+        assert_eq!(e.code(), Some("ResourceUnavailable.CmkDisabled"));
+        assert_eq!(e.request_id(), Some("r-1"));
+        let ok = parse_response(br#"{"Response":{"KeyId":"k","RequestId":"r-2"}}"#).unwrap();
+        assert_eq!(ok, json!({"KeyId": "k"}));
+        assert_eq!(
+            parse_response(b"<html>").unwrap_err().kind(),
+            KmsErrorKind::InvalidResponse
+        );
+    }
+
+    #[test]
+    fn config_debug_hides_the_secret_key() {
+        let mut c = TencentConfig::new(
+            "AKIDxyz",
+            SecretString::new("very-secret-key"),
+            "ap-guangzhou",
+        );
+        c.session_token = Some(SecretString::new("token-secret"));
+        let dbg = format!("{c:?}");
+        assert!(dbg.contains("AKIDxyz"));
+        assert!(
+            !dbg.contains("very-secret-key") && !dbg.contains("token-secret"),
+            "{dbg}"
+        );
+        let kms = TencentKms::new(c).unwrap();
+        assert!(!format!("{kms:?}").contains("very-secret-key"));
+    }
+
+    #[test]
+    fn host_header_matches_the_endpoint() {
+        let c = TencentConfig::new("id", SecretString::new("k"), "ap-guangzhou");
+        assert_eq!(
+            TencentKms::new(c.clone()).unwrap().host,
+            "kms.tencentcloudapi.com"
+        );
+        let local = TencentKms::new(c.clone().with_endpoint("http://127.0.0.1:9123")).unwrap();
+        assert_eq!(local.host, "127.0.0.1:9123");
+        assert!(TencentKms::new(c.with_endpoint("ftp://x")).is_err());
+    }
+}

@@ -1,0 +1,59 @@
+//! Credentials: strings that are wiped on drop and never printed.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// A credential (a SecretKey, a session token). Its `Debug` and `Display` print `<redacted>`;
+/// it has no `Serialize`; the memory is wiped when it drops. Read it with
+/// [`SecretString::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    /// Wrap a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretString(Zeroizing::new(value.into()))
+    }
+
+    /// The credential. Every call site handles a secret.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the credential is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for SecretString {
+    fn from(value: String) -> Self {
+        SecretString::new(value)
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretString(<redacted>)")
+    }
+}
+
+impl fmt::Display for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_printed() {
+        let s = SecretString::new("hunter2-secret");
+        assert_eq!(format!("{s:?}"), "SecretString(<redacted>)");
+        assert_eq!(format!("{s}"), "<redacted>");
+        assert_eq!(s.expose(), "hunter2-secret");
+    }
+}
