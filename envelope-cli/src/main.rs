@@ -1,14 +1,15 @@
 //! `envelope`: the operator's command.
 //!
-//! This release has `keygen` (create a local master key file) and `inspect` (read a stored
-//! value's header without decrypting it). Migrations (`encrypt`, `rotate`, `keys rewrap`,
-//! `verify`) and the KMS emulator follow in later releases.
+//! This release has `keygen` (create a local master key file), `inspect` (read a stored value's
+//! header without decrypting it) and `kms-emulator` (a local Tencent-compatible KMS). Migrations
+//! (`encrypt`, `rotate`, `keys rewrap`, `verify`) follow in later releases.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use envelope_core::{LocalKms, format};
+use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
+use envelope_core::{LocalKms, SecretString, format};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +37,35 @@ enum Command {
         /// The stored value.
         value: String,
     },
+    /// Serve a local Tencent-compatible KMS (API 3.0, TC3-HMAC-SHA256) for development and
+    /// tests. Point a Tencent provider at it with ENVELOPE_TENCENT_ENDPOINT=http://ADDR.
+    KmsEmulator {
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:9190")]
+        listen: std::net::SocketAddr,
+        /// The SecretId clients must sign with.
+        #[arg(long, env = "ENVELOPE_EMULATOR_SECRET_ID")]
+        secret_id: String,
+        /// The SecretKey clients must sign with (prefer the environment variable: command lines
+        /// are visible to other users).
+        #[arg(long, env = "ENVELOPE_EMULATOR_SECRET_KEY", hide_env_values = true)]
+        secret_key: String,
+        /// Require this X-TC-Token on every request.
+        #[arg(long, env = "ENVELOPE_EMULATOR_SESSION_TOKEN", hide_env_values = true)]
+        session_token: Option<String>,
+        /// Keep keys in this file (mode 0600) so a restart keeps old blobs readable.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Answer this fraction of KMS calls (0 to 1) with InternalError.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// Delay every KMS call by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Answer calls beyond this many per second with RequestLimitExceeded (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_qps: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +81,42 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
+        Command::KmsEmulator {
+            listen,
+            secret_id,
+            secret_key,
+            session_token,
+            state,
+            fail_rate,
+            latency_ms,
+            max_qps,
+        } => {
+            if !(0.0..=1.0).contains(&fail_rate) {
+                return Err(format!(
+                    "--fail-rate must be between 0 and 1, got {fail_rate}"
+                ));
+            }
+            if secret_id.is_empty() || secret_key.is_empty() {
+                return Err("--secret-id and --secret-key must not be empty".into());
+            }
+            let emulator = Emulator::start(EmulatorConfig {
+                listen,
+                secret_id,
+                secret_key: SecretString::new(secret_key),
+                session_token: session_token.map(SecretString::new),
+                state_file: state,
+                faults: Faults {
+                    fail_rate,
+                    latency_ms,
+                    max_qps,
+                },
+            })?;
+            println!("kms-emulator listening on {}", emulator.endpoint());
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            emulator.wait();
+            Ok(())
+        }
         Command::Keygen { out } => {
             let kms = LocalKms::create(&out).map_err(|e| e.to_string())?;
             println!("created {} (CMK id {})", out.display(), kms.cmk_id());

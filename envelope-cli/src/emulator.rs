@@ -1,0 +1,1005 @@
+//! A local Tencent-compatible KMS: the API 3.0 protocol, TC3 signature checks, key states,
+//! encryption contexts, fault injection and call counters, for development and tests.
+//!
+//! It is not a KMS to keep real keys in: its master keys live in its memory and, with a state
+//! file, on disk in the clear (mode 0600).
+//!
+//! Start it with `envelope kms-emulator` or, in a test, with [`Emulator::start`], which runs it
+//! on its own thread so that it never shares a runtime with the code under test.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use envelope_core::kms::tencent::{API_VERSION, sign};
+use envelope_core::{EncryptionContext, SecretString};
+use rand::{Rng as _, RngExt as _};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// Requests whose timestamp is further than this from the emulator's clock are refused.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
+const BLOB_SEPARATOR: &str = "-k-";
+const BLOB_MARKER: &[u8; 16] = b"envelope-emu/v1\0";
+
+/// Injected faults. All zero means none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Fraction of KMS calls (0 to 1) answered with `InternalError`.
+    #[serde(default)]
+    pub fail_rate: f64,
+    /// Delay added before each KMS call is answered.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// KMS calls allowed per second; more get `RequestLimitExceeded`. 0 = unlimited.
+    #[serde(default)]
+    pub max_qps: u32,
+}
+
+/// How to run the emulator.
+#[derive(Clone, Debug)]
+pub struct EmulatorConfig {
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The one SecretId it accepts.
+    pub secret_id: String,
+    /// Its SecretKey.
+    pub secret_key: SecretString,
+    /// If set, requests must carry this `X-TC-Token`.
+    pub session_token: Option<SecretString>,
+    /// Where to keep keys across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Faults from the start.
+    pub faults: Faults,
+}
+
+impl EmulatorConfig {
+    /// Listen on 127.0.0.1 (a free port) with these credentials, no state file, no faults.
+    pub fn local(secret_id: &str, secret_key: &str) -> Self {
+        EmulatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            secret_id: secret_id.to_owned(),
+            secret_key: SecretString::new(secret_key),
+            session_token: None,
+            state_file: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDelete,
+}
+
+impl KeyState {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDelete => "PendingDelete",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StoredKey {
+    key_id: String,
+    alias: String,
+    description: String,
+    key_state: KeyState,
+    create_time: i64,
+    deletion_date: Option<i64>,
+    /// The master key, base64. The state file is the emulator's own; it is never a real KMS.
+    material: String,
+}
+
+struct CmkEntry {
+    meta: StoredKey,
+    cipher: Aes256Gcm,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+struct Shared {
+    config: EmulatorConfig,
+    keys: Mutex<BTreeMap<String, CmkEntry>>,
+    counters: Mutex<Counters>,
+    faults: Mutex<Faults>,
+    window: Mutex<(Instant, u32)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running emulator. Dropping it stops the server.
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Emulator {
+    /// Start serving on a thread of its own.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the state file cannot be read.
+    pub fn start(config: EmulatorConfig) -> Result<Emulator, String> {
+        let keys = match &config.state_file {
+            Some(path) => load_state(path)?,
+            None => BTreeMap::new(),
+        };
+        let faults = config.faults;
+        let shared = Arc::new(Shared {
+            config,
+            keys: Mutex::new(keys),
+            counters: Mutex::default(),
+            faults: Mutex::new(faults),
+            window: Mutex::new((Instant::now(), 0)),
+        });
+        let std_listener = std::net::TcpListener::bind(shared.config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", shared.config.listen))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot configure the listener: {e}"))?;
+        let addr = std_listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the listening address: {e}"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server_shared = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = std::thread::Builder::new()
+            .name("kms-emulator".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("kms-emulator-worker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start a runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("cannot listen: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let app = axum::Router::new().fallback(move |method, uri, headers, body| {
+                        handle(server_shared.clone(), method, uri, headers, body)
+                    });
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+            })
+            .map_err(|e| format!("cannot start the emulator thread: {e}"))?;
+        ready_rx
+            .recv()
+            .map_err(|_| "the emulator thread died while starting".to_owned())??;
+        Ok(Emulator {
+            addr,
+            shared,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL for [`envelope_core::kms::tencent::TencentConfig::endpoint`].
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many authenticated requests for `action` arrived (including ones answered with an
+    /// injected fault).
+    pub fn calls(&self, action: &str) -> u64 {
+        lock(&self.shared.counters)
+            .calls
+            .get(action)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many requests for `action` were answered with an error.
+    pub fn errors(&self, action: &str) -> u64 {
+        lock(&self.shared.counters)
+            .errors
+            .get(action)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Forget the counters.
+    pub fn reset_counters(&self) {
+        *lock(&self.shared.counters) = Counters::default();
+    }
+
+    /// Change the injected faults.
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.shared.faults) = faults;
+    }
+
+    /// Block until the server stops (for the command line).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An API error: HTTP 200 with `Response.Error`, as the real service answers.
+struct ApiError {
+    code: &'static str,
+    message: String,
+}
+
+fn api_error(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+    }
+}
+
+fn request_id() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn respond(body: Result<Value, ApiError>) -> Response {
+    let rid = request_id();
+    let response = match body {
+        Ok(mut v) => {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("RequestId".into(), Value::String(rid));
+            }
+            json!({ "Response": v })
+        }
+        Err(e) => json!({
+            "Response": {"Error": {"Code": e.code, "Message": e.message}, "RequestId": rid}
+        }),
+    };
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        response.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match (method.as_str(), uri.path()) {
+        ("GET", "/_emulator/stats") => {
+            let c = lock(&shared.counters);
+            let v = json!({"calls": c.calls, "errors": c.errors, "keys": lock(&shared.keys).len()});
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                v.to_string(),
+            )
+                .into_response();
+        }
+        ("POST", "/_emulator/faults") => {
+            return match serde_json::from_slice::<Faults>(&body) {
+                Ok(f) => {
+                    *lock(&shared.faults) = f;
+                    (StatusCode::OK, "faults set\n").into_response()
+                }
+                Err(e) => {
+                    (StatusCode::BAD_REQUEST, format!("bad faults JSON: {e}\n")).into_response()
+                }
+            };
+        }
+        ("POST", "/") => {}
+        _ => {
+            return respond(Err(api_error(
+                "UnsupportedProtocol",
+                "only POST / with a JSON body is supported",
+            )));
+        }
+    }
+    let action = header(&headers, "x-tc-action").unwrap_or("").to_owned();
+    if let Err(e) = authenticate(&shared.config, &headers, &body) {
+        return respond(Err(e));
+    }
+    *lock(&shared.counters)
+        .calls
+        .entry(action.clone())
+        .or_default() += 1;
+    let result = serve(&shared, &action, &headers, &body).await;
+    if result.is_err() {
+        *lock(&shared.counters)
+            .errors
+            .entry(action.clone())
+            .or_default() += 1;
+    }
+    respond(result)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn now_secs() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+/// Verify the TC3 signature the way the real service does.
+fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let authorization = header(headers, "authorization").ok_or_else(|| {
+        api_error(
+            "AuthFailure.InvalidAuthorization",
+            "Authorization header is missing",
+        )
+    })?;
+    let parsed = sign::parse_authorization(authorization).ok_or_else(|| {
+        api_error(
+            "AuthFailure.InvalidAuthorization",
+            "Authorization is not `TC3-HMAC-SHA256 Credential=.../tc3_request, SignedHeaders=..., Signature=...`",
+        )
+    })?;
+    let signed: Vec<String> = parsed.signed_headers.clone();
+    if !signed.iter().any(|h| h == "content-type") || !signed.iter().any(|h| h == "host") {
+        return Err(api_error(
+            "AuthFailure.InvalidAuthorization",
+            "SignedHeaders must include content-type and host",
+        ));
+    }
+    let timestamp: i64 = header(headers, "x-tc-timestamp")
+        .ok_or_else(|| api_error("MissingParameter", "X-TC-Timestamp is missing"))?
+        .parse()
+        .map_err(|_| api_error("InvalidParameter", "X-TC-Timestamp is not a number"))?;
+    if (now_secs() - timestamp).abs() > MAX_CLOCK_SKEW_SECS {
+        return Err(api_error(
+            "AuthFailure.SignatureExpire",
+            "the request timestamp is more than 5 minutes from the server's clock",
+        ));
+    }
+    if parsed.secret_id != config.secret_id {
+        return Err(api_error(
+            "AuthFailure.SecretIdNotFound",
+            "the SecretId does not exist",
+        ));
+    }
+    let mismatch = || {
+        api_error(
+            "AuthFailure.SignatureFailure",
+            "The provided credentials could not be validated. Please check your signature is correct.",
+        )
+    };
+    if parsed.service != "kms" || parsed.date != sign::utc_date(timestamp) {
+        return Err(mismatch());
+    }
+    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(signed.len());
+    for name in &signed {
+        let value = header(headers, name).ok_or_else(mismatch)?;
+        pairs.push((name.as_str(), value));
+    }
+    let input = sign::CanonicalInput {
+        method: "POST",
+        uri: "/",
+        query: "",
+        headers: &pairs,
+        payload: body,
+    };
+    let expected = sign::signature(
+        config.secret_key.expose().as_bytes(),
+        timestamp,
+        "kms",
+        &input,
+    );
+    if !sign::signatures_equal(&expected, &parsed.signature) {
+        return Err(mismatch());
+    }
+    if let Some(token) = &config.session_token
+        && header(headers, "x-tc-token") != Some(token.expose())
+    {
+        return Err(api_error(
+            "AuthFailure.TokenFailure",
+            "the X-TC-Token is not valid",
+        ));
+    }
+    Ok(())
+}
+
+async fn serve(
+    shared: &Shared,
+    action: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    if header(headers, "x-tc-version") != Some(API_VERSION) {
+        return Err(api_error(
+            "NoSuchVersion",
+            format!("KMS speaks version {API_VERSION}"),
+        ));
+    }
+    if header(headers, "x-tc-region").is_none_or(str::is_empty) {
+        return Err(api_error("MissingParameter", "X-TC-Region is missing"));
+    }
+    let faults = *lock(&shared.faults);
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if faults.max_qps > 0 {
+        let mut w = lock(&shared.window);
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        if w.1 > faults.max_qps {
+            return Err(api_error(
+                "RequestLimitExceeded",
+                "request rate above the emulator's --max-qps",
+            ));
+        }
+    }
+    if faults.fail_rate > 0.0 && rand::rng().random::<f64>() < faults.fail_rate {
+        return Err(api_error("InternalError", "injected failure (--fail-rate)"));
+    }
+    let params: Value = serde_json::from_slice(body)
+        .map_err(|_| api_error("InvalidParameter", "the body is not a JSON object"))?;
+    if !params.is_object() {
+        return Err(api_error(
+            "InvalidParameter",
+            "the body is not a JSON object",
+        ));
+    }
+    match action {
+        "CreateKey" => create_key(shared, &params),
+        "DescribeKey" => describe_key(shared, &params),
+        "EnableKey" => set_state(shared, &params, KeyState::Enabled),
+        "DisableKey" => set_state(shared, &params, KeyState::Disabled),
+        "ScheduleKeyDeletion" => schedule_deletion(shared, &params),
+        "GenerateDataKey" => generate_data_key(shared, &params),
+        "Decrypt" => decrypt(shared, &params),
+        "Encrypt" => encrypt(shared, &params),
+        "ReEncrypt" => re_encrypt(shared, &params),
+        "GenerateRandom" => generate_random(&params),
+        "" => Err(api_error("MissingParameter", "X-TC-Action is missing")),
+        other => Err(api_error(
+            "InvalidAction",
+            format!("unknown action {other}"),
+        )),
+    }
+}
+
+fn str_param<'a>(params: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    match params.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) | None => Err(api_error(
+            "MissingParameter",
+            format!("the parameter {name} is missing"),
+        )),
+        Some(_) => Err(api_error(
+            "InvalidParameter",
+            format!("the parameter {name} must be a string"),
+        )),
+    }
+}
+
+fn opt_str<'a>(params: &'a Value, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(api_error(
+            "InvalidParameter",
+            format!("the parameter {name} must be a string"),
+        )),
+    }
+}
+
+fn int_param(params: &Value, name: &str) -> Result<Option<i64>, ApiError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+            api_error(
+                "InvalidParameter",
+                format!("the parameter {name} must be an integer"),
+            )
+        }),
+    }
+}
+
+/// The context as the bytes the blob is bound to: parsed, sorted and compact, so that equal
+/// maps match whatever their spacing or order.
+fn context_bytes(params: &Value, name: &str) -> Result<String, ApiError> {
+    match opt_str(params, name)? {
+        None | Some("") => Ok(String::new()),
+        Some(text) => {
+            if text.len() > 1024 {
+                return Err(api_error(
+                    "InvalidParameterValue",
+                    format!("{name} is longer than 1024 characters"),
+                ));
+            }
+            EncryptionContext::from_json(text)
+                .map(|c| c.canonical_json())
+                .map_err(|_| {
+                    api_error(
+                        "InvalidParameterValue",
+                        format!("{name} must be a JSON object of string values"),
+                    )
+                })
+        }
+    }
+}
+
+fn new_key_id() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn metadata(m: &StoredKey) -> Value {
+    json!({
+        "KeyId": m.key_id,
+        "Alias": m.alias,
+        "Description": m.description,
+        "KeyState": m.key_state.as_str(),
+        "KeyUsage": "ENCRYPT_DECRYPT",
+        "CreateTime": m.create_time,
+        "DeletionDate": m.deletion_date.unwrap_or(0),
+        "Type": 1,
+        "Origin": "TENCENT_KMS",
+    })
+}
+
+fn create_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let alias = str_param(params, "Alias")?.to_owned();
+    let description = opt_str(params, "Description")?.unwrap_or("").to_owned();
+    if let Some(usage) = opt_str(params, "KeyUsage")?
+        && usage != "ENCRYPT_DECRYPT"
+    {
+        return Err(api_error(
+            "UnsupportedOperation",
+            "the emulator makes ENCRYPT_DECRYPT keys only",
+        ));
+    }
+    let material: Zeroizing<[u8; 32]> = Zeroizing::new(rand::rng().random());
+    let meta = StoredKey {
+        key_id: new_key_id(),
+        alias,
+        description,
+        key_state: KeyState::Enabled,
+        create_time: now_secs(),
+        deletion_date: None,
+        material: STANDARD.encode(*material),
+    };
+    let response = metadata(&meta);
+    let mut keys = lock(&shared.keys);
+    if keys.values().any(|k| k.meta.alias == meta.alias) {
+        return Err(api_error(
+            "InvalidParameterValue.AliasAlreadyExists",
+            "a key with this alias exists",
+        ));
+    }
+    let entry = CmkEntry {
+        cipher: Aes256Gcm::new((&*material).into()),
+        meta,
+    };
+    keys.insert(entry.meta.key_id.clone(), entry);
+    persist(shared, &keys)?;
+    Ok(response)
+}
+
+/// The entry for a KeyId (or `alias/NAME`).
+fn find<'a>(keys: &'a BTreeMap<String, CmkEntry>, id: &str) -> Result<&'a CmkEntry, ApiError> {
+    let found = match id.strip_prefix("alias/") {
+        Some(alias) => keys.values().find(|k| k.meta.alias == alias),
+        None => keys.get(id),
+    };
+    found.ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", format!("no key {id}")))
+}
+
+fn usable<'a>(keys: &'a BTreeMap<String, CmkEntry>, id: &str) -> Result<&'a CmkEntry, ApiError> {
+    let entry = find(keys, id)?;
+    match entry.meta.key_state {
+        KeyState::Enabled => Ok(entry),
+        KeyState::Disabled => Err(api_error(
+            "ResourceUnavailable.CmkDisabled",
+            "the key is disabled",
+        )),
+        KeyState::PendingDelete => Err(api_error(
+            "ResourceUnavailable.KeyPendingDelete",
+            "the key is pending deletion",
+        )),
+    }
+}
+
+fn describe_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let keys = lock(&shared.keys);
+    let entry = find(&keys, str_param(params, "KeyId")?)?;
+    Ok(json!({ "KeyMetadata": metadata(&entry.meta) }))
+}
+
+fn set_state(shared: &Shared, params: &Value, state: KeyState) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let mut keys = lock(&shared.keys);
+    let key_id = find(&keys, id)?.meta.key_id.clone();
+    let entry = keys
+        .get_mut(&key_id)
+        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    if entry.meta.key_state == KeyState::PendingDelete {
+        return Err(api_error(
+            "ResourceUnavailable.KeyPendingDelete",
+            "the key is pending deletion; cancel the deletion first",
+        ));
+    }
+    entry.meta.key_state = state;
+    persist(shared, &keys)?;
+    Ok(json!({}))
+}
+
+fn schedule_deletion(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let days = int_param(params, "PendingWindowInDays")?
+        .ok_or_else(|| api_error("MissingParameter", "PendingWindowInDays is missing"))?;
+    if !(7..=30).contains(&days) {
+        return Err(api_error(
+            "InvalidParameterValue",
+            "PendingWindowInDays must be 7 to 30",
+        ));
+    }
+    let mut keys = lock(&shared.keys);
+    let key_id = find(&keys, id)?.meta.key_id.clone();
+    let entry = keys
+        .get_mut(&key_id)
+        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    let date = now_secs() + days * 86_400;
+    entry.meta.key_state = KeyState::PendingDelete;
+    entry.meta.deletion_date = Some(date);
+    persist(shared, &keys)?;
+    Ok(json!({"KeyId": key_id, "DeletionDate": date}))
+}
+
+/// `base64(key id, nonce, filler: 64 bytes) -k- base64(marker: 16 bytes) -k- base64(ciphertext || tag)`.
+fn seal_blob(entry: &CmkEntry, context: &str, plaintext: &[u8]) -> Result<String, ApiError> {
+    let nonce: [u8; 12] = rand::rng().random();
+    let mut head = [0u8; 64];
+    let id = entry.meta.key_id.as_bytes();
+    if id.len() > 36 {
+        return Err(api_error("InternalError", "key id too long"));
+    }
+    head[..id.len()].copy_from_slice(id);
+    head[36..48].copy_from_slice(&nonce);
+    rand::rng().fill_bytes(&mut head[48..]);
+    let mut body = plaintext.to_vec();
+    let aad = blob_aad(&entry.meta.key_id, context);
+    let tag = entry
+        .cipher
+        .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[..]).into())
+        .map_err(|_| api_error("FailedOperation.EncryptionError", "encryption failed"))?;
+    body.extend_from_slice(&tag);
+    Ok(format!(
+        "{}{BLOB_SEPARATOR}{}{BLOB_SEPARATOR}{}",
+        STANDARD.encode(head),
+        STANDARD.encode(BLOB_MARKER),
+        STANDARD.encode(&body)
+    ))
+}
+
+fn blob_aad(key_id: &str, context: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(key_id.len() + 1 + context.len());
+    aad.extend_from_slice(key_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(context.as_bytes());
+    aad
+}
+
+fn invalid_ciphertext() -> ApiError {
+    api_error(
+        "InvalidParameterValue.InvalidCiphertext",
+        "the ciphertext is invalid, or the EncryptionContext does not match",
+    )
+}
+
+/// Open a blob: returns the key id and the plaintext.
+fn open_blob(
+    keys: &BTreeMap<String, CmkEntry>,
+    blob: &str,
+    context: &str,
+) -> Result<(String, Zeroizing<Vec<u8>>), ApiError> {
+    let parts: Vec<&str> = blob.split(BLOB_SEPARATOR).collect();
+    let [head, marker, body] = parts[..] else {
+        return Err(invalid_ciphertext());
+    };
+    let head = STANDARD.decode(head).map_err(|_| invalid_ciphertext())?;
+    let marker = STANDARD.decode(marker).map_err(|_| invalid_ciphertext())?;
+    let body = STANDARD.decode(body).map_err(|_| invalid_ciphertext())?;
+    if head.len() != 64 || marker != BLOB_MARKER || body.len() < 16 {
+        return Err(invalid_ciphertext());
+    }
+    let id_end = head[..36].iter().position(|&b| b == 0).unwrap_or(36);
+    let key_id = std::str::from_utf8(&head[..id_end]).map_err(|_| invalid_ciphertext())?;
+    let entry = usable(keys, key_id)?;
+    let nonce = Nonce::try_from(&head[36..48]).map_err(|_| invalid_ciphertext())?;
+    let (ct, tag) = body.split_at(body.len() - 16);
+    let tag = Tag::try_from(tag).map_err(|_| invalid_ciphertext())?;
+    let mut plaintext = Zeroizing::new(ct.to_vec());
+    entry
+        .cipher
+        .decrypt_inout_detached(
+            &nonce,
+            &blob_aad(key_id, context),
+            (&mut plaintext[..]).into(),
+            &tag,
+        )
+        .map_err(|_| invalid_ciphertext())?;
+    Ok((entry.meta.key_id.clone(), plaintext))
+}
+
+fn generate_data_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let len = match (
+        int_param(params, "NumberOfBytes")?,
+        opt_str(params, "KeySpec")?,
+    ) {
+        (Some(n), _) if (1..=1024).contains(&n) => usize::try_from(n).unwrap_or(32),
+        (Some(_), _) => {
+            return Err(api_error(
+                "InvalidParameterValue",
+                "NumberOfBytes must be 1 to 1024",
+            ));
+        }
+        (None, Some("AES_256")) => 32,
+        (None, Some("AES_128")) => 16,
+        (None, Some(_)) => {
+            return Err(api_error(
+                "InvalidParameterValue",
+                "KeySpec must be AES_128 or AES_256",
+            ));
+        }
+        (None, None) => {
+            return Err(api_error(
+                "InvalidParameter",
+                "one of KeySpec and NumberOfBytes is required",
+            ));
+        }
+    };
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let entry = usable(&keys, id)?;
+    let mut key = Zeroizing::new(vec![0u8; len]);
+    rand::rng().fill_bytes(&mut key);
+    let blob = seal_blob(entry, &context, &key)?;
+    Ok(json!({
+        "KeyId": entry.meta.key_id,
+        "Plaintext": STANDARD.encode(&*key),
+        "CiphertextBlob": blob,
+    }))
+}
+
+fn decrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let blob = str_param(params, "CiphertextBlob")?;
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let (key_id, plaintext) = open_blob(&keys, blob, &context)?;
+    Ok(json!({"KeyId": key_id, "Plaintext": STANDARD.encode(&*plaintext)}))
+}
+
+fn encrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let plaintext = Zeroizing::new(STANDARD.decode(str_param(params, "Plaintext")?).map_err(
+        |_| {
+            api_error(
+                "InvalidParameterValue.InvalidPlaintext",
+                "Plaintext is not base64",
+            )
+        },
+    )?);
+    if plaintext.len() > 4096 {
+        return Err(api_error(
+            "InvalidParameterValue.InvalidPlaintext",
+            "Plaintext is larger than 4 KB",
+        ));
+    }
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let entry = usable(&keys, id)?;
+    Ok(
+        json!({"KeyId": entry.meta.key_id, "CiphertextBlob": seal_blob(entry, &context, &plaintext)?}),
+    )
+}
+
+fn re_encrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let blob = str_param(params, "CiphertextBlob")?;
+    let source_context = context_bytes(params, "SourceEncryptionContext")?;
+    let destination_context = context_bytes(params, "DestinationEncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let (source_id, plaintext) = open_blob(&keys, blob, &source_context)?;
+    let destination = match opt_str(params, "DestinationKeyId")? {
+        None | Some("") => source_id.clone(),
+        Some(d) => find(&keys, d)?.meta.key_id.clone(),
+    };
+    if destination == source_id && destination_context == source_context {
+        // Nothing to change: the real service returns the blob as it is.
+        return Ok(json!({
+            "CiphertextBlob": blob, "KeyId": destination, "SourceKeyId": source_id, "ReEncrypted": false
+        }));
+    }
+    let entry = usable(&keys, &destination)?;
+    Ok(json!({
+        "CiphertextBlob": seal_blob(entry, &destination_context, &plaintext)?,
+        "KeyId": destination,
+        "SourceKeyId": source_id,
+        "ReEncrypted": true,
+    }))
+}
+
+fn generate_random(params: &Value) -> Result<Value, ApiError> {
+    let n = int_param(params, "NumberOfBytes")?
+        .ok_or_else(|| api_error("MissingParameter", "NumberOfBytes is missing"))?;
+    if !(1..=1024).contains(&n) {
+        return Err(api_error(
+            "InvalidParameterValue",
+            "NumberOfBytes must be 1 to 1024",
+        ));
+    }
+    let mut bytes = vec![0u8; usize::try_from(n).unwrap_or(0)];
+    rand::rng().fill_bytes(&mut bytes);
+    Ok(json!({"Plaintext": STANDARD.encode(bytes)}))
+}
+
+// ----- state file -----------------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StateFile {
+    version: u32,
+    keys: Vec<StoredKey>,
+}
+
+fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => {
+            return Err(format!(
+                "{}: cannot read the state file: {e}",
+                path.display()
+            ));
+        }
+    };
+    let state: StateFile = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not an emulator state file: {e}", path.display()))?;
+    let mut keys = BTreeMap::new();
+    for meta in state.keys {
+        let material =
+            Zeroizing::new(STANDARD.decode(&meta.material).map_err(|_| {
+                format!("{}: key {} has bad material", path.display(), meta.key_id)
+            })?);
+        let cipher = Aes256Gcm::new_from_slice(&material)
+            .map_err(|_| format!("{}: key {} has bad material", path.display(), meta.key_id))?;
+        keys.insert(meta.key_id.clone(), CmkEntry { meta, cipher });
+    }
+    Ok(keys)
+}
+
+/// Write the keys atomically (temporary file, then rename), readable by the owner only.
+fn persist(shared: &Shared, keys: &BTreeMap<String, CmkEntry>) -> Result<(), ApiError> {
+    let Some(path) = &shared.config.state_file else {
+        return Ok(());
+    };
+    let state = StateFile {
+        version: 1,
+        keys: keys
+            .values()
+            .map(|k| StoredKey {
+                key_id: k.meta.key_id.clone(),
+                alias: k.meta.alias.clone(),
+                description: k.meta.description.clone(),
+                key_state: k.meta.key_state,
+                create_time: k.meta.create_time,
+                deletion_date: k.meta.deletion_date,
+                material: k.meta.material.clone(),
+            })
+            .collect(),
+    };
+    let text = Zeroizing::new(
+        serde_json::to_string_pretty(&state)
+            .map_err(|_| api_error("InternalError", "cannot serialize the state"))?,
+    );
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        api_error(
+            "InternalError",
+            format!("cannot write the state file {}: {e}", path.display()),
+        )
+    })
+}
