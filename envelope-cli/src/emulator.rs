@@ -114,6 +114,8 @@ struct CmkEntry {
 
 #[derive(Default)]
 struct Counters {
+    /// Every request to `/`, authenticated or not.
+    requests: u64,
     calls: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
 }
@@ -242,6 +244,11 @@ impl Emulator {
             .unwrap_or(0)
     }
 
+    /// How many requests arrived at all, including ones refused by the signature check.
+    pub fn requests(&self) -> u64 {
+        lock(&self.shared.counters).requests
+    }
+
     /// How many requests for `action` were answered with an error.
     pub fn errors(&self, action: &str) -> u64 {
         lock(&self.shared.counters)
@@ -337,7 +344,7 @@ async fn handle(
     match (method.as_str(), uri.path()) {
         ("GET", "/_emulator/stats") => {
             let c = lock(&shared.counters);
-            let v = json!({"calls": c.calls, "errors": c.errors, "keys": lock(&shared.keys).len()});
+            let v = json!({"requests": c.requests, "calls": c.calls, "errors": c.errors, "keys": lock(&shared.keys).len()});
             return (
                 StatusCode::OK,
                 [("content-type", "application/json")],
@@ -365,6 +372,7 @@ async fn handle(
         }
     }
     let action = header(&headers, "x-tc-action").unwrap_or("").to_owned();
+    lock(&shared.counters).requests += 1;
     if let Err(e) = authenticate(&shared.config, &headers, &body) {
         return respond(Err(e));
     }

@@ -299,7 +299,7 @@ mod tests {
 
     #[test]
     fn overhead_is_at_most_48_bytes_below_16_kib() {
-        assert_eq!(sealed_len(0) - 0, 47);
+        assert_eq!(sealed_len(0), 47);
         assert_eq!(sealed_len(64) - 64, 47);
         assert_eq!(sealed_len(16383) - 16383, 48);
         assert_eq!(sealed_len(1 << 20) - (1 << 20), 49);

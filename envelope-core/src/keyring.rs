@@ -430,7 +430,11 @@ impl Keyring {
         label: &Label,
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
-        for _ in 0..3 {
+        // Each turn either seals or sees a new key come into service; concurrent writers may use
+        // a new key up before this one gets to it (only with a tiny dek_max_uses), so the loop is
+        // bounded by time, not by turns.
+        let deadline = Instant::now() + self.inner.policy.kms_timeout;
+        while Instant::now() < deadline {
             if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
                 return sealed;
             }
@@ -590,7 +594,9 @@ impl Keyring {
         label: &Label,
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
-        for _ in 0..3 {
+        // Bounded by time, not turns: see `encrypt_scoped`.
+        let deadline = Instant::now() + self.inner.policy.kms_timeout;
+        while Instant::now() < deadline {
             if self.inner.promote_pending(scope).is_some() {
                 if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
                     return sealed;
@@ -707,7 +713,7 @@ fn exhausted(scope: &Scope) -> Error {
     Error::WriteKeyUnavailable {
         scope: scope.to_string(),
         source: Box::new(Error::Config(
-            "each new data key was used up by concurrent writers before this write could use it; raise Policy::dek_max_uses".into(),
+            "new data keys were used up by concurrent writers for longer than Policy::kms_timeout before this write could use one; raise Policy::dek_max_uses".into(),
         )),
     }
 }

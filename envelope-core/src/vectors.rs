@@ -295,7 +295,7 @@ fn cases() -> Vec<Case> {
             "NotEnvelope",
             |c| {
                 c.text = true;
-                c.blob = format::to_text(&c.blob)[4..].as_bytes().to_vec();
+                c.blob = format::to_text(&c.blob).as_bytes()[4..].to_vec();
             },
         ),
         bad(

@@ -1,5 +1,5 @@
 // A test-support crate: a failed setup should panic loudly.
-#![allow(clippy::expect_used)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 //! Shared pieces for envelope's cross-crate tests: a KMS wrapper that counts calls and injects
 //! latency, failures and hangs around any real provider.
 
@@ -176,5 +176,135 @@ impl Fixture {
 impl Default for Fixture {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+pub mod contract;
+
+/// The local provider as a contract target: master keys are made on demand; it has no disabled
+/// or pending-deletion states.
+pub struct LocalTarget {
+    kms: Arc<LocalKms>,
+}
+
+impl LocalTarget {
+    /// A local KMS holding several master keys, so rewrap has somewhere to go.
+    pub fn new() -> Self {
+        let mut kms = LocalKms::from_key(KeyMaterial::generate().expect("os randomness"));
+        for _ in 0..3 {
+            kms = kms.with_key(KeyMaterial::generate().expect("os randomness"));
+        }
+        LocalTarget { kms: Arc::new(kms) }
+    }
+}
+
+impl Default for LocalTarget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static LOCAL_NEXT: AtomicU64 = AtomicU64::new(0);
+
+#[async_trait]
+impl contract::ContractTarget for LocalTarget {
+    fn provider(&self) -> Arc<dyn KmsProvider> {
+        self.kms.clone()
+    }
+
+    async fn new_cmk(&self) -> String {
+        let ids: Vec<&str> = self.kms.cmk_ids().collect();
+        let i = LOCAL_NEXT.fetch_add(1, Ordering::SeqCst) as usize % ids.len();
+        ids[i].to_owned()
+    }
+
+    async fn disable(&self, _cmk: &str) -> bool {
+        false
+    }
+
+    async fn enable(&self, _cmk: &str) {}
+
+    async fn schedule_deletion(&self, _cmk: &str) -> bool {
+        false
+    }
+}
+
+/// The credentials the test emulators accept.
+pub const EMULATOR_SECRET_ID: &str = "AKIDenvelopeTestSecretId000000000000";
+/// The matching SecretKey.
+pub const EMULATOR_SECRET_KEY: &str = "envelopeTestSecretKey0000000000000";
+
+/// Tencent KMS against a fresh emulator of its own.
+pub struct TencentTarget {
+    /// The running emulator.
+    pub emulator: envelope_cli::emulator::Emulator,
+    /// The provider, pointed at it.
+    pub kms: Arc<envelope_core::kms::tencent::TencentKms>,
+}
+
+impl TencentTarget {
+    /// Start an emulator and a client for it.
+    pub fn new() -> Self {
+        Self::with_config(|c| c)
+    }
+
+    /// As [`TencentTarget::new`], adjusting the client configuration first.
+    pub fn with_config(
+        adjust: impl FnOnce(
+            envelope_core::kms::tencent::TencentConfig,
+        ) -> envelope_core::kms::tencent::TencentConfig,
+    ) -> Self {
+        use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+        let emulator = envelope_cli::emulator::Emulator::start(
+            envelope_cli::emulator::EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY),
+        )
+        .expect("emulator starts");
+        let config = TencentConfig::new(
+            EMULATOR_SECRET_ID,
+            envelope_core::SecretString::new(EMULATOR_SECRET_KEY),
+            "ap-guangzhou",
+        )
+        .with_endpoint(emulator.endpoint());
+        let kms = Arc::new(TencentKms::new(adjust(config)).expect("client"));
+        TencentTarget { emulator, kms }
+    }
+}
+
+impl Default for TencentTarget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl contract::ContractTarget for TencentTarget {
+    fn provider(&self) -> Arc<dyn KmsProvider> {
+        self.kms.clone()
+    }
+
+    async fn new_cmk(&self) -> String {
+        let alias = format!("contract-{}", LOCAL_NEXT.fetch_add(1, Ordering::SeqCst));
+        self.kms
+            .create_key(&alias, "contract suite")
+            .await
+            .expect("CreateKey")
+            .key_id
+    }
+
+    async fn disable(&self, cmk: &str) -> bool {
+        self.kms.disable_key(cmk).await.expect("DisableKey");
+        true
+    }
+
+    async fn enable(&self, cmk: &str) {
+        self.kms.enable_key(cmk).await.expect("EnableKey");
+    }
+
+    async fn schedule_deletion(&self, cmk: &str) -> bool {
+        self.kms
+            .schedule_key_deletion(cmk, 7)
+            .await
+            .expect("ScheduleKeyDeletion");
+        true
     }
 }

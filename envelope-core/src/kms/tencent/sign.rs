@@ -126,8 +126,24 @@ pub fn signature(
     service: &str,
     input: &CanonicalInput<'_>,
 ) -> String {
-    let key = signing_key(secret_key, &utc_date(timestamp), service);
-    let sts = string_to_sign(timestamp, service, &input.canonical_request());
+    signature_with_scope_date(secret_key, &utc_date(timestamp), timestamp, service, input)
+}
+
+/// The signature with an explicit credential-scope date. A correct client always passes
+/// [`utc_date`]`(timestamp)`; a verifier uses this to recompute what a client with a wrong date
+/// would have sent.
+pub fn signature_with_scope_date(
+    secret_key: &[u8],
+    date: &str,
+    timestamp: i64,
+    service: &str,
+    input: &CanonicalInput<'_>,
+) -> String {
+    let key = signing_key(secret_key, date, service);
+    let sts = format!(
+        "{ALGORITHM}\n{timestamp}\n{date}/{service}/tc3_request\n{}",
+        sha256_hex(input.canonical_request().as_bytes())
+    );
     hex::encode(hmac(&key, sts.as_bytes()))
 }
 
