@@ -37,6 +37,82 @@ impl Drop for RuntimeGuard {
     }
 }
 
+/// Start a current-thread runtime driven by a thread of its own. `kms_thread` marks the thread
+/// so that blocking bridge calls made on it fail instead of deadlocking.
+fn runtime_thread(name: &str, kms_thread: bool) -> Result<(Handle, RuntimeGuard)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(format!("{name}-blocking"))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the {name} runtime: {e}").into()))?;
+    let handle = runtime.handle().clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if kms_thread {
+                ON_KMS_THREAD.with(|f| f.set(true));
+            }
+            runtime.block_on(async {
+                let _ = rx.await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(|e| Error::Config(format!("cannot start the {name} thread: {e}").into()))?;
+    Ok((handle, RuntimeGuard { shutdown: Some(tx) }))
+}
+
+/// A tokio runtime on a thread of its own, for I/O that must never depend on the caller's
+/// runtime: a connection registered with a current-thread runtime cannot make progress while
+/// that runtime's only thread waits for it. The key stores of envelope-sqlx and
+/// envelope-diesel keep their connections here. Cheap to clone; the thread stops when the last
+/// clone drops.
+#[derive(Clone)]
+pub struct IoRuntime {
+    handle: Handle,
+    _guard: std::sync::Arc<RuntimeGuard>,
+}
+
+impl std::fmt::Debug for IoRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IoRuntime")
+    }
+}
+
+impl IoRuntime {
+    /// Start one; `name` names its thread.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the runtime or thread cannot start.
+    pub fn start(name: &str) -> Result<IoRuntime> {
+        let (handle, guard) = runtime_thread(name, false)?;
+        Ok(IoRuntime {
+            handle,
+            _guard: std::sync::Arc::new(guard),
+        })
+    }
+
+    /// Its handle, to enter its context (for example to build a connection pool in it).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Run `fut` on this runtime and await it from any executor.
+    ///
+    /// # Errors
+    /// [`Error::KeyringShutDown`] when the runtime has stopped.
+    pub async fn run<F>(&self, fut: F) -> Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle
+            .spawn(fut)
+            .await
+            .map_err(|_| Error::KeyringShutDown)
+    }
+}
+
 /// A handle to the keyring's runtime plus the wait policy.
 #[derive(Clone, Debug)]
 pub(crate) struct Bridge {
@@ -46,27 +122,8 @@ pub(crate) struct Bridge {
 
 impl Bridge {
     pub(crate) fn start(timeout: Duration) -> Result<(Bridge, RuntimeGuard)> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_name("envelope-kms-blocking")
-            .build()
-            .map_err(|e| Error::Config(format!("cannot start the keyring runtime: {e}").into()))?;
-        let handle = runtime.handle().clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("envelope-kms".into())
-            .spawn(move || {
-                ON_KMS_THREAD.with(|f| f.set(true));
-                runtime.block_on(async {
-                    let _ = rx.await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .map_err(|e| Error::Config(format!("cannot start the keyring thread: {e}").into()))?;
-        Ok((
-            Bridge { handle, timeout },
-            RuntimeGuard { shutdown: Some(tx) },
-        ))
+        let (handle, guard) = runtime_thread("envelope-kms", true)?;
+        Ok((Bridge { handle, timeout }, guard))
     }
 
     pub(crate) fn handle(&self) -> &Handle {

@@ -115,6 +115,16 @@ pub enum Error {
         max: usize,
     },
 
+    /// A value opened, but its bytes are not a value of the field's type (the column's Rust type
+    /// changed, or the value was written for another type).
+    #[error("value opened but is not a valid {expected}: {detail}")]
+    PlaintextType {
+        /// The field's type.
+        expected: &'static str,
+        /// What did not fit.
+        detail: String,
+    },
+
     /// The keyring or a provider was configured wrongly.
     #[error("configuration error: {0}")]
     Config(Cow<'static, str>),
@@ -146,6 +156,7 @@ impl Error {
             Error::BridgeReentrant => "BridgeReentrant",
             Error::InvalidName { .. } => "InvalidName",
             Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
+            Error::PlaintextType { .. } => "PlaintextType",
             Error::Config(_) => "Config",
             Error::Io { .. } => "Io",
         }

@@ -250,6 +250,8 @@ struct Inner {
     recent_failures: Mutex<HashMap<Scope, (Instant, Error)>>,
     /// Successors prepared by background refreshes, swapped in at the current key's hard limit.
     pending: Mutex<HashMap<Scope, Arc<OpenedKey>>>,
+    /// Labels whose columns may still hold legacy plaintext (`envelope encrypt` is running).
+    migration_windows: RwLock<std::collections::HashSet<Label>>,
     metrics: Metrics,
     bridge: Bridge,
     epoch: Instant,
@@ -319,6 +321,7 @@ impl KeyringBuilder {
             index_ids: RwLock::default(),
             recent_failures: Mutex::default(),
             pending: Mutex::default(),
+            migration_windows: RwLock::default(),
             metrics: Metrics::default(),
             bridge,
             epoch: Instant::now(),
@@ -402,6 +405,36 @@ impl Keyring {
     /// The KMS provider.
     pub fn kms(&self) -> &Arc<dyn KmsProvider> {
         &self.inner.kms
+    }
+
+    /// Let the column `label` read legacy plaintext: a stored value that is not an envelope at
+    /// all is returned as it is, instead of failing. For the time `envelope encrypt` rewrites an
+    /// existing plaintext column; close the window when it is done. Envelope values are still
+    /// authenticated while the window is open.
+    pub fn open_migration_window(&self, label: &Label) {
+        self.inner
+            .migration_windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(label.clone());
+    }
+
+    /// Fail closed again on non-envelope values in `label`'s column.
+    pub fn close_migration_window(&self, label: &Label) {
+        self.inner
+            .migration_windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(label);
+    }
+
+    /// Whether `label`'s column may hold legacy plaintext.
+    pub fn migration_window_open(&self, label: &Label) -> bool {
+        self.inner
+            .migration_windows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(label)
     }
 
     /// A copy of the counters.

@@ -56,6 +56,7 @@
 pub mod blind;
 mod bridge;
 mod cipher;
+pub mod column;
 mod error;
 pub mod format;
 mod keyring;
@@ -69,6 +70,7 @@ mod store;
 mod vectors;
 
 pub use blind::{BlindIndexSpec, Normalizer};
+pub use bridge::IoRuntime;
 pub use error::{Error, FormatError, KmsError, KmsErrorKind, Result, StoreError};
 pub use keyring::{Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};

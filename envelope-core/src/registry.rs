@@ -80,9 +80,10 @@ impl Keyring {
     }
 
     /// Run `fut` with this keyring as the task-local override (visible inside sqlx `Decode` and
-    /// diesel-async `FromSql`, which run in the caller's task).
-    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
-        TASK_KEYRING.scope(self.clone(), fut).await
+    /// diesel-async `FromSql`, which run in the caller's task). The returned future owns a
+    /// handle to the keyring, so it can be spawned.
+    pub fn scope<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
+        TASK_KEYRING.scope(self.clone(), fut)
     }
 
     /// Make this keyring the thread-local override until the guard drops (for sync diesel on a

@@ -1,0 +1,321 @@
+//! What the column types of envelope-sqlx and envelope-diesel share: the column markers, the
+//! conversion of field types to plaintext bytes, and sealing and opening through the keyring the
+//! [`crate::registry`] resolves.
+//!
+//! Declare a column once, then use it as the type parameter of `Encrypted<T, C>`:
+//!
+//! ```
+//! envelope_core::column!(
+//!     /// The customers table's national id.
+//!     pub CustomerNationalId = "customers.national_id"
+//! );
+//! use envelope_core::column::Column;
+//! assert_eq!(CustomerNationalId::LABEL, "customers.national_id");
+//! ```
+
+use std::borrow::Cow;
+
+use crate::blind::{BlindIndexSpec, Normalizer};
+use crate::error::{Error, FormatError, Result};
+use crate::format;
+use crate::keys::{Label, Scope};
+
+/// A column an encrypted value belongs to. Its label is bound into every value, so a value
+/// copied into another column does not open there.
+pub trait Column: Send + Sync + 'static {
+    /// The context label, normally `table.column`: 1 to 255 visible ASCII bytes.
+    const LABEL: &'static str;
+    /// The key scope writes use; `None` uses the keyring's default scope.
+    const SCOPE: Option<&'static str> = None;
+}
+
+/// A blind-index column: which label's index key, which normalizer, how many bytes.
+pub trait IndexColumn: Send + Sync + 'static {
+    /// The label of the indexed value (one index key per label), e.g. `customers.email`.
+    const LABEL: &'static str;
+    /// How values are normalized before hashing.
+    const NORMALIZER: Normalizer = Normalizer::Exact;
+    /// Output length in bytes (4 to 32).
+    const LEN: usize = BlindIndexSpec::DEFAULT_LEN;
+}
+
+/// Declare a column marker: `column!(pub UsersSsn = "users.ssn");`.
+#[macro_export]
+macro_rules! column {
+    ($(#[$meta:meta])* $vis:vis $name:ident = $label:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        $vis struct $name;
+        impl $crate::column::Column for $name {
+            const LABEL: &'static str = $label;
+        }
+    };
+}
+
+/// Declare a blind-index marker:
+/// `blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);`.
+#[macro_export]
+macro_rules! blind_index {
+    ($(#[$meta:meta])* $vis:vis $name:ident = $label:literal, $normalizer:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        $vis struct $name;
+        impl $crate::column::IndexColumn for $name {
+            const LABEL: &'static str = $label;
+            const NORMALIZER: $crate::Normalizer = $crate::Normalizer::$normalizer;
+        }
+    };
+}
+
+/// A field type that can be encrypted: how it becomes bytes and comes back.
+///
+/// Integers are stored big-endian at their full width, `bool` as one byte, UUIDs as their 16
+/// bytes, dates and times as ISO 8601 text, [`Json`] as compact JSON.
+pub trait Plaintext: Sized {
+    /// The bytes to seal.
+    fn to_plaintext(&self) -> Cow<'_, [u8]>;
+    /// Rebuild the value from opened bytes.
+    ///
+    /// # Errors
+    /// [`Error::PlaintextType`] when the bytes are not a value of this type.
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self>;
+}
+
+fn type_error(expected: &'static str, got: impl Into<String>) -> Error {
+    Error::PlaintextType {
+        expected,
+        detail: got.into(),
+    }
+}
+
+impl Plaintext for String {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.as_bytes())
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        String::from_utf8(bytes).map_err(|_| type_error("String", "the bytes are not UTF-8"))
+    }
+}
+
+impl Plaintext for Vec<u8> {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self)
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        Ok(bytes)
+    }
+}
+
+macro_rules! int_plaintext {
+    ($($t:ty),*) => {$(
+        impl Plaintext for $t {
+            fn to_plaintext(&self) -> Cow<'_, [u8]> {
+                Cow::Owned(self.to_be_bytes().to_vec())
+            }
+            fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+                let arr = bytes.as_slice().try_into().map_err(|_| {
+                    type_error(stringify!($t), format!("{} bytes", bytes.len()))
+                })?;
+                Ok(<$t>::from_be_bytes(arr))
+            }
+        }
+    )*};
+}
+int_plaintext!(i16, i32, i64);
+
+impl Plaintext for bool {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(if *self { &[1] } else { &[0] })
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        match bytes.as_slice() {
+            [0] => Ok(false),
+            [1] => Ok(true),
+            _ => Err(type_error("bool", "not a 0 or 1 byte")),
+        }
+    }
+}
+
+#[cfg(feature = "uuid")]
+impl Plaintext for uuid::Uuid {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.as_bytes())
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        uuid::Uuid::from_slice(&bytes)
+            .map_err(|_| type_error("Uuid", format!("{} bytes", bytes.len())))
+    }
+}
+
+#[cfg(feature = "chrono")]
+impl Plaintext for chrono::NaiveDate {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.format("%Y-%m-%d").to_string().into_bytes())
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        let s = std::str::from_utf8(&bytes).map_err(|_| type_error("NaiveDate", "not UTF-8"))?;
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|e| type_error("NaiveDate", e.to_string()))
+    }
+}
+
+#[cfg(feature = "chrono")]
+impl Plaintext for chrono::DateTime<chrono::Utc> {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(
+            self.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .into_bytes(),
+        )
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        let s = std::str::from_utf8(&bytes).map_err(|_| type_error("DateTime", "not UTF-8"))?;
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .map_err(|e| type_error("DateTime", e.to_string()))
+    }
+}
+
+/// Any serde type, stored as JSON inside the envelope: `Encrypted<Json<Notes>, C>`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<T> std::fmt::Debug for Json<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Json(<redacted>)")
+    }
+}
+
+impl<T> std::ops::Deref for Json<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Plaintext for Json<T> {
+    fn to_plaintext(&self) -> Cow<'_, [u8]> {
+        // Serializing plain data cannot fail; a type whose Serialize errors is a program bug,
+        // and an empty plaintext then fails loudly on read rather than silently here.
+        Cow::Owned(serde_json::to_vec(&self.0).unwrap_or_default())
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        serde_json::from_slice(&bytes)
+            .map(Json)
+            .map_err(|e| type_error("Json", e.to_string()))
+    }
+}
+
+fn label_of<C: Column>() -> Result<Label> {
+    Label::new(C::LABEL)
+}
+
+fn scope_of<C: Column>(keyring: &crate::Keyring) -> Result<Scope> {
+    match C::SCOPE {
+        Some(s) => Scope::new(s),
+        None => Ok(keyring.default_scope().clone()),
+    }
+}
+
+/// Seal `value` for column `C` with the current keyring (see [`crate::current`]); for the
+/// synchronous encoders of the column types.
+///
+/// # Errors
+/// [`Error::NoKeyring`], or any error of [`crate::Keyring::encrypt_scoped_blocking`].
+pub fn seal<T: Plaintext, C: Column>(value: &T) -> Result<Vec<u8>> {
+    let keyring = crate::current()?;
+    let scope = scope_of::<C>(&keyring)?;
+    keyring.encrypt_scoped_blocking(&scope, &label_of::<C>()?, &value.to_plaintext())
+}
+
+/// [`seal`] to the text form.
+///
+/// # Errors
+/// As [`seal`].
+pub fn seal_text<T: Plaintext, C: Column>(value: &T) -> Result<String> {
+    seal::<T, C>(value).map(|b| format::to_text(&b))
+}
+
+/// Open a stored value of column `C`. While the keyring has the column's migration window open
+/// ([`crate::Keyring::open_migration_window`]), a value that is not an envelope at all is read as
+/// legacy plaintext; otherwise it is an error (fail closed).
+///
+/// # Errors
+/// [`Error::NoKeyring`], any error of [`crate::Keyring::decrypt_blocking`], or
+/// [`Error::PlaintextType`].
+pub fn open<T: Plaintext, C: Column>(stored: &[u8]) -> Result<T> {
+    let keyring = crate::current()?;
+    let label = label_of::<C>()?;
+    match keyring.decrypt_blocking(&label, stored) {
+        Ok(bytes) => T::from_plaintext(bytes),
+        Err(Error::Format(FormatError::NotEnvelope)) if keyring.migration_window_open(&label) => {
+            T::from_plaintext(stored.to_vec())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Open a text-form stored value of column `C`; legacy text as in [`open`].
+///
+/// # Errors
+/// As [`open`], plus [`FormatError::MalformedText`].
+pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
+    let keyring = crate::current()?;
+    let label = label_of::<C>()?;
+    match keyring.decrypt_text_blocking(&label, stored) {
+        Ok(bytes) => T::from_plaintext(bytes),
+        Err(Error::Format(FormatError::NotEnvelope)) if keyring.migration_window_open(&label) => {
+            T::from_plaintext(stored.as_bytes().to_vec())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The blind index of `value` for index column `I`, with the current keyring.
+///
+/// # Errors
+/// [`Error::NoKeyring`], or any error of [`crate::Keyring::blind_index_blocking`].
+pub fn blind_index<I: IndexColumn>(value: &[u8]) -> Result<Vec<u8>> {
+    let keyring = crate::current()?;
+    let spec = BlindIndexSpec::new(Label::new(I::LABEL)?, I::NORMALIZER).with_len(I::LEN)?;
+    keyring.blind_index_blocking(&spec, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round<T: Plaintext + PartialEq + std::fmt::Debug>(v: T) {
+        let bytes = v.to_plaintext().into_owned();
+        assert_eq!(T::from_plaintext(bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn plaintext_round_trips() {
+        round(String::from("Zoë"));
+        round(vec![0u8, 255]);
+        round(-5i16);
+        round(i32::MIN);
+        round(i64::MAX);
+        round(true);
+        round(false);
+        assert!(String::from_plaintext(vec![0xff]).is_err());
+        assert!(i32::from_plaintext(vec![1, 2]).is_err());
+        assert!(bool::from_plaintext(vec![2]).is_err());
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Notes {
+            text: String,
+        }
+        let j = Json(Notes { text: "x".into() });
+        assert_eq!(format!("{j:?}"), "Json(<redacted>)");
+        let back = Json::<Notes>::from_plaintext(j.to_plaintext().into_owned()).unwrap();
+        assert_eq!(back.0, j.0);
+    }
+
+    crate::column!(Ssn = "users.ssn");
+
+    #[test]
+    fn column_macro_declares_a_marker() {
+        assert_eq!(Ssn::LABEL, "users.ssn");
+        assert_eq!(Ssn::SCOPE, None);
+    }
+}

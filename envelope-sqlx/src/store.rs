@@ -1,0 +1,348 @@
+//! The key table on PostgreSQL, MySQL/MariaDB and SQLite, through sqlx.
+
+use std::marker::PhantomData;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use envelope_core::{
+    IoRuntime, KeyFilter, KeyId, KeyKind, KeyRecord, KeyStore, StoreError, async_trait,
+};
+use sqlx::pool::PoolOptions;
+use sqlx::{Database, Pool, QueryBuilder, Row};
+
+/// The DDL for the default table name, one file per database, also shipped under
+/// `envelope-sqlx/migrations/` for `sqlx migrate`.
+pub mod ddl {
+    /// PostgreSQL.
+    pub const POSTGRES: &str = include_str!("../migrations/postgres/0001_envelope_keys.sql");
+    /// MySQL 8 and MariaDB.
+    pub const MYSQL: &str = include_str!("../migrations/mysql/0001_envelope_keys.sql");
+    /// SQLite.
+    pub const SQLITE: &str = include_str!("../migrations/sqlite/0001_envelope_keys.sql");
+}
+
+/// The default key table name.
+pub const DEFAULT_TABLE: &str = "envelope_keys";
+
+/// A [`KeyStore`] over a sqlx database: `SqlxKeyStore<Postgres>`, `SqlxKeyStore<MySql>` or
+/// `SqlxKeyStore<Sqlite>`.
+///
+/// It keeps its own small pool (two connections, to the database of the pool it is given) on a
+/// runtime thread of its own ([`IoRuntime`]). A key-table query runs when a cache miss happens
+/// inside a synchronous `Decode` or `Encode`; if the connection belonged to the application's
+/// current-thread runtime, that runtime's only thread would be the one waiting for it.
+pub struct SqlxKeyStore<DB: Database> {
+    pool: Pool<DB>,
+    runtime: IoRuntime,
+    table: String,
+    db: PhantomData<DB>,
+}
+
+impl<DB: Database> std::fmt::Debug for SqlxKeyStore<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlxKeyStore")
+            .field("database", &DB::NAME)
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+impl<DB: Database> SqlxKeyStore<DB> {
+    /// A store for the database `pool` connects to, using the table `envelope_keys`. Only the
+    /// pool's connect options are used; queries go through the store's own connections.
+    ///
+    /// # Errors
+    /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
+    pub fn new(pool: &Pool<DB>) -> Result<Self, envelope_core::Error> {
+        let runtime = IoRuntime::start("envelope-keystore")?;
+        let options = (*pool.connect_options()).clone();
+        let own = {
+            let _entered = runtime.handle().enter();
+            PoolOptions::<DB>::new()
+                .max_connections(2)
+                .min_connections(0)
+                .connect_lazy_with(options)
+        };
+        Ok(SqlxKeyStore {
+            pool: own,
+            runtime,
+            table: DEFAULT_TABLE.to_owned(),
+            db: PhantomData,
+        })
+    }
+
+    /// Use another table name (letters, digits and `_`, not starting with a digit).
+    ///
+    /// # Errors
+    /// [`envelope_core::Error::InvalidName`] for anything else.
+    pub fn with_table(mut self, table: &str) -> Result<Self, envelope_core::Error> {
+        let ok = !table.is_empty()
+            && table.len() <= 63
+            && table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !table.as_bytes()[0].is_ascii_digit();
+        if !ok {
+            return Err(envelope_core::Error::InvalidName {
+                what: "key table name",
+                value: table.to_owned(),
+                reason: "use letters, digits and `_`, up to 63, not starting with a digit",
+            });
+        }
+        self.table = table.to_owned();
+        Ok(self)
+    }
+
+    /// Run `work` with the store's pool on the store's runtime.
+    async fn on_runtime<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Pool<DB>, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let fut = work(self.pool.clone(), self.table.clone());
+        self.runtime
+            .run(fut)
+            .await
+            .map_err(|e| StoreError::Conflict(e.to_string()))?
+    }
+
+    fn ddl_for(&self, ddl: &str) -> Vec<String> {
+        ddl.lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .split(';')
+            .map(|s| s.trim().replace(DEFAULT_TABLE, &self.table))
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+fn millis(t: SystemTime) -> i64 {
+    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    if let Some(db) = e.as_database_error()
+        && db.is_unique_violation()
+    {
+        return StoreError::Conflict(format!("unique constraint: {}", db.message()));
+    }
+    StoreError::backend(e)
+}
+
+fn corrupt(id: &[u8], reason: String) -> StoreError {
+    StoreError::Corrupt {
+        key_id: KeyId::try_from(id).unwrap_or(KeyId::from_bytes([0; 16])),
+        reason,
+    }
+}
+
+fn record<R: Row>(row: &R) -> Result<KeyRecord, StoreError>
+where
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
+    let id: Vec<u8> = row.try_get("id").map_err(backend)?;
+    let kind: String = row.try_get("kind").map_err(backend)?;
+    Ok(KeyRecord {
+        id: KeyId::try_from(id.as_slice())
+            .map_err(|_| corrupt(&id, format!("id has {} bytes, not 16", id.len())))?,
+        kind: kind
+            .parse::<KeyKind>()
+            .map_err(|_| corrupt(&id, format!("kind is {kind:?}")))?,
+        scope: row.try_get("scope").map_err(backend)?,
+        provider: row.try_get("provider").map_err(backend)?,
+        cmk_id: row.try_get("cmk_id").map_err(backend)?,
+        wrapped: row.try_get("wrapped").map_err(backend)?,
+        kms_context: row.try_get("kms_context").map_err(backend)?,
+        created_at: from_millis(row.try_get("created_at").map_err(backend)?),
+        retired_at: row
+            .try_get::<Option<i64>, _>("retired_at")
+            .map_err(backend)?
+            .map(from_millis),
+    })
+}
+
+const COLUMNS: &str =
+    "id, kind, scope, provider, cmk_id, wrapped, kms_context, created_at, retired_at";
+
+macro_rules! sqlx_key_store {
+    ($db:ty, $ddl:expr) => {
+        impl SqlxKeyStore<$db> {
+            /// Create the key table and its index if they do not exist.
+            ///
+            /// # Errors
+            /// The database's error.
+            pub async fn create_table(&self) -> Result<(), StoreError> {
+                let statements = self.ddl_for($ddl);
+                self.on_runtime(move |pool, _| async move {
+                    for statement in statements {
+                        sqlx::query(sqlx::AssertSqlSafe(statement))
+                            .execute(&pool)
+                            .await
+                            .map_err(backend)?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn fetch_one_id(
+                pool: &Pool<$db>,
+                table: &str,
+                id: &KeyId,
+            ) -> Result<Option<KeyRecord>, StoreError> {
+                let mut q =
+                    QueryBuilder::<$db>::new(format!("SELECT {COLUMNS} FROM {table} WHERE id = "));
+                q.push_bind(id.as_bytes().to_vec());
+                let row = q.build().fetch_optional(pool).await.map_err(backend)?;
+                row.as_ref().map(record).transpose()
+            }
+        }
+
+        #[async_trait]
+        impl KeyStore for SqlxKeyStore<$db> {
+            async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
+                let r = r.clone();
+                self.on_runtime(move |pool, table| async move {
+                    let mut q = QueryBuilder::<$db>::new(format!(
+                        "INSERT INTO {table} ({COLUMNS}) VALUES ("
+                    ));
+                    let mut s = q.separated(", ");
+                    s.push_bind(r.id.as_bytes().to_vec())
+                        .push_bind(r.kind.as_str())
+                        .push_bind(r.scope.clone())
+                        .push_bind(r.provider.clone())
+                        .push_bind(r.cmk_id.clone())
+                        .push_bind(r.wrapped.clone())
+                        .push_bind(r.kms_context.clone())
+                        .push_bind(millis(r.created_at))
+                        .push_bind(r.retired_at.map(millis));
+                    q.push(")");
+                    q.build().execute(&pool).await.map_err(backend)?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+                let id = *id;
+                self.on_runtime(move |pool, table| async move {
+                    Self::fetch_one_id(&pool, &table, &id).await
+                })
+                .await
+            }
+
+            async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+                let filter = filter.clone();
+                self.on_runtime(move |pool, table| async move {
+                    let mut q = QueryBuilder::<$db>::new(format!(
+                        "SELECT {COLUMNS} FROM {table} WHERE 1 = 1"
+                    ));
+                    if let Some(kind) = filter.kind {
+                        q.push(" AND kind = ").push_bind(kind.as_str());
+                    }
+                    if let Some(scope) = &filter.scope {
+                        q.push(" AND scope = ").push_bind(scope.clone());
+                    }
+                    if let Some(cmk) = &filter.cmk_id {
+                        q.push(" AND cmk_id = ").push_bind(cmk.clone());
+                    }
+                    if !filter.include_retired {
+                        q.push(" AND retired_at IS NULL");
+                    }
+                    q.push(" ORDER BY created_at, id");
+                    let rows = q.build().fetch_all(&pool).await.map_err(backend)?;
+                    rows.iter().map(record).collect()
+                })
+                .await
+            }
+
+            async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError> {
+                let id = *id;
+                self.on_runtime(move |pool, table| async move {
+                    let mut q = QueryBuilder::<$db>::new(format!(
+                        "UPDATE {table} SET retired_at = COALESCE(retired_at, "
+                    ));
+                    q.push_bind(millis(at))
+                        .push(") WHERE id = ")
+                        .push_bind(id.as_bytes().to_vec());
+                    let done = q.build().execute(&pool).await.map_err(backend)?;
+                    if done.rows_affected() == 0
+                        && Self::fetch_one_id(&pool, &table, &id).await?.is_none()
+                    {
+                        return Err(StoreError::NotFound(id));
+                    }
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn rewrap(
+                &self,
+                id: &KeyId,
+                expected_wrapped: &[u8],
+                provider: &str,
+                cmk_id: &str,
+                wrapped: &[u8],
+            ) -> Result<(), StoreError> {
+                let (id, expected, provider, cmk_id, wrapped) = (
+                    *id,
+                    expected_wrapped.to_vec(),
+                    provider.to_owned(),
+                    cmk_id.to_owned(),
+                    wrapped.to_vec(),
+                );
+                self.on_runtime(move |pool, table| async move {
+                    let mut q = QueryBuilder::<$db>::new(format!("UPDATE {table} SET provider = "));
+                    q.push_bind(provider)
+                        .push(", cmk_id = ")
+                        .push_bind(cmk_id.clone())
+                        .push(", wrapped = ")
+                        .push_bind(wrapped.clone())
+                        .push(" WHERE id = ")
+                        .push_bind(id.as_bytes().to_vec())
+                        .push(" AND wrapped = ")
+                        .push_bind(expected);
+                    let done = q.build().execute(&pool).await.map_err(backend)?;
+                    if done.rows_affected() == 1 {
+                        return Ok(());
+                    }
+                    match Self::fetch_one_id(&pool, &table, &id).await? {
+                        None => Err(StoreError::NotFound(id)),
+                        // MySQL counts a row whose values did not change as unaffected.
+                        Some(r) if r.wrapped == wrapped && r.cmk_id == cmk_id => Ok(()),
+                        Some(_) => Err(StoreError::Conflict(format!(
+                            "key {id} was rewrapped concurrently"
+                        ))),
+                    }
+                })
+                .await
+            }
+
+            async fn delete(&self, id: &KeyId) -> Result<bool, StoreError> {
+                let id = *id;
+                self.on_runtime(move |pool, table| async move {
+                    let mut q =
+                        QueryBuilder::<$db>::new(format!("DELETE FROM {table} WHERE id = "));
+                    q.push_bind(id.as_bytes().to_vec());
+                    let done = q.build().execute(&pool).await.map_err(backend)?;
+                    Ok(done.rows_affected() > 0)
+                })
+                .await
+            }
+        }
+    };
+}
+
+sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES);
+sqlx_key_store!(sqlx::MySql, ddl::MYSQL);
+sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE);

@@ -1,0 +1,244 @@
+//! The column types: `Encrypted<T, C>`, `EncryptedText<T, C>` and `BlindIndex<I>`.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+
+use envelope_core::column::{self, Column, IndexColumn, Plaintext};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::{Database, Decode, Encode, Type};
+
+/// A field stored encrypted in a binary column (`BYTEA`, `BLOB`, `VARBINARY`): sealed when bound,
+/// opened when decoded, under column marker `C`. Use `Option<Encrypted<T, C>>` for a nullable
+/// column: SQL `NULL` stays `NULL`.
+///
+/// It derefs to `T`. Its `Debug` never shows the value.
+pub struct Encrypted<T, C> {
+    value: T,
+    column: PhantomData<fn() -> C>,
+}
+
+/// A field stored encrypted in a text column (`TEXT`, `VARCHAR`), as the text form `ev1:...`.
+/// About a third larger than [`Encrypted`]; use it where the column must stay text.
+pub struct EncryptedText<T, C> {
+    value: T,
+    column: PhantomData<fn() -> C>,
+}
+
+macro_rules! wrapper_impls {
+    ($ty:ident) => {
+        impl<T, C> $ty<T, C> {
+            /// Wrap a value.
+            pub fn new(value: T) -> Self {
+                $ty {
+                    value,
+                    column: PhantomData,
+                }
+            }
+
+            /// The value.
+            pub fn into_inner(self) -> T {
+                self.value
+            }
+        }
+
+        impl<T, C> From<T> for $ty<T, C> {
+            fn from(value: T) -> Self {
+                Self::new(value)
+            }
+        }
+
+        impl<T, C> Deref for $ty<T, C> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.value
+            }
+        }
+
+        impl<T, C> DerefMut for $ty<T, C> {
+            fn deref_mut(&mut self) -> &mut T {
+                &mut self.value
+            }
+        }
+
+        impl<T: Clone, C> Clone for $ty<T, C> {
+            fn clone(&self) -> Self {
+                Self::new(self.value.clone())
+            }
+        }
+
+        impl<T: PartialEq, C> PartialEq for $ty<T, C> {
+            fn eq(&self, other: &Self) -> bool {
+                self.value == other.value
+            }
+        }
+
+        impl<T: Eq, C> Eq for $ty<T, C> {}
+
+        impl<T, C: Column> fmt::Debug for $ty<T, C> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}<{}>(<redacted>)", stringify!($ty), C::LABEL)
+            }
+        }
+    };
+}
+
+wrapper_impls!(Encrypted);
+wrapper_impls!(EncryptedText);
+
+impl<T, C, DB: Database> Type<DB> for Encrypted<T, C>
+where
+    Vec<u8>: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <Vec<u8> as Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <Vec<u8> as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, T: Plaintext, C: Column, DB: Database> Encode<'q, DB> for Encrypted<T, C>
+where
+    Vec<u8>: Encode<'q, DB>,
+{
+    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        let sealed = column::seal::<T, C>(&self.value)?;
+        <Vec<u8> as Encode<'q, DB>>::encode(sealed, buf)
+    }
+}
+
+impl<'r, T: Plaintext, C: Column, DB: Database> Decode<'r, DB> for Encrypted<T, C>
+where
+    &'r [u8]: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        let stored = <&'r [u8] as Decode<'r, DB>>::decode(value)?;
+        Ok(Self::new(column::open::<T, C>(stored)?))
+    }
+}
+
+impl<T, C, DB: Database> Type<DB> for EncryptedText<T, C>
+where
+    String: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <String as Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <String as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, T: Plaintext, C: Column, DB: Database> Encode<'q, DB> for EncryptedText<T, C>
+where
+    String: Encode<'q, DB>,
+{
+    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        let sealed = column::seal_text::<T, C>(&self.value)?;
+        <String as Encode<'q, DB>>::encode(sealed, buf)
+    }
+}
+
+impl<'r, T: Plaintext, C: Column, DB: Database> Decode<'r, DB> for EncryptedText<T, C>
+where
+    &'r str: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        let stored = <&'r str as Decode<'r, DB>>::decode(value)?;
+        Ok(Self::new(column::open_text::<T, C>(stored)?))
+    }
+}
+
+/// An equality-search column beside an encrypted one: a truncated keyed HMAC of the normalized
+/// value (see [`envelope_core::blind`]). Compute it when writing the row, and compute the probe
+/// the same way for `WHERE email_bidx = $1`:
+///
+/// ```ignore
+/// let probe = BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?;
+/// sqlx::query("SELECT ... WHERE email_bidx = $1").bind(&probe)
+/// ```
+pub struct BlindIndex<I> {
+    digest: Vec<u8>,
+    index: PhantomData<fn() -> I>,
+}
+
+impl<I: IndexColumn> BlindIndex<I> {
+    /// The index of `value` under the current keyring's index key for `I`.
+    ///
+    /// # Errors
+    /// [`envelope_core::Error::NoKeyring`], or a KMS or key-store error while the index key is
+    /// first loaded or created.
+    pub fn of(value: impl AsRef<[u8]>) -> Result<Self, envelope_core::Error> {
+        Ok(BlindIndex {
+            digest: column::blind_index::<I>(value.as_ref())?,
+            index: PhantomData,
+        })
+    }
+
+    /// The stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digest
+    }
+}
+
+impl<I> Clone for BlindIndex<I> {
+    fn clone(&self) -> Self {
+        BlindIndex {
+            digest: self.digest.clone(),
+            index: PhantomData,
+        }
+    }
+}
+
+impl<I> PartialEq for BlindIndex<I> {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl<I> Eq for BlindIndex<I> {}
+
+impl<I: IndexColumn> fmt::Debug for BlindIndex<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not secret in itself, but equal digests reveal equal values: keep them out of logs.
+        write!(f, "BlindIndex<{}>(<redacted>)", I::LABEL)
+    }
+}
+
+impl<I, DB: Database> Type<DB> for BlindIndex<I>
+where
+    Vec<u8>: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <Vec<u8> as Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <Vec<u8> as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, I, DB: Database> Encode<'q, DB> for BlindIndex<I>
+where
+    Vec<u8>: Encode<'q, DB>,
+{
+    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        <Vec<u8> as Encode<'q, DB>>::encode(self.digest.clone(), buf)
+    }
+}
+
+impl<'r, I, DB: Database> Decode<'r, DB> for BlindIndex<I>
+where
+    Vec<u8>: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(BlindIndex {
+            digest: <Vec<u8> as Decode<'r, DB>>::decode(value)?,
+            index: PhantomData,
+        })
+    }
+}
