@@ -53,8 +53,27 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// # Errors
     /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
     pub fn new(pool: &Pool<DB>) -> Result<Self, envelope_core::Error> {
+        Self::with_options((*pool.connect_options()).clone())
+    }
+
+    /// A store for the database at `url` (`postgres://...`, `mysql://...`, `sqlite://...`). No
+    /// connection is made until the first query.
+    ///
+    /// # Errors
+    /// [`envelope_core::Error::Config`] for a URL this database cannot use.
+    pub fn connect_lazy(url: &str) -> Result<Self, envelope_core::Error> {
+        use std::str::FromStr;
+        let options =
+            <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(url).map_err(
+                |e| envelope_core::Error::Config(format!("bad {} URL: {e}", DB::NAME).into()),
+            )?;
+        Self::with_options(options)
+    }
+
+    fn with_options(
+        options: <DB::Connection as sqlx::Connection>::Options,
+    ) -> Result<Self, envelope_core::Error> {
         let runtime = IoRuntime::start("envelope-keystore")?;
-        let options = (*pool.connect_options()).clone();
         let own = {
             let _entered = runtime.handle().enter();
             PoolOptions::<DB>::new()

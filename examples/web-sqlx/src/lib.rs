@@ -1,0 +1,528 @@
+//! envelope's showcase: a customer service on axum + sqlx whose `email`, `phone`, `national_id`
+//! and `notes` are encrypted at rest, with a blind index so customers can be found by e-mail.
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /customers` | create from `{"name", "email", "phone"?, "national_id"?, "notes"?}`; returns `{"id"}` |
+//! | `GET /customers/{id}` | one customer |
+//! | `GET /customers?email=...` | find by e-mail (blind index; case and surrounding spaces ignored) |
+//! | `PUT /customers/{id}` | replace |
+//! | `DELETE /customers/{id}` | delete |
+//! | `GET /metrics` | KMS calls, cache hits and misses |
+//!
+//! Configuration, all optional: `PORT` (3000), `DATABASE_URL` (`sqlite://web-sqlx.db?mode=rwc`;
+//! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`, or `tencent` with
+//! `ENVELOPE_CMK` and the `TENCENTCLOUD_*` variables), `ENVELOPE_MASTER_KEY_FILE`
+//! (`envelope-master.key`) or `ENVELOPE_LOCAL_MASTER_KEY` for the local KMS.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+use envelope_core::{KeyStore, Keyring, KmsProvider, LocalKms, Normalizer};
+use envelope_sqlx::{BlindIndex, Encrypted, Json as JsonValue, SqlxKeyStore, blind_index, column};
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+
+column!(
+    /// `customers.email`.
+    pub CustomerEmail = "customers.email"
+);
+column!(
+    /// `customers.phone`.
+    pub CustomerPhone = "customers.phone"
+);
+column!(
+    /// `customers.national_id`.
+    pub CustomerNationalId = "customers.national_id"
+);
+column!(
+    /// `customers.notes`.
+    pub CustomerNotes = "customers.notes"
+);
+blind_index!(
+    /// The e-mail's blind index: case-folded, so lookups ignore case.
+    pub CustomerEmailIndex = "customers.email", CaseFolded
+);
+
+/// Which KMS holds the master key.
+#[derive(Debug, Clone)]
+pub enum KmsChoice {
+    /// The local provider with a master key file (created on first use, mode 0600).
+    LocalFile(std::path::PathBuf),
+    /// The local provider with a key from `ENVELOPE_LOCAL_MASTER_KEY`.
+    LocalEnv,
+    /// Tencent Cloud KMS (or the emulator, via the endpoint) and a CMK id.
+    Tencent(Box<TencentConfig>, String),
+}
+
+/// The service's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// Where the data lives.
+    pub database_url: String,
+    /// The KMS.
+    pub kms: KmsChoice,
+    /// The customers table's name.
+    pub customers_table: String,
+    /// The key table's name.
+    pub keys_table: String,
+}
+
+impl Config {
+    /// Read the environment (see the crate docs).
+    ///
+    /// # Errors
+    /// A message naming the bad variable.
+    pub fn from_env() -> Result<Self, String> {
+        let port = match std::env::var("PORT") {
+            Ok(p) => p
+                .parse()
+                .map_err(|_| format!("PORT must be a port number, got {p:?}"))?,
+            Err(_) => 3000,
+        };
+        let database_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "sqlite://web-sqlx.db?mode=rwc".to_owned());
+        let kms = match std::env::var("ENVELOPE_KMS").as_deref() {
+            Ok("tencent") => {
+                let cmk = std::env::var("ENVELOPE_CMK")
+                    .map_err(|_| "ENVELOPE_KMS=tencent needs ENVELOPE_CMK (the CMK id)".to_owned())?;
+                let config = TencentConfig::from_env().map_err(|e| e.to_string())?;
+                KmsChoice::Tencent(Box::new(config), cmk)
+            }
+            Ok("local") | Err(_) => {
+                if std::env::var_os(envelope_core::kms::local::MASTER_KEY_ENV).is_some() {
+                    KmsChoice::LocalEnv
+                } else {
+                    KmsChoice::LocalFile(
+                        std::env::var("ENVELOPE_MASTER_KEY_FILE")
+                            .unwrap_or_else(|_| "envelope-master.key".to_owned())
+                            .into(),
+                    )
+                }
+            }
+            Ok(other) => return Err(format!("ENVELOPE_KMS must be `local` or `tencent`, got {other:?}")),
+        };
+        Ok(Config {
+            port,
+            database_url,
+            kms,
+            customers_table: "customers".to_owned(),
+            keys_table: envelope_sqlx::DEFAULT_TABLE.to_owned(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    fn of(url: &str) -> Result<Backend, String> {
+        let scheme = url.split(':').next().unwrap_or("");
+        match scheme {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            "mysql" | "mariadb" => Ok(Backend::MySql),
+            _ => Err(format!(
+                "DATABASE_URL must start with sqlite:, postgres: or mysql:, got {scheme:?}"
+            )),
+        }
+    }
+
+    /// The SQL with `?` placeholders, as this database wants them.
+    fn sql(self, s: &str) -> String {
+        if self != Backend::Postgres {
+            return s.to_owned();
+        }
+        let mut out = String::with_capacity(s.len() + 8);
+        let mut n = 0;
+        for c in s.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn ddl(self, t: &str) -> Vec<String> {
+        match self {
+            Backend::Sqlite | Backend::Postgres => {
+                let blob = if self == Backend::Sqlite { "BLOB" } else { "BYTEA" };
+                vec![
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+                         email {blob} NOT NULL, email_bidx {blob} NOT NULL, phone {blob}, \
+                         national_id {blob}, notes {blob})"
+                    ),
+                    format!("CREATE INDEX IF NOT EXISTS {t}_email_bidx ON {t} (email_bidx)"),
+                ]
+            }
+            Backend::MySql => vec![format!(
+                "CREATE TABLE IF NOT EXISTS {t} (id VARCHAR(36) PRIMARY KEY, name VARCHAR(200) NOT NULL, \
+                 email VARBINARY(1024) NOT NULL, email_bidx VARBINARY(32) NOT NULL, phone VARBINARY(512), \
+                 national_id VARBINARY(512), notes MEDIUMBLOB, INDEX {t}_email_bidx (email_bidx))"
+            )],
+        }
+    }
+}
+
+struct Inner {
+    pool: AnyPool,
+    backend: Backend,
+    keyring: Keyring,
+    table: String,
+}
+
+/// A started service: its pool, keyring and routes.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+impl App {
+    /// Connect to the database and the KMS, create the tables if needed, and make the first
+    /// data key.
+    ///
+    /// # Errors
+    /// A message saying what could not be reached or set up.
+    pub async fn start(config: Config) -> Result<App, String> {
+        let backend = Backend::of(&config.database_url)?;
+        let (kms, cmk): (Arc<dyn KmsProvider>, String) = match &config.kms {
+            KmsChoice::LocalFile(path) => {
+                let kms = LocalKms::open_or_create(path).map_err(|e| e.to_string())?;
+                let cmk = kms.cmk_id().to_owned();
+                (Arc::new(kms), cmk)
+            }
+            KmsChoice::LocalEnv => {
+                let kms = LocalKms::from_env()
+                    .map_err(|e| e.to_string())?
+                    .ok_or("ENVELOPE_LOCAL_MASTER_KEY vanished")?;
+                let cmk = kms.cmk_id().to_owned();
+                (Arc::new(kms), cmk)
+            }
+            KmsChoice::Tencent(c, cmk) => (
+                Arc::new(TencentKms::new((**c).clone()).map_err(|e| e.to_string())?),
+                cmk.clone(),
+            ),
+        };
+        let url = &config.database_url;
+        let store: Arc<dyn KeyStore> = match backend {
+            Backend::Sqlite => {
+                let s = SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(url)
+                    .and_then(|s| s.with_table(&config.keys_table))
+                    .map_err(|e| e.to_string())?;
+                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                Arc::new(s)
+            }
+            Backend::Postgres => {
+                let s = SqlxKeyStore::<sqlx::Postgres>::connect_lazy(url)
+                    .and_then(|s| s.with_table(&config.keys_table))
+                    .map_err(|e| e.to_string())?;
+                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                Arc::new(s)
+            }
+            Backend::MySql => {
+                let s = SqlxKeyStore::<sqlx::MySql>::connect_lazy(url)
+                    .and_then(|s| s.with_table(&config.keys_table))
+                    .map_err(|e| e.to_string())?;
+                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                Arc::new(s)
+            }
+        };
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(8)
+            .connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to the database: {e}"))?;
+        for statement in backend.ddl(&config.customers_table) {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .map_err(|e| format!("cannot create the customers table: {e}"))?;
+        }
+        let keyring = Keyring::builder(kms, cmk, store)
+            .build()
+            .map_err(|e| e.to_string())?;
+        keyring.warm().await.map_err(|e| format!("cannot make the first data key: {e}"))?;
+        Ok(App {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                keyring,
+                table: config.customers_table,
+            }),
+        })
+    }
+
+    /// The keyring.
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    /// Which database, for the start-up line.
+    pub fn database(&self) -> &'static str {
+        match self.inner.backend {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MySQL/MariaDB",
+        }
+    }
+
+    /// The routes.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/customers", get(find_by_email).post(create))
+            .route("/customers/{id}", get(read).put(replace).delete(remove))
+            .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), with_keyring))
+            .with_state(self.clone())
+    }
+}
+
+/// Every request runs with this app's keyring as the task-local one, so several apps (or tests)
+/// can share a process.
+async fn with_keyring(State(app): State<App>, request: Request, next: Next) -> Response {
+    app.inner.keyring.scope(next.run(request)).await
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no customer with this id".into())
+}
+
+fn internal(e: &sqlx::Error) -> ApiError {
+    // Log the kind of failure, never a value: errors from envelope carry no plaintext.
+    tracing::error!(error = %e, "database or encryption failure");
+    let message = match envelope_sqlx::envelope_error(e) {
+        Some(envelope_core::Error::Kms(_) | envelope_core::Error::KmsTimeout { .. } | envelope_core::Error::WriteKeyUnavailable { .. }) => {
+            "the key service is unavailable; try again shortly"
+        }
+        _ => "internal error",
+    };
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, message.into())
+}
+
+/// A customer as clients send it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerInput {
+    name: String,
+    email: String,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    national_id: Option<String>,
+    #[serde(default)]
+    notes: Option<serde_json::Value>,
+}
+
+impl CustomerInput {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return Err(bad_request("`name` must be 1 to 200 characters"));
+        }
+        let email = self.email.trim();
+        if email.len() > 320 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+            return Err(bad_request("`email` must be an e-mail address"));
+        }
+        if self.phone.as_ref().is_some_and(|p| p.len() > 64) {
+            return Err(bad_request("`phone` must be at most 64 characters"));
+        }
+        if self.national_id.as_ref().is_some_and(|p| p.len() > 64) {
+            return Err(bad_request("`national_id` must be at most 64 characters"));
+        }
+        Ok(())
+    }
+}
+
+/// A customer as the service returns it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct CustomerOutput {
+    id: String,
+    name: String,
+    email: String,
+    phone: Option<String>,
+    national_id: Option<String>,
+    notes: Option<serde_json::Value>,
+}
+
+#[derive(sqlx::FromRow)]
+struct CustomerRow {
+    id: String,
+    name: String,
+    email: Encrypted<String, CustomerEmail>,
+    phone: Option<Encrypted<String, CustomerPhone>>,
+    national_id: Option<Encrypted<String, CustomerNationalId>>,
+    notes: Option<Encrypted<JsonValue<serde_json::Value>, CustomerNotes>>,
+}
+
+impl From<CustomerRow> for CustomerOutput {
+    fn from(r: CustomerRow) -> Self {
+        CustomerOutput {
+            id: r.id,
+            name: r.name,
+            email: r.email.into_inner(),
+            phone: r.phone.map(Encrypted::into_inner),
+            national_id: r.national_id.map(Encrypted::into_inner),
+            notes: r.notes.map(|n| n.into_inner().0),
+        }
+    }
+}
+
+const COLUMNS: &str = "id, name, email, phone, national_id, notes";
+
+fn body(payload: Result<Json<CustomerInput>, JsonRejection>) -> Result<CustomerInput, ApiError> {
+    let Json(input) = payload.map_err(|r| ApiError(r.status(), r.body_text()))?;
+    input.validate()?;
+    Ok(input)
+}
+
+fn email_index(email: &str) -> Result<BlindIndex<CustomerEmailIndex>, ApiError> {
+    BlindIndex::of(email).map_err(|e| {
+        tracing::error!(error = %e, "blind index");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the key service is unavailable; try again shortly".into())
+    })
+}
+
+async fn create(
+    State(app): State<App>,
+    payload: Result<Json<CustomerInput>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let input = body(payload)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let a = &app.inner;
+    let sql = a.backend.sql(&format!(
+        "INSERT INTO {} (id, name, email, email_bidx, phone, national_id, notes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        a.table
+    ));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.clone())
+        .bind(input.name.trim().to_owned())
+        .bind(Encrypted::<String, CustomerEmail>::new(input.email.trim().to_owned()))
+        .bind(email_index(&input.email)?)
+        .bind(input.phone.map(Encrypted::<String, CustomerPhone>::new))
+        .bind(input.national_id.map(Encrypted::<String, CustomerNationalId>::new))
+        .bind(input.notes.map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))))
+        .execute(&a.pool)
+        .await
+        .map_err(|e| internal(&e))?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id }))))
+}
+
+async fn read(State(app): State<App>, Path(id): Path<String>) -> Result<Json<CustomerOutput>, ApiError> {
+    let a = &app.inner;
+    let sql = a.backend.sql(&format!("SELECT {COLUMNS} FROM {} WHERE id = ?", a.table));
+    let row: Option<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&a.pool)
+        .await
+        .map_err(|e| internal(&e))?;
+    row.map(|r| Json(r.into())).ok_or_else(not_found)
+}
+
+#[derive(Deserialize)]
+struct EmailQuery {
+    email: Option<String>,
+}
+
+async fn find_by_email(
+    State(app): State<App>,
+    query: Result<Query<EmailQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<CustomerOutput>>, ApiError> {
+    let Query(q) = query.map_err(|r| bad_request(r.body_text()))?;
+    let email = q
+        .email
+        .filter(|e| !e.trim().is_empty())
+        .ok_or_else(|| bad_request("the query parameter `email` is required"))?;
+    let a = &app.inner;
+    let sql = a.backend.sql(&format!("SELECT {COLUMNS} FROM {} WHERE email_bidx = ?", a.table));
+    let rows: Vec<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(email_index(&email)?)
+        .fetch_all(&a.pool)
+        .await
+        .map_err(|e| internal(&e))?;
+    // A truncated index can match an unrelated value now and then: confirm on the plaintext.
+    let wanted = Normalizer::CaseFolded.apply(&email).into_owned();
+    Ok(Json(
+        rows.into_iter()
+            .filter(|r| Normalizer::CaseFolded.apply(&r.email) == wanted)
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+async fn replace(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    payload: Result<Json<CustomerInput>, JsonRejection>,
+) -> Result<Json<CustomerOutput>, ApiError> {
+    let input = body(payload)?;
+    let a = &app.inner;
+    let sql = a.backend.sql(&format!(
+        "UPDATE {} SET name = ?, email = ?, email_bidx = ?, phone = ?, national_id = ?, notes = ? WHERE id = ?",
+        a.table
+    ));
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(input.name.trim().to_owned())
+        .bind(Encrypted::<String, CustomerEmail>::new(input.email.trim().to_owned()))
+        .bind(email_index(&input.email)?)
+        .bind(input.phone.clone().map(Encrypted::<String, CustomerPhone>::new))
+        .bind(input.national_id.clone().map(Encrypted::<String, CustomerNationalId>::new))
+        .bind(input.notes.clone().map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))))
+        .bind(id.clone())
+        .execute(&a.pool)
+        .await
+        .map_err(|e| internal(&e))?;
+    // Read back what was stored; an unknown id answers 404 there. (MySQL reports no affected
+    // rows for an update that changed nothing, so the count cannot tell a missing row.)
+    let _ = done;
+    read(State(app.clone()), Path(id)).await
+}
+
+async fn remove(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let a = &app.inner;
+    let sql = a.backend.sql(&format!("DELETE FROM {} WHERE id = ?", a.table));
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .execute(&a.pool)
+        .await
+        .map_err(|e| internal(&e))?;
+    if done.rows_affected() == 0 {
+        return Err(not_found());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(app): State<App>) -> Json<envelope_core::MetricsSnapshot> {
+    Json(app.inner.keyring.metrics())
+}
