@@ -63,10 +63,10 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// [`envelope_core::Error::Config`] for a URL this database cannot use.
     pub fn connect_lazy(url: &str) -> Result<Self, envelope_core::Error> {
         use std::str::FromStr;
-        let options =
-            <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(url).map_err(
-                |e| envelope_core::Error::Config(format!("bad {} URL: {e}", DB::NAME).into()),
-            )?;
+        let options = <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(url)
+            .map_err(|e| {
+                envelope_core::Error::Config(format!("bad {} URL: {e}", DB::NAME).into())
+            })?;
         Self::with_options(options)
     }
 

@@ -93,8 +93,9 @@ impl Config {
             .unwrap_or_else(|_| "sqlite://web-sqlx.db?mode=rwc".to_owned());
         let kms = match std::env::var("ENVELOPE_KMS").as_deref() {
             Ok("tencent") => {
-                let cmk = std::env::var("ENVELOPE_CMK")
-                    .map_err(|_| "ENVELOPE_KMS=tencent needs ENVELOPE_CMK (the CMK id)".to_owned())?;
+                let cmk = std::env::var("ENVELOPE_CMK").map_err(|_| {
+                    "ENVELOPE_KMS=tencent needs ENVELOPE_CMK (the CMK id)".to_owned()
+                })?;
                 let config = TencentConfig::from_env().map_err(|e| e.to_string())?;
                 KmsChoice::Tencent(Box::new(config), cmk)
             }
@@ -109,7 +110,11 @@ impl Config {
                     )
                 }
             }
-            Ok(other) => return Err(format!("ENVELOPE_KMS must be `local` or `tencent`, got {other:?}")),
+            Ok(other) => {
+                return Err(format!(
+                    "ENVELOPE_KMS must be `local` or `tencent`, got {other:?}"
+                ));
+            }
         };
         Ok(Config {
             port,
@@ -163,7 +168,11 @@ impl Backend {
     fn ddl(self, t: &str) -> Vec<String> {
         match self {
             Backend::Sqlite | Backend::Postgres => {
-                let blob = if self == Backend::Sqlite { "BLOB" } else { "BYTEA" };
+                let blob = if self == Backend::Sqlite {
+                    "BLOB"
+                } else {
+                    "BYTEA"
+                };
                 vec![
                     format!(
                         "CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
@@ -227,21 +236,27 @@ impl App {
                 let s = SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(url)
                     .and_then(|s| s.with_table(&config.keys_table))
                     .map_err(|e| e.to_string())?;
-                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                s.create_table()
+                    .await
+                    .map_err(|e| format!("key table: {e}"))?;
                 Arc::new(s)
             }
             Backend::Postgres => {
                 let s = SqlxKeyStore::<sqlx::Postgres>::connect_lazy(url)
                     .and_then(|s| s.with_table(&config.keys_table))
                     .map_err(|e| e.to_string())?;
-                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                s.create_table()
+                    .await
+                    .map_err(|e| format!("key table: {e}"))?;
                 Arc::new(s)
             }
             Backend::MySql => {
                 let s = SqlxKeyStore::<sqlx::MySql>::connect_lazy(url)
                     .and_then(|s| s.with_table(&config.keys_table))
                     .map_err(|e| e.to_string())?;
-                s.create_table().await.map_err(|e| format!("key table: {e}"))?;
+                s.create_table()
+                    .await
+                    .map_err(|e| format!("key table: {e}"))?;
                 Arc::new(s)
             }
         };
@@ -260,7 +275,10 @@ impl App {
         let keyring = Keyring::builder(kms, cmk, store)
             .build()
             .map_err(|e| e.to_string())?;
-        keyring.warm().await.map_err(|e| format!("cannot make the first data key: {e}"))?;
+        keyring
+            .warm()
+            .await
+            .map_err(|e| format!("cannot make the first data key: {e}"))?;
         Ok(App {
             inner: Arc::new(Inner {
                 pool,
@@ -291,7 +309,10 @@ impl App {
             .route("/customers", get(find_by_email).post(create))
             .route("/customers/{id}", get(read).put(replace).delete(remove))
             .route("/metrics", get(metrics))
-            .layer(axum::middleware::from_fn_with_state(self.clone(), with_keyring))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                with_keyring,
+            ))
             .with_state(self.clone())
     }
 }
@@ -324,9 +345,11 @@ fn internal(e: &sqlx::Error) -> ApiError {
     // Log the kind of failure, never a value: errors from envelope carry no plaintext.
     tracing::error!(error = %e, "database or encryption failure");
     let message = match envelope_sqlx::envelope_error(e) {
-        Some(envelope_core::Error::Kms(_) | envelope_core::Error::KmsTimeout { .. } | envelope_core::Error::WriteKeyUnavailable { .. }) => {
-            "the key service is unavailable; try again shortly"
-        }
+        Some(
+            envelope_core::Error::Kms(_)
+            | envelope_core::Error::KmsTimeout { .. }
+            | envelope_core::Error::WriteKeyUnavailable { .. },
+        ) => "the key service is unavailable; try again shortly",
         _ => "internal error",
     };
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, message.into())
@@ -352,7 +375,11 @@ impl CustomerInput {
             return Err(bad_request("`name` must be 1 to 200 characters"));
         }
         let email = self.email.trim();
-        if email.len() > 320 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+        if email.len() > 320
+            || !email.contains('@')
+            || email.starts_with('@')
+            || email.ends_with('@')
+        {
             return Err(bad_request("`email` must be an e-mail address"));
         }
         if self.phone.as_ref().is_some_and(|p| p.len() > 64) {
@@ -410,7 +437,10 @@ fn body(payload: Result<Json<CustomerInput>, JsonRejection>) -> Result<CustomerI
 fn email_index(email: &str) -> Result<BlindIndex<CustomerEmailIndex>, ApiError> {
     BlindIndex::of(email).map_err(|e| {
         tracing::error!(error = %e, "blind index");
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the key service is unavailable; try again shortly".into())
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the key service is unavailable; try again shortly".into(),
+        )
     })
 }
 
@@ -428,20 +458,35 @@ async fn create(
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.clone())
         .bind(input.name.trim().to_owned())
-        .bind(Encrypted::<String, CustomerEmail>::new(input.email.trim().to_owned()))
+        .bind(Encrypted::<String, CustomerEmail>::new(
+            input.email.trim().to_owned(),
+        ))
         .bind(email_index(&input.email)?)
         .bind(input.phone.map(Encrypted::<String, CustomerPhone>::new))
-        .bind(input.national_id.map(Encrypted::<String, CustomerNationalId>::new))
-        .bind(input.notes.map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))))
+        .bind(
+            input
+                .national_id
+                .map(Encrypted::<String, CustomerNationalId>::new),
+        )
+        .bind(
+            input
+                .notes
+                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
+        )
         .execute(&a.pool)
         .await
         .map_err(|e| internal(&e))?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id }))))
 }
 
-async fn read(State(app): State<App>, Path(id): Path<String>) -> Result<Json<CustomerOutput>, ApiError> {
+async fn read(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<CustomerOutput>, ApiError> {
     let a = &app.inner;
-    let sql = a.backend.sql(&format!("SELECT {COLUMNS} FROM {} WHERE id = ?", a.table));
+    let sql = a
+        .backend
+        .sql(&format!("SELECT {COLUMNS} FROM {} WHERE id = ?", a.table));
     let row: Option<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .fetch_optional(&a.pool)
@@ -465,7 +510,10 @@ async fn find_by_email(
         .filter(|e| !e.trim().is_empty())
         .ok_or_else(|| bad_request("the query parameter `email` is required"))?;
     let a = &app.inner;
-    let sql = a.backend.sql(&format!("SELECT {COLUMNS} FROM {} WHERE email_bidx = ?", a.table));
+    let sql = a.backend.sql(&format!(
+        "SELECT {COLUMNS} FROM {} WHERE email_bidx = ?",
+        a.table
+    ));
     let rows: Vec<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(email_index(&email)?)
         .fetch_all(&a.pool)
@@ -494,11 +542,28 @@ async fn replace(
     ));
     let done = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(input.name.trim().to_owned())
-        .bind(Encrypted::<String, CustomerEmail>::new(input.email.trim().to_owned()))
+        .bind(Encrypted::<String, CustomerEmail>::new(
+            input.email.trim().to_owned(),
+        ))
         .bind(email_index(&input.email)?)
-        .bind(input.phone.clone().map(Encrypted::<String, CustomerPhone>::new))
-        .bind(input.national_id.clone().map(Encrypted::<String, CustomerNationalId>::new))
-        .bind(input.notes.clone().map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))))
+        .bind(
+            input
+                .phone
+                .clone()
+                .map(Encrypted::<String, CustomerPhone>::new),
+        )
+        .bind(
+            input
+                .national_id
+                .clone()
+                .map(Encrypted::<String, CustomerNationalId>::new),
+        )
+        .bind(
+            input
+                .notes
+                .clone()
+                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
+        )
         .bind(id.clone())
         .execute(&a.pool)
         .await
@@ -511,7 +576,9 @@ async fn replace(
 
 async fn remove(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let a = &app.inner;
-    let sql = a.backend.sql(&format!("DELETE FROM {} WHERE id = ?", a.table));
+    let sql = a
+        .backend
+        .sql(&format!("DELETE FROM {} WHERE id = ?", a.table));
     let done = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .execute(&a.pool)
