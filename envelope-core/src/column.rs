@@ -1,6 +1,6 @@
 //! What the column types of envelope-sqlx and envelope-diesel share: the column markers, the
 //! conversion of field types to plaintext bytes, and sealing and opening through the keyring the
-//! [`crate::registry`] resolves.
+//! [`crate::current`] resolves.
 //!
 //! Declare a column once, then use it as the type parameter of `Encrypted<T, C>`:
 //!

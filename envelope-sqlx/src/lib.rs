@@ -2,26 +2,51 @@
 //!
 //! Encryption at rest as a type change for sqlx, on PostgreSQL, MySQL/MariaDB and SQLite:
 //!
-//! ```ignore
-//! use envelope_sqlx::{Encrypted, BlindIndex, column, blind_index};
+//! ```
+//! use std::sync::Arc;
+//! use envelope_core::{Keyring, LocalKms, KeyMaterial};
+//! use envelope_sqlx::{BlindIndex, Encrypted, SqlxKeyStore, blind_index, column};
 //!
 //! column!(pub CustomerEmail = "customers.email");
+//! column!(pub CustomerPhone = "customers.phone");
 //! blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);
 //!
 //! #[derive(sqlx::FromRow)]
 //! struct Customer {
-//!     id: i64,
 //!     name: String,
-//!     email: Encrypted<String, CustomerEmail>,          // BYTEA / BLOB
-//!     email_bidx: BlindIndex<CustomerEmailIndex>,       // BYTEA / BLOB, for WHERE
-//!     phone: Option<Encrypted<String, CustomerPhone>>,  // NULL stays NULL
+//!     email: Encrypted<String, CustomerEmail>,         // BYTEA / BLOB
+//!     phone: Option<Encrypted<String, CustomerPhone>>, // NULL stays NULL
 //! }
 //!
-//! sqlx::query("INSERT INTO customers (name, email, email_bidx) VALUES ($1, $2, $3)")
-//!     .bind(&name)
-//!     .bind(Encrypted::<String, CustomerEmail>::new(email.clone()))
-//!     .bind(BlindIndex::<CustomerEmailIndex>::of(&email)?)
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
+//! let pool = sqlx::SqlitePool::connect(&url).await?;
+//! let store = SqlxKeyStore::new(&pool)?; // its own connections to the same database
+//! store.create_table().await?;
+//! let kms = LocalKms::from_key(KeyMaterial::generate()?);
+//! let cmk = kms.cmk_id().to_owned();
+//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(store)).build()?;
+//! keyring.install_default();
+//!
+//! sqlx::query("CREATE TABLE customers (name TEXT, email BLOB, email_bidx BLOB, phone BLOB)")
 //!     .execute(&pool).await?;
+//! sqlx::query("INSERT INTO customers (name, email, email_bidx, phone) VALUES (?, ?, ?, ?)")
+//!     .bind("Alice")
+//!     .bind(Encrypted::<String, CustomerEmail>::new("alice@example.com".into()))
+//!     .bind(BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?)
+//!     .bind(None::<Encrypted<String, CustomerPhone>>)
+//!     .execute(&pool).await?;
+//!
+//! let probe = BlindIndex::<CustomerEmailIndex>::of("Alice@Example.COM")?;
+//! let found: Customer = sqlx::query_as("SELECT name, email, phone FROM customers WHERE email_bidx = ?")
+//!     .bind(&probe)
+//!     .fetch_one(&pool).await?;
+//! assert_eq!(*found.email, "alice@example.com");
+//! assert!(found.phone.is_none());
+//! # Keyring::uninstall_default();
+//! # Ok(()) }
 //! ```
 //!
 //! Values are sealed in `Encode` and opened in `Decode` with the keyring that

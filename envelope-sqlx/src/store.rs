@@ -30,6 +30,9 @@ pub const DEFAULT_TABLE: &str = "envelope_keys";
 /// runtime thread of its own ([`IoRuntime`]). A key-table query runs when a cache miss happens
 /// inside a synchronous `Decode` or `Encode`; if the connection belonged to the application's
 /// current-thread runtime, that runtime's only thread would be the one waiting for it.
+///
+/// Because it has connections of its own, an in-memory SQLite database (`sqlite::memory:`,
+/// private to each connection) cannot hold the key table: use a file.
 pub struct SqlxKeyStore<DB: Database> {
     pool: Pool<DB>,
     runtime: IoRuntime,
