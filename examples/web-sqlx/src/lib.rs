@@ -434,6 +434,32 @@ fn body(payload: Result<Json<CustomerInput>, JsonRejection>) -> Result<CustomerI
     Ok(input)
 }
 
+/// Bind the customer's fields in column order: name, email, email_bidx, phone, national_id,
+/// notes. Sealing happens here, in `Encode`.
+fn bind_fields(
+    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    input: CustomerInput,
+) -> Result<sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>, ApiError> {
+    let bidx = email_index(&input.email)?;
+    Ok(query
+        .bind(input.name.trim().to_owned())
+        .bind(Encrypted::<String, CustomerEmail>::new(
+            input.email.trim().to_owned(),
+        ))
+        .bind(bidx)
+        .bind(input.phone.map(Encrypted::<String, CustomerPhone>::new))
+        .bind(
+            input
+                .national_id
+                .map(Encrypted::<String, CustomerNationalId>::new),
+        )
+        .bind(
+            input
+                .notes
+                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
+        ))
+}
+
 fn email_index(email: &str) -> Result<BlindIndex<CustomerEmailIndex>, ApiError> {
     BlindIndex::of(email).map_err(|e| {
         tracing::error!(error = %e, "blind index");
@@ -455,24 +481,8 @@ async fn create(
         "INSERT INTO {} (id, name, email, email_bidx, phone, national_id, notes) VALUES (?, ?, ?, ?, ?, ?, ?)",
         a.table
     ));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id.clone())
-        .bind(input.name.trim().to_owned())
-        .bind(Encrypted::<String, CustomerEmail>::new(
-            input.email.trim().to_owned(),
-        ))
-        .bind(email_index(&input.email)?)
-        .bind(input.phone.map(Encrypted::<String, CustomerPhone>::new))
-        .bind(
-            input
-                .national_id
-                .map(Encrypted::<String, CustomerNationalId>::new),
-        )
-        .bind(
-            input
-                .notes
-                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
-        )
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.clone());
+    bind_fields(query, input)?
         .execute(&a.pool)
         .await
         .map_err(|e| internal(&e))?;
@@ -540,30 +550,7 @@ async fn replace(
         "UPDATE {} SET name = ?, email = ?, email_bidx = ?, phone = ?, national_id = ?, notes = ? WHERE id = ?",
         a.table
     ));
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(input.name.trim().to_owned())
-        .bind(Encrypted::<String, CustomerEmail>::new(
-            input.email.trim().to_owned(),
-        ))
-        .bind(email_index(&input.email)?)
-        .bind(
-            input
-                .phone
-                .clone()
-                .map(Encrypted::<String, CustomerPhone>::new),
-        )
-        .bind(
-            input
-                .national_id
-                .clone()
-                .map(Encrypted::<String, CustomerNationalId>::new),
-        )
-        .bind(
-            input
-                .notes
-                .clone()
-                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
-        )
+    let done = bind_fields(sqlx::query(sqlx::AssertSqlSafe(sql)), input)?
         .bind(id.clone())
         .execute(&a.pool)
         .await
