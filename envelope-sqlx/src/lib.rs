@@ -70,7 +70,7 @@ mod types;
 pub use envelope_core;
 pub use envelope_core::column::{Column, IndexColumn, Json, Plaintext};
 pub use envelope_core::{blind_index, column};
-pub use store::{DEFAULT_TABLE, SqlxKeyStore, ddl};
+pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
 pub use types::{BlindIndex, Encrypted, EncryptedText};
 
 /// The [`envelope_core::Error`] inside a sqlx error, if that is what failed.

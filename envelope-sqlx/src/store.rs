@@ -196,8 +196,56 @@ where
 const COLUMNS: &str =
     "id, kind, scope, provider, cmk_id, wrapped, kms_context, created_at, retired_at";
 
+/// The per-database part of a store that the generic helpers need.
+#[async_trait]
+pub trait CreateTable {
+    /// Create the key table and its index if they do not exist.
+    async fn ensure_table(&self) -> Result<(), StoreError>;
+}
+
+async fn open_store<DB: Database>(
+    url: &str,
+    table: &str,
+) -> Result<std::sync::Arc<dyn KeyStore>, envelope_core::Error>
+where
+    SqlxKeyStore<DB>: KeyStore + CreateTable,
+{
+    let store = SqlxKeyStore::<DB>::connect_lazy(url)?.with_table(table)?;
+    store.ensure_table().await?;
+    Ok(std::sync::Arc::new(store))
+}
+
+/// A key store for the database at `url`, chosen by its scheme (`sqlite:`, `postgres:` /
+/// `postgresql:`, `mysql:` / `mariadb:`), with its table created if needed. For applications
+/// that pick the database at run time (for example through `sqlx::Any`).
+///
+/// # Errors
+/// [`envelope_core::Error::Config`] for another scheme or a bad URL; a store error if the table
+/// cannot be created.
+pub async fn key_store_for_url(
+    url: &str,
+    table: &str,
+) -> Result<std::sync::Arc<dyn KeyStore>, envelope_core::Error> {
+    match url.split(':').next().unwrap_or("") {
+        "sqlite" => open_store::<sqlx::Sqlite>(url, table).await,
+        "postgres" | "postgresql" => open_store::<sqlx::Postgres>(url, table).await,
+        "mysql" | "mariadb" => open_store::<sqlx::MySql>(url, table).await,
+        other => Err(envelope_core::Error::Config(
+            format!("a key store URL starts with sqlite:, postgres: or mysql:, not {other:?}:")
+                .into(),
+        )),
+    }
+}
+
 macro_rules! sqlx_key_store {
     ($db:ty, $ddl:expr) => {
+        #[async_trait]
+        impl CreateTable for SqlxKeyStore<$db> {
+            async fn ensure_table(&self) -> Result<(), StoreError> {
+                self.create_table().await
+            }
+        }
+
         impl SqlxKeyStore<$db> {
             /// Create the key table and its index if they do not exist.
             ///

@@ -443,3 +443,23 @@ suite!(
     "BIGINT PRIMARY KEY",
     same_placeholders
 );
+
+#[tokio::test]
+async fn key_store_for_url_picks_the_database_by_scheme() {
+    let err = envelope_sqlx::key_store_for_url("oracle://db/x", "envelope_keys")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("k.db").display());
+    let store = envelope_sqlx::key_store_for_url(&url, "my_keys")
+        .await
+        .unwrap();
+    envelope_tests::store_contract::run(store.as_ref()).await;
+    assert!(
+        envelope_sqlx::key_store_for_url(&url, "bad name")
+            .await
+            .is_err()
+    );
+}

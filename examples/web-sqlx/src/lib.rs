@@ -25,8 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use envelope_core::kms::tencent::{TencentConfig, TencentKms};
-use envelope_core::{KeyStore, Keyring, KmsProvider, LocalKms, Normalizer};
-use envelope_sqlx::{BlindIndex, Encrypted, Json as JsonValue, SqlxKeyStore, blind_index, column};
+use envelope_core::{Keyring, KmsProvider, LocalKms, Normalizer};
+use envelope_sqlx::{BlindIndex, Encrypted, Json as JsonValue, blind_index, column};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 
@@ -231,35 +231,9 @@ impl App {
             ),
         };
         let url = &config.database_url;
-        let store: Arc<dyn KeyStore> = match backend {
-            Backend::Sqlite => {
-                let s = SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(url)
-                    .and_then(|s| s.with_table(&config.keys_table))
-                    .map_err(|e| e.to_string())?;
-                s.create_table()
-                    .await
-                    .map_err(|e| format!("key table: {e}"))?;
-                Arc::new(s)
-            }
-            Backend::Postgres => {
-                let s = SqlxKeyStore::<sqlx::Postgres>::connect_lazy(url)
-                    .and_then(|s| s.with_table(&config.keys_table))
-                    .map_err(|e| e.to_string())?;
-                s.create_table()
-                    .await
-                    .map_err(|e| format!("key table: {e}"))?;
-                Arc::new(s)
-            }
-            Backend::MySql => {
-                let s = SqlxKeyStore::<sqlx::MySql>::connect_lazy(url)
-                    .and_then(|s| s.with_table(&config.keys_table))
-                    .map_err(|e| e.to_string())?;
-                s.create_table()
-                    .await
-                    .map_err(|e| format!("key table: {e}"))?;
-                Arc::new(s)
-            }
-        };
+        let store = envelope_sqlx::key_store_for_url(url, &config.keys_table)
+            .await
+            .map_err(|e| format!("key table: {e}"))?;
         sqlx::any::install_default_drivers();
         let pool = sqlx::any::AnyPoolOptions::new()
             .max_connections(8)
