@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -109,7 +108,14 @@ struct StoredKey {
 
 struct CmkEntry {
     meta: StoredKey,
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
+}
+
+/// An AES-256-GCM key; `None` unless `material` is 32 bytes.
+fn cmk_cipher(material: &[u8]) -> Option<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, material)
+        .ok()
+        .map(LessSafeKey::new)
 }
 
 #[derive(Default)]
@@ -663,10 +669,9 @@ fn create_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
             "a key with this alias exists",
         ));
     }
-    let entry = CmkEntry {
-        cipher: Aes256Gcm::new((&*material).into()),
-        meta,
-    };
+    let cipher = cmk_cipher(&material[..])
+        .ok_or_else(|| api_error("InternalError", "the key could not be initialized"))?;
+    let entry = CmkEntry { cipher, meta };
     keys.insert(entry.meta.key_id.clone(), entry);
     persist(shared, &keys)?;
     Ok(response)
@@ -757,9 +762,13 @@ fn seal_blob(entry: &CmkEntry, context: &str, plaintext: &[u8]) -> Result<String
     let aad = blob_aad(&entry.meta.key_id, context);
     let tag = entry
         .cipher
-        .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[..]).into())
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut body,
+        )
         .map_err(|_| api_error("FailedOperation.EncryptionError", "encryption failed"))?;
-    body.extend_from_slice(&tag);
+    body.extend_from_slice(tag.as_ref());
     Ok(format!(
         "{}{BLOB_SEPARATOR}{}{BLOB_SEPARATOR}{}",
         STANDARD.encode(head),
@@ -802,17 +811,18 @@ fn open_blob(
     let id_end = head[..36].iter().position(|&b| b == 0).unwrap_or(36);
     let key_id = std::str::from_utf8(&head[..id_end]).map_err(|_| invalid_ciphertext())?;
     let entry = usable(keys, key_id)?;
-    let nonce = Nonce::try_from(&head[36..48]).map_err(|_| invalid_ciphertext())?;
+    let nonce =
+        Nonce::try_assume_unique_for_key(&head[36..48]).map_err(|_| invalid_ciphertext())?;
     let (ct, tag) = body.split_at(body.len() - 16);
-    let tag = Tag::try_from(tag).map_err(|_| invalid_ciphertext())?;
-    let mut plaintext = Zeroizing::new(ct.to_vec());
+    let mut plaintext = Zeroizing::new(vec![0u8; ct.len()]);
     entry
         .cipher
-        .decrypt_inout_detached(
-            &nonce,
-            &blob_aad(key_id, context),
-            (&mut plaintext[..]).into(),
-            &tag,
+        .open_separate_gather(
+            nonce,
+            Aad::from(&blob_aad(key_id, context)),
+            ct,
+            tag,
+            &mut plaintext[..],
         )
         .map_err(|_| invalid_ciphertext())?;
     Ok((entry.meta.key_id.clone(), plaintext))
@@ -958,8 +968,8 @@ fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, String> {
             Zeroizing::new(STANDARD.decode(&meta.material).map_err(|_| {
                 format!("{}: key {} has bad material", path.display(), meta.key_id)
             })?);
-        let cipher = Aes256Gcm::new_from_slice(&material)
-            .map_err(|_| format!("{}: key {} has bad material", path.display(), meta.key_id))?;
+        let cipher = cmk_cipher(&material)
+            .ok_or_else(|| format!("{}: key {} has bad material", path.display(), meta.key_id))?;
         keys.insert(meta.key_id.clone(), CmkEntry { meta, cipher });
     }
     Ok(keys)

@@ -1,31 +1,40 @@
-//! AES-256-GCM sealing and opening of v1 values. The only module that touches `aes_gcm`.
+//! AES-256-GCM sealing and opening of v1 values, and the local KMS's key wrapping. The only
+//! module that touches the AEAD implementation (aws-lc-rs: see BENCHMARKS.md for why).
 
 use std::fmt;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use rand::Rng as _;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
-use crate::format::{self, Envelope, NONCE_LEN};
+use crate::format::{self, Envelope, NONCE_LEN, TAG_LEN};
 use crate::keys::{KeyId, KeyMaterial, Label};
 
+/// Expand a 32-byte key into an AES-256-GCM context. aws-lc allocates the context with
+/// `OPENSSL_malloc`, and `OPENSSL_free` wipes it, so the key schedule is zeroized on drop.
+fn aead_key(material: &[u8]) -> Result<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, material)
+        .map(LessSafeKey::new)
+        .map_err(|_| Error::Crypto("AES-256-GCM refused a 32-byte key"))
+}
+
 /// An opened data key: the initialized cipher (key schedule already expanded) and its id.
-///
-/// The cipher wipes its key schedule on drop (aes-gcm's `zeroize` feature); the raw key bytes
-/// are never kept.
+/// The raw key bytes are never kept.
 pub(crate) struct DataCipher {
     id: KeyId,
-    aead: Aes256Gcm,
+    aead: LessSafeKey,
 }
 
 impl DataCipher {
-    pub(crate) fn new(id: KeyId, material: &KeyMaterial) -> Self {
-        DataCipher {
+    /// # Errors
+    /// [`Error::Crypto`] if the AES implementation refuses the key, which only a broken build
+    /// can cause.
+    pub(crate) fn new(id: KeyId, material: &KeyMaterial) -> Result<Self> {
+        Ok(DataCipher {
             id,
-            aead: Aes256Gcm::new(material.expose().into()),
-        }
+            aead: aead_key(material.expose())?,
+        })
     }
 
     pub(crate) fn id(&self) -> KeyId {
@@ -60,33 +69,46 @@ impl DataCipher {
         let body = out.len();
         out.extend_from_slice(plaintext);
         let (header, buffer) = out.split_at_mut(body);
-        let tag = format::with_aad(header, label, |aad| {
-            self.aead
-                .encrypt_inout_detached(&Nonce::from(*nonce), aad, buffer.into())
-        })
-        // Only possible past GCM's 2^36-byte limit, far above MAX_PLAINTEXT_LEN.
-        .map_err(|_| Error::PlaintextTooLarge {
-            len: plaintext.len(),
-            max: format::MAX_PLAINTEXT_LEN,
-        })?;
-        out.extend_from_slice(&tag);
-        Ok(out)
+        let sealed = format::with_aad(header, label, |aad| {
+            self.aead.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                buffer,
+            )
+        });
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(out)
+            }
+            Err(_) => {
+                // Only possible past GCM's 2^36-byte limit, far above MAX_PLAINTEXT_LEN.
+                out.zeroize();
+                Err(Error::Crypto("AES-256-GCM refused to seal a value"))
+            }
+        }
     }
 
     /// Open a parsed value. The caller has checked that the value's key id is this key's.
     pub(crate) fn open(&self, envelope: &Envelope<'_>, label: &Label) -> Result<Vec<u8>> {
         debug_assert_eq!(envelope.key_id(), self.id);
-        let mut buf = envelope.ciphertext().to_vec();
-        let nonce = Nonce::try_from(envelope.nonce()).map_err(|_| Error::Decrypt)?;
-        let tag = Tag::from(*envelope.tag());
+        let nonce =
+            Nonce::try_assume_unique_for_key(envelope.nonce()).map_err(|_| Error::Decrypt)?;
+        // Decrypt straight from the stored bytes into the output: one pass, one allocation.
+        let mut out = vec![0u8; envelope.ciphertext().len()];
         let result = format::with_aad(envelope.header(), label, |aad| {
-            self.aead
-                .decrypt_inout_detached(&nonce, aad, (&mut buf[..]).into(), &tag)
+            self.aead.open_separate_gather(
+                nonce,
+                Aad::from(aad),
+                envelope.ciphertext(),
+                envelope.tag(),
+                &mut out,
+            )
         });
         match result {
-            Ok(()) => Ok(buf),
+            Ok(()) => Ok(out),
             Err(_) => {
-                buf.zeroize();
+                out.zeroize();
                 Err(Error::Decrypt)
             }
         }
@@ -96,31 +118,35 @@ impl DataCipher {
 /// A key-wrapping cipher for the local KMS: AES-256-GCM over a 32-byte key.
 ///
 /// Wrapped form: `0x01 || nonce (12) || ciphertext (32) || tag (16)`, 61 bytes.
-pub(crate) struct WrapCipher(Aes256Gcm);
+///
+/// It keeps the master key bytes (zeroized on drop) and expands them per call: wrapping runs once
+/// per data key, so the ~100 ns of key setup is noise, and construction cannot fail.
+pub(crate) struct WrapCipher(Zeroizing<Box<[u8]>>);
 
 impl WrapCipher {
-    pub(crate) const WRAPPED_LEN: usize = 1 + NONCE_LEN + KeyMaterial::LEN + 16;
+    pub(crate) const WRAPPED_LEN: usize = 1 + NONCE_LEN + KeyMaterial::LEN + TAG_LEN;
 
     pub(crate) fn new(master: &KeyMaterial) -> Self {
-        WrapCipher(Aes256Gcm::new(master.expose().into()))
+        WrapCipher(Zeroizing::new(Box::from(&master.expose()[..])))
     }
 
     /// `None` only if GCM refuses the input, which 32 bytes never trigger.
     pub(crate) fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Option<Vec<u8>> {
+        let aead = aead_key(&self.0[..]).ok()?;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let mut out = Vec::with_capacity(Self::WRAPPED_LEN);
         out.push(1);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(key.expose());
-        let tag = self.0.encrypt_inout_detached(
-            &Nonce::from(nonce),
-            aad,
-            (&mut out[1 + NONCE_LEN..]).into(),
+        let tag = aead.seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[1 + NONCE_LEN..],
         );
         match tag {
             Ok(tag) => {
-                out.extend_from_slice(&tag);
+                out.extend_from_slice(tag.as_ref());
                 Some(out)
             }
             Err(_) => {
@@ -136,12 +162,11 @@ impl WrapCipher {
         if wrapped.len() != Self::WRAPPED_LEN || wrapped[0] != 1 {
             return None;
         }
-        let nonce = Nonce::try_from(&wrapped[1..1 + NONCE_LEN]).ok()?;
-        let tag = Tag::try_from(&wrapped[1 + NONCE_LEN + KeyMaterial::LEN..]).ok()?;
-        let mut key = zeroize::Zeroizing::new([0u8; KeyMaterial::LEN]);
-        key.copy_from_slice(&wrapped[1 + NONCE_LEN..1 + NONCE_LEN + KeyMaterial::LEN]);
-        self.0
-            .decrypt_inout_detached(&nonce, aad, (&mut key[..]).into(), &tag)
+        let aead = aead_key(&self.0[..]).ok()?;
+        let nonce = Nonce::try_assume_unique_for_key(&wrapped[1..1 + NONCE_LEN]).ok()?;
+        let (ciphertext, tag) = wrapped[1 + NONCE_LEN..].split_at(KeyMaterial::LEN);
+        let mut key = Zeroizing::new([0u8; KeyMaterial::LEN]);
+        aead.open_separate_gather(nonce, Aad::from(aad), ciphertext, tag, &mut key[..])
             .ok()?;
         KeyMaterial::from_slice(&key[..]).ok()
     }
@@ -164,6 +189,7 @@ mod tests {
             KeyId::from_bytes([byte; 16]),
             &KeyMaterial::from_slice(&[byte; 32]).unwrap(),
         )
+        .unwrap()
     }
 
     #[test]
@@ -198,7 +224,7 @@ mod tests {
             c.open(&env, &Label::new("users.email").unwrap()),
             Err(Error::Decrypt)
         ));
-        let other = DataCipher::new(c.id(), &KeyMaterial::from_slice(&[2; 32]).unwrap());
+        let other = DataCipher::new(c.id(), &KeyMaterial::from_slice(&[2; 32]).unwrap()).unwrap();
         assert!(matches!(
             other.open(&env, &Label::new("users.ssn").unwrap()),
             Err(Error::Decrypt)

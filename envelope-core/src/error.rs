@@ -129,6 +129,13 @@ pub enum Error {
     #[error("configuration error: {0}")]
     Config(Cow<'static, str>),
 
+    /// The AES-GCM implementation failed where it cannot fail on valid input: a broken build or
+    /// a failed self-test of the crypto library, never a property of the data.
+    #[error(
+        "the AES-256-GCM implementation failed: {0} (a broken build of aws-lc-rs; rebuild, and report it if it persists)"
+    )]
+    Crypto(&'static str),
+
     /// A local file (such as the local KMS master key) could not be read or written.
     #[error("{path}: {message}")]
     Io {
@@ -158,6 +165,7 @@ impl Error {
             Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
             Error::PlaintextType { .. } => "PlaintextType",
             Error::Config(_) => "Config",
+            Error::Crypto(_) => "Crypto",
             Error::Io { .. } => "Io",
         }
     }

@@ -108,11 +108,11 @@ pub(crate) enum OpenedKey {
 }
 
 impl OpenedKey {
-    fn new(kind: KeyKind, id: KeyId, material: &KeyMaterial) -> Self {
-        match kind {
-            KeyKind::Data => OpenedKey::Data(DataCipher::new(id, material)),
+    fn new(kind: KeyKind, id: KeyId, material: &KeyMaterial) -> Result<Self> {
+        Ok(match kind {
+            KeyKind::Data => OpenedKey::Data(DataCipher::new(id, material)?),
             KeyKind::Index => OpenedKey::Index(IndexKey::new(id, material)),
-        }
+        })
     }
 
     fn id(&self) -> KeyId {
@@ -1029,9 +1029,9 @@ impl Inner {
             created_at: SystemTime::now(),
             retired_at: None,
         };
+        let key = Arc::new(OpenedKey::new(kind, id, &generated.plaintext)?);
         // Persist before first use: a value must never exist under a key the table lacks.
         self.store.insert(&record).await?;
-        let key = Arc::new(OpenedKey::new(kind, id, &generated.plaintext));
         self.cache.insert(id, key.clone());
         Ok((record, key))
     }
@@ -1082,7 +1082,7 @@ impl Inner {
             )
             .await?;
         tracing::debug!(target: "envelope::keyring", key_id = %id, kind = %record.kind, "loaded key");
-        Ok(Arc::new(OpenedKey::new(record.kind, id, &material)))
+        Ok(Arc::new(OpenedKey::new(record.kind, id, &material)?))
     }
 
     /// The opened key for `id`, from the cache or loaded once for all concurrent callers.

@@ -54,7 +54,8 @@ fn seal(dek: &[u8; 32], label: &str, nonce: &[u8; 12], pt: &[u8]) -> Vec<u8> {
     let cipher = DataCipher::new(
         KeyId::from_bytes(KEY_ID),
         &KeyMaterial::from_slice(dek).unwrap_or_else(|_| unreachable!()),
-    );
+    )
+    .unwrap_or_else(|_| unreachable!());
     let label = Label::new(label.to_owned()).unwrap_or_else(|_| unreachable!());
     cipher
         .seal_with_nonce(&label, nonce, pt)
@@ -346,7 +347,7 @@ fn evaluate(v: &Vector) -> Result<Vec<u8>> {
     };
     let envelope = format::parse(&bytes)?;
     let dek = hex::decode(&v.dek).map_err(|_| Error::Config("bad hex".into()))?;
-    let cipher = DataCipher::new(envelope.key_id(), &KeyMaterial::from_slice(&dek)?);
+    let cipher = DataCipher::new(envelope.key_id(), &KeyMaterial::from_slice(&dek)?)?;
     cipher.open(&envelope, &Label::new(v.context.clone())?)
 }
 

@@ -1,24 +1,50 @@
 // A benchmark: a failed setup should panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! 100,000 rows with one 64-byte column, inserted (multi-row VALUES, batches of 1,000) and read
-//! back on PostgreSQL: once as plaintext BYTEA, once as `Encrypted<Vec<u8>, C>`, alternating for
-//! several rounds in one run. Prints the median per-round ratio encrypted / plaintext.
+//! 100,000 rows with one 64-byte column, inserted (multi-row VALUES, batches of 1,000, one
+//! connection) and read back (`query_as` into a tuple, as `#[derive(FromRow)]` code does) on
+//! PostgreSQL, three ways, interleaved for several rounds in one run:
 //!
-//! `ENVELOPE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench -p envelope-sqlx`
-//! (`-- --quick` for fewer rows and rounds).
+//! - plaintext: the 64 bytes in a `BYTEA` column (the target's baseline);
+//! - sealed bytes: the same rows already sealed (111 bytes each) written and read as plain
+//!   `BYTEA`, no cryptography timed: what the format's size alone costs;
+//! - encrypted: `Encrypted<Vec<u8>, C>`, sealed on bind and opened on decode.
+//!
+//! Prints per-row times and the median per-round ratios against plaintext.
+//!
+//! `ENVELOPE_TEST_POSTGRES_URL="postgres://postgres@localhost/test?host=/var/run/postgresql"
+//! cargo bench -p envelope-sqlx --bench rows` (`-- --quick` for fewer rows and rounds).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use envelope_core::{KeyMaterial, Keyring, LocalKms};
 use envelope_sqlx::{Encrypted, SqlxKeyStore, column};
-use sqlx::{PgPool, QueryBuilder, Row};
+use sqlx::{PgPool, QueryBuilder};
 
 column!(Payload = "bench.payload");
 
 const BATCH: usize = 1_000;
 
-async fn insert_plain(pool: &PgPool, table: &str, rows: &[Vec<u8>]) {
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Plain,
+    SealedBytes,
+    Encrypted,
+}
+
+impl Side {
+    const ALL: [Side; 3] = [Side::Plain, Side::SealedBytes, Side::Encrypted];
+
+    fn name(self) -> &'static str {
+        match self {
+            Side::Plain => "plaintext BYTEA",
+            Side::SealedBytes => "sealed bytes, no crypto",
+            Side::Encrypted => "Encrypted<Vec<u8>, C>",
+        }
+    }
+}
+
+async fn insert_bytes(pool: &PgPool, table: &str, rows: &[Vec<u8>]) {
     for (b, chunk) in rows.chunks(BATCH).enumerate() {
         let mut q = QueryBuilder::new(format!("INSERT INTO {table} (id, v) "));
         q.push_values(chunk.iter().enumerate(), |mut r, (i, v)| {
@@ -39,27 +65,36 @@ async fn insert_encrypted(pool: &PgPool, table: &str, rows: &[Vec<u8>]) {
     }
 }
 
-async fn select_plain(pool: &PgPool, table: &str) -> usize {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id, v FROM {table}")))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    rows.iter().map(|r| r.get::<Vec<u8>, _>(1).len()).sum()
+async fn select_bytes(pool: &PgPool, table: &str) -> usize {
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, v FROM {table}")))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.len()
 }
 
 async fn select_encrypted(pool: &PgPool, table: &str) -> usize {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id, v FROM {table}")))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    rows.iter()
-        .map(|r| r.get::<Encrypted<Vec<u8>, Payload>, _>(1).len())
-        .sum()
+    let rows: Vec<(i64, Encrypted<Vec<u8>, Payload>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, v FROM {table}")))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert!(rows.iter().all(|(_, v)| v.len() == 64));
+    rows.len()
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+#[derive(Default)]
+struct Samples {
+    insert: Vec<f64>,
+    select: Vec<f64>,
+    total: Vec<f64>,
 }
 
 fn main() {
@@ -68,21 +103,28 @@ fn main() {
         println!("SKIPPED: set ENVELOPE_TEST_POSTGRES_URL to run the PostgreSQL row benchmark");
         return;
     };
-    let (n, rounds) = if quick { (20_000, 3) } else { (100_000, 5) };
+    let (n, rounds) = if quick { (20_000, 3) } else { (100_000, 11) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let pool = PgPool::connect(&url).await.unwrap();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
         let tag = &envelope_core::KeyId::random().unwrap().to_hex()[..10];
-        let (plain, enc, keys) = (format!("bench_plain_{tag}"), format!("bench_enc_{tag}"), format!("bench_keys_{tag}"));
-        for t in [&plain, &enc] {
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BYTEA NOT NULL)")))
-                .execute(&pool)
-                .await
-                .unwrap();
+        let tables = Side::ALL.map(|s| format!("bench_{}_{tag}", s as u8));
+        let keys = format!("bench_keys_{tag}");
+        for t in &tables {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BYTEA NOT NULL)"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
         }
         let store = Arc::new(SqlxKeyStore::new(&pool).unwrap().with_table(&keys).unwrap());
         store.create_table().await.unwrap();
@@ -91,46 +133,83 @@ fn main() {
         let keyring = Keyring::builder(Arc::new(kms), cmk, store).build().unwrap();
         keyring.warm().await.unwrap();
         let values: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:064}").into_bytes()).collect();
+        let sealed: Vec<Vec<u8>> = keyring
+            .scope(async {
+                values
+                    .iter()
+                    .map(|v| envelope_core::column::seal::<Vec<u8>, Payload>(v).unwrap())
+                    .collect()
+            })
+            .await;
 
-        let mut ratios = Vec::new();
-        let (mut plain_t, mut enc_t) = (Vec::new(), Vec::new());
+        let mut samples: [Samples; 3] = Default::default();
         for round in 0..rounds {
-            for t in [&plain, &enc] {
-                sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {t}"))).execute(&pool).await.unwrap();
+            for t in &tables {
+                sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {t}")))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
             }
-            // Alternate which side goes first, so neither always runs on a colder server.
-            let mut p = 0.0;
-            let mut e = 0.0;
-            for side in [round % 2, 1 - round % 2] {
+            // Alternate the order, so no side always runs on a colder or warmer server.
+            let mut order = Side::ALL;
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
+                let table = &tables[side as usize];
                 let start = Instant::now();
-                if side == 0 {
-                    insert_plain(&pool, &plain, &values).await;
-                    assert_eq!(select_plain(&pool, &plain).await, n * 64);
-                    p = start.elapsed().as_secs_f64();
-                } else {
-                    keyring
-                        .scope(async {
-                            insert_encrypted(&pool, &enc, &values).await;
-                            assert_eq!(select_encrypted(&pool, &enc).await, n * 64);
-                        })
-                        .await;
-                    e = start.elapsed().as_secs_f64();
+                match side {
+                    Side::Plain => insert_bytes(&pool, table, &values).await,
+                    Side::SealedBytes => insert_bytes(&pool, table, &sealed).await,
+                    Side::Encrypted => {
+                        keyring.scope(insert_encrypted(&pool, table, &values)).await
+                    }
                 }
+                let inserted = start.elapsed().as_secs_f64();
+                let start = Instant::now();
+                let read = match side {
+                    Side::Encrypted => keyring.scope(select_encrypted(&pool, table)).await,
+                    _ => select_bytes(&pool, table).await,
+                };
+                let selected = start.elapsed().as_secs_f64();
+                assert_eq!(read, n);
+                let s = &mut samples[side as usize];
+                s.insert.push(inserted);
+                s.select.push(selected);
+                s.total.push(inserted + selected);
             }
-            ratios.push(e / p);
-            plain_t.push(p);
-            enc_t.push(e);
         }
-        let p = median(&mut plain_t);
-        let e = median(&mut enc_t);
-        println!("PostgreSQL, {n} rows of 64 bytes, insert (batches of {BATCH}) + select, median of {rounds} rounds");
-        println!("  plaintext BYTEA: {:>8.0} rows/s", n as f64 / p);
-        println!("  Encrypted<..>:   {:>8.0} rows/s", n as f64 / e);
-        println!("  ratio (median per round, encrypted / plaintext): {:.3}x", median(&mut ratios));
+
+        println!(
+            "PostgreSQL, {n} rows of 64 bytes, insert (batches of {BATCH}) + select, one connection, {rounds} rounds"
+        );
+        println!(
+            "{:>24} {:>11} {:>11} {:>11} {:>10}",
+            "", "insert", "select", "total", "ratio"
+        );
+        let us = |v: &[f64]| median(v) * 1e6 / n as f64;
+        let plain = &samples[Side::Plain as usize];
+        for side in Side::ALL {
+            let s = &samples[side as usize];
+            // Each round's time against the plaintext time of the same round; the median of those.
+            let ratios: Vec<f64> = s.total.iter().zip(&plain.total).map(|(a, b)| a / b).collect();
+            println!(
+                "{:>24} {:>8.3} µs {:>8.3} µs {:>8.3} µs {:>9.3}x",
+                side.name(),
+                us(&s.insert),
+                us(&s.select),
+                us(&s.total),
+                median(&ratios)
+            );
+        }
+        println!("(µs per row, medians; ratio = median per-round total / plaintext total)");
         let m = keyring.metrics();
-        println!("  KMS calls: {} (cache hits {})", m.kms_calls, m.cache_hits);
-        for t in [&plain, &enc, &keys] {
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {t}"))).execute(&pool).await.unwrap();
+        println!("KMS calls: {} (cache hits {})", m.kms_calls, m.cache_hits);
+        for t in tables.iter().chain([&keys]) {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {t}")))
+                .execute(&pool)
+                .await
+                .unwrap();
         }
     });
 }

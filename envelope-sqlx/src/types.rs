@@ -157,9 +157,28 @@ where
 /// value (see [`envelope_core::blind`]). Compute it when writing the row, and compute the probe
 /// the same way for `WHERE email_bidx = $1`:
 ///
-/// ```ignore
-/// let probe = BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?;
-/// sqlx::query("SELECT ... WHERE email_bidx = $1").bind(&probe)
+/// ```
+/// # use std::sync::Arc;
+/// # use envelope_core::{Keyring, LocalKms, KeyMaterial, MemoryKeyStore};
+/// use envelope_sqlx::{BlindIndex, blind_index};
+///
+/// blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let kms = LocalKms::from_key(KeyMaterial::generate()?);
+/// # let cmk = kms.cmk_id().to_owned();
+/// # let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+/// keyring.scope(async {
+///     let probe = BlindIndex::<CustomerEmailIndex>::of("Alice@Example.com")?;
+///     // CaseFolded: the probe for any spelling matches what was stored for the value.
+///     assert_eq!(probe, BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?);
+///     let _query = sqlx::query::<sqlx::Postgres>("SELECT name FROM customers WHERE email_bidx = $1")
+///         .bind(&probe);
+///     Ok::<_, envelope_core::Error>(())
+/// })
+/// .await?;
+/// # Ok(()) }
 /// ```
 pub struct BlindIndex<I> {
     digest: Vec<u8>,
