@@ -7,6 +7,9 @@
 //! - plaintext: the 64 bytes in a `BYTEA` column (the target's baseline);
 //! - sealed bytes: the same rows already sealed (111 bytes each) written and read as plain
 //!   `BYTEA`, no cryptography timed: what the format's size alone costs;
+//! - hand-rolled AES-GCM: the application seals each value with aws-lc-rs itself (same output
+//!   size, same AAD length, a cached key, no keyring) before binding, and opens each after
+//!   reading: the cost of the cipher alone, a floor for any per-value AES-GCM scheme;
 //! - encrypted: `Encrypted<Vec<u8>, C>`, sealed on bind and opened on decode.
 //!
 //! Prints per-row times and the median per-round ratios against plaintext.
@@ -17,8 +20,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use envelope_core::{KeyMaterial, Keyring, LocalKms};
 use envelope_sqlx::{Encrypted, SqlxKeyStore, column};
+use rand::Rng as _;
 use sqlx::{PgPool, QueryBuilder};
 
 column!(Payload = "bench.payload");
@@ -29,19 +34,92 @@ const BATCH: usize = 1_000;
 enum Side {
     Plain,
     SealedBytes,
+    HandRolled,
     Encrypted,
 }
 
 impl Side {
-    const ALL: [Side; 3] = [Side::Plain, Side::SealedBytes, Side::Encrypted];
+    const ALL: [Side; 4] = [
+        Side::Plain,
+        Side::SealedBytes,
+        Side::HandRolled,
+        Side::Encrypted,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Side::Plain => "plaintext BYTEA",
             Side::SealedBytes => "sealed bytes, no crypto",
+            Side::HandRolled => "hand-rolled AES-GCM",
             Side::Encrypted => "Encrypted<Vec<u8>, C>",
         }
     }
+}
+
+/// What an application would write without envelope: AES-256-GCM with a cached key, laid out
+/// like a v1 value (a 30-byte header holding the nonce, a length byte, ciphertext, tag) so the
+/// rows are the same size and the AAD the same length.
+struct HandRolled(LessSafeKey);
+
+const AAD_LEN: usize = 30 + "bench.payload".len();
+
+impl HandRolled {
+    fn seal(&self, pt: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(31 + pt.len() + 16);
+        out.extend_from_slice(&[1, 1]);
+        out.extend_from_slice(&[0; 16]);
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        out.extend_from_slice(&nonce);
+        out.push(pt.len() as u8);
+        out.extend_from_slice(pt);
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from([0u8; AAD_LEN]),
+                &mut out[31..],
+            )
+            .unwrap();
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    fn open(&self, stored: &[u8]) -> Vec<u8> {
+        let (ct, tag) = stored[31..].split_at(stored.len() - 31 - 16);
+        let mut out = vec![0u8; ct.len()];
+        self.0
+            .open_separate_gather(
+                Nonce::try_assume_unique_for_key(&stored[18..30]).unwrap(),
+                Aad::from([0u8; AAD_LEN]),
+                ct,
+                tag,
+                &mut out,
+            )
+            .unwrap();
+        out
+    }
+}
+
+async fn insert_hand_rolled(pool: &PgPool, table: &str, rows: &[Vec<u8>], key: &HandRolled) {
+    for (b, chunk) in rows.chunks(BATCH).enumerate() {
+        let mut q = QueryBuilder::new(format!("INSERT INTO {table} (id, v) "));
+        q.push_values(chunk.iter().enumerate(), |mut r, (i, v)| {
+            r.push_bind((b * BATCH + i) as i64).push_bind(key.seal(v));
+        });
+        q.build().execute(pool).await.unwrap();
+    }
+}
+
+async fn select_hand_rolled(pool: &PgPool, table: &str, key: &HandRolled) -> usize {
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, v FROM {table}")))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let opened: Vec<(i64, Vec<u8>)> = rows.into_iter().map(|(i, v)| (i, key.open(&v))).collect();
+    assert!(opened.iter().all(|(_, v)| v.len() == 64));
+    opened.len()
 }
 
 async fn insert_bytes(pool: &PgPool, table: &str, rows: &[Vec<u8>]) {
@@ -142,7 +220,12 @@ fn main() {
             })
             .await;
 
-        let mut samples: [Samples; 3] = Default::default();
+        let material = KeyMaterial::generate().unwrap();
+        let hand = HandRolled(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, material.expose()).unwrap(),
+        ));
+
+        let mut samples: [Samples; 4] = Default::default();
         for round in 0..rounds {
             for t in &tables {
                 sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {t}")))
@@ -161,6 +244,7 @@ fn main() {
                 match side {
                     Side::Plain => insert_bytes(&pool, table, &values).await,
                     Side::SealedBytes => insert_bytes(&pool, table, &sealed).await,
+                    Side::HandRolled => insert_hand_rolled(&pool, table, &values, &hand).await,
                     Side::Encrypted => {
                         keyring.scope(insert_encrypted(&pool, table, &values)).await
                     }
@@ -169,7 +253,8 @@ fn main() {
                 let start = Instant::now();
                 let read = match side {
                     Side::Encrypted => keyring.scope(select_encrypted(&pool, table)).await,
-                    _ => select_bytes(&pool, table).await,
+                    Side::HandRolled => select_hand_rolled(&pool, table, &hand).await,
+                    Side::Plain | Side::SealedBytes => select_bytes(&pool, table).await,
                 };
                 let selected = start.elapsed().as_secs_f64();
                 assert_eq!(read, n);
