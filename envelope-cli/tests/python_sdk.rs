@@ -16,7 +16,10 @@ fn python(test: &str) -> Option<String> {
     match std::env::var("ENVELOPE_TEST_PYTHON") {
         Ok(p) => Some(p),
         Err(_) => {
-            eprintln!(
+            // Past the harness's output capture, so `cargo test` shows it.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
                 "SKIPPED {test}: set ENVELOPE_TEST_PYTHON to a Python with tencentcloud-sdk-python-kms (bash .ci/run does)"
             );
             None

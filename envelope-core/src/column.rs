@@ -67,6 +67,135 @@ macro_rules! blind_index {
     };
 }
 
+/// The impls every column wrapper of envelope-sqlx and envelope-diesel shares, for a struct
+/// `$ty<T, C> { value: T, column: PhantomData<fn() -> C> }`: `new`, `into_inner`, `From<T>`,
+/// `Deref`/`DerefMut` to `T`, `Clone`, `PartialEq`, `Eq`, and a `Debug` that never shows the
+/// value. Not a public API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __column_wrapper {
+    ($ty:ident) => {
+        impl<T, C> $ty<T, C> {
+            /// Wrap a value.
+            pub fn new(value: T) -> Self {
+                $ty {
+                    value,
+                    column: ::core::marker::PhantomData,
+                }
+            }
+
+            /// The value.
+            pub fn into_inner(self) -> T {
+                self.value
+            }
+        }
+
+        impl<T, C> ::core::convert::From<T> for $ty<T, C> {
+            fn from(value: T) -> Self {
+                Self::new(value)
+            }
+        }
+
+        impl<T, C> ::core::ops::Deref for $ty<T, C> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.value
+            }
+        }
+
+        impl<T, C> ::core::ops::DerefMut for $ty<T, C> {
+            fn deref_mut(&mut self) -> &mut T {
+                &mut self.value
+            }
+        }
+
+        impl<T: ::core::clone::Clone, C> ::core::clone::Clone for $ty<T, C> {
+            fn clone(&self) -> Self {
+                Self::new(self.value.clone())
+            }
+        }
+
+        impl<T: ::core::cmp::PartialEq, C> ::core::cmp::PartialEq for $ty<T, C> {
+            fn eq(&self, other: &Self) -> bool {
+                self.value == other.value
+            }
+        }
+
+        impl<T: ::core::cmp::Eq, C> ::core::cmp::Eq for $ty<T, C> {}
+
+        impl<T, C: $crate::column::Column> ::core::fmt::Debug for $ty<T, C> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                ::core::write!(
+                    f,
+                    "{}<{}>(<redacted>)",
+                    ::core::stringify!($ty),
+                    <C as $crate::column::Column>::LABEL
+                )
+            }
+        }
+    };
+}
+
+/// The impls the `BlindIndex<I>` of envelope-sqlx and envelope-diesel share, for a struct
+/// `$ty<I> { digest: Vec<u8>, index: PhantomData<fn() -> I> }`: `of`, `as_bytes`, `Clone`,
+/// `PartialEq`, `Eq`, and a redacted `Debug`. Not a public API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __blind_index_wrapper {
+    ($ty:ident) => {
+        impl<I: $crate::column::IndexColumn> $ty<I> {
+            /// The index of `value` under the current keyring's index key for `I`.
+            ///
+            /// # Errors
+            /// [`envelope_core::Error::NoKeyring`], or a KMS or key-store error while the index
+            /// key is first loaded or created.
+            pub fn of(
+                value: impl ::core::convert::AsRef<[u8]>,
+            ) -> ::core::result::Result<Self, $crate::Error> {
+                ::core::result::Result::Ok($ty {
+                    digest: $crate::column::blind_index::<I>(value.as_ref())?,
+                    index: ::core::marker::PhantomData,
+                })
+            }
+
+            /// The stored bytes.
+            pub fn as_bytes(&self) -> &[u8] {
+                &self.digest
+            }
+        }
+
+        impl<I> ::core::clone::Clone for $ty<I> {
+            fn clone(&self) -> Self {
+                $ty {
+                    digest: self.digest.clone(),
+                    index: ::core::marker::PhantomData,
+                }
+            }
+        }
+
+        impl<I> ::core::cmp::PartialEq for $ty<I> {
+            fn eq(&self, other: &Self) -> bool {
+                self.digest == other.digest
+            }
+        }
+
+        impl<I> ::core::cmp::Eq for $ty<I> {}
+
+        impl<I: $crate::column::IndexColumn> ::core::fmt::Debug for $ty<I> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                // Not secret in itself, but equal digests reveal equal values: keep them out of
+                // logs.
+                ::core::write!(
+                    f,
+                    "{}<{}>(<redacted>)",
+                    ::core::stringify!($ty),
+                    <I as $crate::column::IndexColumn>::LABEL
+                )
+            }
+        }
+    };
+}
+
 /// A field type that can be encrypted: how it becomes bytes and comes back.
 ///
 /// Integers are stored big-endian at their full width, `bool` as one byte, UUIDs as their 16

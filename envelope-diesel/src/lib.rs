@@ -1,10 +1,103 @@
 //! # envelope-diesel
 //!
-//! diesel column types that seal values with [`envelope_core`] on write and open them on read,
-//! on PostgreSQL, MySQL/MariaDB and SQLite.
+//! Encryption at rest as a type change for diesel, on PostgreSQL, MySQL/MariaDB and SQLite:
 //!
-//! **Status:** the column types and the diesel key store are on the roadmap and are not in this
-//! release yet. Until then, seal and open values explicitly with [`envelope_core::Keyring`],
-//! which this crate re-exports.
+//! ```
+//! use std::sync::Arc;
+//! use diesel::prelude::*;
+//! use envelope_core::{Keyring, KeyMaterial, LocalKms, MemoryKeyStore};
+//! use envelope_diesel::{BlindIndex, Encrypted, blind_index, column};
+//!
+//! column!(pub CustomerEmail = "customers.email");
+//! column!(pub CustomerPhone = "customers.phone");
+//! blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);
+//!
+//! diesel::table! {
+//!     customers (id) {
+//!         id -> Integer,
+//!         name -> Text,
+//!         email -> Binary,
+//!         email_bidx -> Binary,
+//!         phone -> Nullable<Binary>,
+//!     }
+//! }
+//!
+//! #[derive(Queryable, Selectable)]
+//! #[diesel(table_name = customers)]
+//! struct Customer {
+//!     name: String,
+//!     email: Encrypted<String, CustomerEmail>,          // BYTEA / BLOB
+//!     phone: Option<Encrypted<String, CustomerPhone>>,  // NULL stays NULL
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let kms = LocalKms::from_key(KeyMaterial::generate()?);
+//! let cmk = kms.cmk_id().to_owned();
+//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+//! let _guard = keyring.enter(); // this thread's keyring; or keyring.install_default()
+//!
+//! let mut conn = SqliteConnection::establish(":memory:")?;
+//! diesel::sql_query(
+//!     "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, \
+//!      email BLOB NOT NULL, email_bidx BLOB NOT NULL, phone BLOB)",
+//! )
+//! .execute(&mut conn)?;
+//! diesel::insert_into(customers::table)
+//!     .values((
+//!         customers::name.eq("Alice"),
+//!         customers::email.eq(Encrypted::<String, CustomerEmail>::new("alice@example.com".into())),
+//!         customers::email_bidx.eq(BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?),
+//!         customers::phone.eq(None::<Encrypted<String, CustomerPhone>>),
+//!     ))
+//!     .execute(&mut conn)?;
+//!
+//! let probe = BlindIndex::<CustomerEmailIndex>::of("Alice@Example.COM")?;
+//! let found: Customer = customers::table
+//!     .filter(customers::email_bidx.eq(&probe))
+//!     .select(Customer::as_select())
+//!     .first(&mut conn)?;
+//! assert_eq!(found.name, "Alice");
+//! assert_eq!(*found.email, "alice@example.com");
+//! assert!(found.phone.is_none());
+//! # Ok(()) }
+//! ```
+//!
+//! Values are sealed in `ToSql` and opened in `FromSql` with the keyring that
+//! [`envelope_core::current`] resolves. Sync diesel runs on a plain thread or in
+//! `spawn_blocking`, where task-locals are invisible: install a process default
+//! (`keyring.install_default()`) or enter one on the thread (`keyring.enter()`). A cached key
+//! costs no I/O; a missing one is loaded once through the keyring's bridge. Errors arrive as
+//! `diesel::result::Error::SerializationError` / `DeserializationError` whose source is an
+//! [`envelope_core::Error`] (see [`envelope_error`]).
+//!
+//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, `uuid::Uuid`,
+//! `chrono::NaiveDate`, `chrono::DateTime<Utc>`, and any serde type as
+//! [`Json<T>`](envelope_core::column::Json). MySQL's `BLOB` holds at most 64 KiB: use
+//! `MEDIUMBLOB` for larger values.
+//!
+//! **Status:** the column types are complete for the three backends (PostgreSQL and SQLite are
+//! tested against real databases; MySQL compiles against diesel's `mysql_backend`). The diesel
+//! key store, diesel-async tests and the diesel example app are not written yet: keep the key
+//! table with `envelope_sqlx::SqlxKeyStore` or another [`envelope_core::KeyStore`] meanwhile.
+
+mod types;
 
 pub use envelope_core;
+pub use envelope_core::column::{Column, IndexColumn, Json, Plaintext};
+pub use envelope_core::{blind_index, column};
+pub use types::{BlindIndex, Encrypted, EncryptedText};
+
+/// The [`envelope_core::Error`] inside a diesel error, if that is what failed. diesel wraps a
+/// read error in a [`DeserializeFieldError`](diesel::result::DeserializeFieldError) naming the
+/// field; this looks through it.
+pub fn envelope_error(e: &diesel::result::Error) -> Option<&envelope_core::Error> {
+    let source = match e {
+        diesel::result::Error::SerializationError(source)
+        | diesel::result::Error::DeserializationError(source) => source,
+        _ => return None,
+    };
+    match source.downcast_ref::<diesel::result::DeserializeFieldError>() {
+        Some(field) => field.error.downcast_ref(),
+        None => source.downcast_ref(),
+    }
+}

@@ -1,10 +1,8 @@
 //! The column types: `Encrypted<T, C>`, `EncryptedText<T, C>` and `BlindIndex<I>`.
 
-use std::fmt;
 use std::marker::PhantomData;
-use std::ops::{Deref, DerefMut};
 
-use envelope_core::column::{self, Column, IndexColumn, Plaintext};
+use envelope_core::column::{self, Column, Plaintext};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::{Database, Decode, Encode, Type};
@@ -26,66 +24,8 @@ pub struct EncryptedText<T, C> {
     column: PhantomData<fn() -> C>,
 }
 
-macro_rules! wrapper_impls {
-    ($ty:ident) => {
-        impl<T, C> $ty<T, C> {
-            /// Wrap a value.
-            pub fn new(value: T) -> Self {
-                $ty {
-                    value,
-                    column: PhantomData,
-                }
-            }
-
-            /// The value.
-            pub fn into_inner(self) -> T {
-                self.value
-            }
-        }
-
-        impl<T, C> From<T> for $ty<T, C> {
-            fn from(value: T) -> Self {
-                Self::new(value)
-            }
-        }
-
-        impl<T, C> Deref for $ty<T, C> {
-            type Target = T;
-            fn deref(&self) -> &T {
-                &self.value
-            }
-        }
-
-        impl<T, C> DerefMut for $ty<T, C> {
-            fn deref_mut(&mut self) -> &mut T {
-                &mut self.value
-            }
-        }
-
-        impl<T: Clone, C> Clone for $ty<T, C> {
-            fn clone(&self) -> Self {
-                Self::new(self.value.clone())
-            }
-        }
-
-        impl<T: PartialEq, C> PartialEq for $ty<T, C> {
-            fn eq(&self, other: &Self) -> bool {
-                self.value == other.value
-            }
-        }
-
-        impl<T: Eq, C> Eq for $ty<T, C> {}
-
-        impl<T, C: Column> fmt::Debug for $ty<T, C> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}<{}>(<redacted>)", stringify!($ty), C::LABEL)
-            }
-        }
-    };
-}
-
-wrapper_impls!(Encrypted);
-wrapper_impls!(EncryptedText);
+envelope_core::__column_wrapper!(Encrypted);
+envelope_core::__column_wrapper!(EncryptedText);
 
 impl<T, C, DB: Database> Type<DB> for Encrypted<T, C>
 where
@@ -185,48 +125,7 @@ pub struct BlindIndex<I> {
     index: PhantomData<fn() -> I>,
 }
 
-impl<I: IndexColumn> BlindIndex<I> {
-    /// The index of `value` under the current keyring's index key for `I`.
-    ///
-    /// # Errors
-    /// [`envelope_core::Error::NoKeyring`], or a KMS or key-store error while the index key is
-    /// first loaded or created.
-    pub fn of(value: impl AsRef<[u8]>) -> Result<Self, envelope_core::Error> {
-        Ok(BlindIndex {
-            digest: column::blind_index::<I>(value.as_ref())?,
-            index: PhantomData,
-        })
-    }
-
-    /// The stored bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.digest
-    }
-}
-
-impl<I> Clone for BlindIndex<I> {
-    fn clone(&self) -> Self {
-        BlindIndex {
-            digest: self.digest.clone(),
-            index: PhantomData,
-        }
-    }
-}
-
-impl<I> PartialEq for BlindIndex<I> {
-    fn eq(&self, other: &Self) -> bool {
-        self.digest == other.digest
-    }
-}
-
-impl<I> Eq for BlindIndex<I> {}
-
-impl<I: IndexColumn> fmt::Debug for BlindIndex<I> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Not secret in itself, but equal digests reveal equal values: keep them out of logs.
-        write!(f, "BlindIndex<{}>(<redacted>)", I::LABEL)
-    }
-}
+envelope_core::__blind_index_wrapper!(BlindIndex);
 
 impl<I, DB: Database> Type<DB> for BlindIndex<I>
 where

@@ -394,7 +394,7 @@ async fn open_url<DB: sqlx::Database>(
     var: &str,
 ) -> Option<(sqlx::Pool<DB>, Option<tempfile::TempDir>)> {
     let Ok(url) = std::env::var(var) else {
-        eprintln!("SKIPPED: set {var} to run the {} tests", DB::NAME);
+        envelope_tests::skipped(&format!("set {var} to run the {} tests", DB::NAME));
         return None;
     };
     let pool = sqlx::pool::PoolOptions::<DB>::new()

@@ -111,7 +111,7 @@ pub async fn disabled_key(t: &dyn ContractTarget) {
     let cmk = t.new_cmk().await;
     let g = kms.generate_data_key(&cmk, &ctx("a")).await.unwrap();
     if !t.disable(&cmk).await {
-        eprintln!("SKIPPED disabled_key: this provider has no disabled state");
+        eprintln!("not applicable: disabled_key: this provider has no disabled state");
         return;
     }
     let e = kms.generate_data_key(&cmk, &ctx("a")).await.unwrap_err();
@@ -130,7 +130,7 @@ pub async fn deleted_key(t: &dyn ContractTarget) {
     let cmk = t.new_cmk().await;
     let g = kms.generate_data_key(&cmk, &ctx("a")).await.unwrap();
     if !t.schedule_deletion(&cmk).await {
-        eprintln!("SKIPPED deleted_key: this provider has no pending-deletion state");
+        eprintln!("not applicable: deleted_key: this provider has no pending-deletion state");
         return;
     }
     let e = kms.generate_data_key(&cmk, &ctx("a")).await.unwrap_err();

@@ -309,3 +309,12 @@ impl contract::ContractTarget for TencentTarget {
         true
     }
 }
+
+/// Announce a skipped test where `cargo test` shows it. The message goes straight to the
+/// process's stderr, past the test harness's output capture, which would hide an `eprintln!`
+/// from a test that then passes.
+pub fn skipped(message: &str) {
+    use std::io::Write as _;
+    // Nothing useful can be done if stderr is closed.
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {message}");
+}

@@ -218,7 +218,7 @@ async fn sqlite_with_the_local_kms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres() {
     let Ok(url) = std::env::var("ENVELOPE_TEST_POSTGRES_URL") else {
-        eprintln!("SKIPPED web-sqlx postgres: set ENVELOPE_TEST_POSTGRES_URL");
+        envelope_tests::skipped("web-sqlx postgres: set ENVELOPE_TEST_POSTGRES_URL");
         return;
     };
     full_suite(start(Some(url), None).await).await;
@@ -227,7 +227,7 @@ async fn postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb() {
     let Ok(url) = std::env::var("ENVELOPE_TEST_MYSQL_URL") else {
-        eprintln!("SKIPPED web-sqlx mysql: set ENVELOPE_TEST_MYSQL_URL");
+        envelope_tests::skipped("web-sqlx mysql: set ENVELOPE_TEST_MYSQL_URL");
         return;
     };
     full_suite(start(Some(url), None).await).await;

@@ -1,0 +1,143 @@
+//! The column types: `Encrypted<T, C>`, `EncryptedText<T, C>` and `BlindIndex<I>`.
+//!
+//! Reading is one generic `FromSql` per type. Writing produces a temporary (the sealed value),
+//! which diesel's backends take in two different ways: PostgreSQL and MySQL copy the bytes into
+//! their bind buffer (`Output::write_all`), SQLite takes an owned value (`Output::set_value`).
+//! A generic impl over both cannot be written outside diesel (E0119), hence one impl per backend.
+
+use std::marker::PhantomData;
+
+use diesel::backend::Backend;
+use diesel::deserialize::{self, FromSql, FromSqlRow};
+use diesel::expression::AsExpression;
+use diesel::serialize::{self, ToSql};
+use diesel::sql_types::{Binary, Text};
+use envelope_core::column::{self, Column, IndexColumn, Plaintext};
+
+/// A field stored encrypted in a binary column (`BYTEA`, `BLOB`, `VARBINARY`; diesel's `Binary`):
+/// sealed in `ToSql`, opened in `FromSql`, under column marker `C`. Use
+/// `Option<Encrypted<T, C>>` for a `Nullable<Binary>` column: SQL `NULL` stays `NULL`.
+///
+/// It derefs to `T`. Its `Debug` never shows the value (diesel requires `Debug` on bind values
+/// and prints it in `debug_query`).
+#[derive(AsExpression, FromSqlRow)]
+#[diesel(sql_type = Binary)]
+pub struct Encrypted<T, C> {
+    value: T,
+    column: PhantomData<fn() -> C>,
+}
+
+/// A field stored encrypted in a text column (`TEXT`, `VARCHAR`; diesel's `Text`), as the text
+/// form `ev1:...`. About a third larger than [`Encrypted`]; use it where the column must stay
+/// text.
+#[derive(AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
+pub struct EncryptedText<T, C> {
+    value: T,
+    column: PhantomData<fn() -> C>,
+}
+
+envelope_core::__column_wrapper!(Encrypted);
+envelope_core::__column_wrapper!(EncryptedText);
+
+impl<T: Plaintext, C: Column, DB: Backend> FromSql<Binary, DB> for Encrypted<T, C>
+where
+    Vec<u8>: FromSql<Binary, DB>,
+{
+    fn from_sql(bytes: DB::RawValue<'_>) -> deserialize::Result<Self> {
+        let stored = <Vec<u8> as FromSql<Binary, DB>>::from_sql(bytes)?;
+        Ok(Self::new(column::open::<T, C>(&stored)?))
+    }
+}
+
+impl<T: Plaintext, C: Column, DB: Backend> FromSql<Text, DB> for EncryptedText<T, C>
+where
+    String: FromSql<Text, DB>,
+{
+    fn from_sql(bytes: DB::RawValue<'_>) -> deserialize::Result<Self> {
+        let stored = <String as FromSql<Text, DB>>::from_sql(bytes)?;
+        Ok(Self::new(column::open_text::<T, C>(&stored)?))
+    }
+}
+
+/// `ToSql` for a backend whose bind collector copies bytes (PostgreSQL, MySQL).
+macro_rules! raw_bytes_to_sql {
+    ($db:ty) => {
+        impl<T: Plaintext, C: Column> ToSql<Binary, $db> for Encrypted<T, C> {
+            fn to_sql<'b>(&'b self, out: &mut serialize::Output<'b, '_, $db>) -> serialize::Result {
+                let sealed = column::seal::<T, C>(&self.value)?;
+                std::io::Write::write_all(out, &sealed)?;
+                Ok(serialize::IsNull::No)
+            }
+        }
+
+        impl<T: Plaintext, C: Column> ToSql<Text, $db> for EncryptedText<T, C> {
+            fn to_sql<'b>(&'b self, out: &mut serialize::Output<'b, '_, $db>) -> serialize::Result {
+                let sealed = column::seal_text::<T, C>(&self.value)?;
+                std::io::Write::write_all(out, sealed.as_bytes())?;
+                Ok(serialize::IsNull::No)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+raw_bytes_to_sql!(diesel::pg::Pg);
+#[cfg(feature = "mysql")]
+raw_bytes_to_sql!(diesel::mysql::Mysql);
+
+#[cfg(feature = "sqlite")]
+impl<T: Plaintext, C: Column> ToSql<Binary, diesel::sqlite::Sqlite> for Encrypted<T, C> {
+    fn to_sql<'b>(
+        &'b self,
+        out: &mut serialize::Output<'b, '_, diesel::sqlite::Sqlite>,
+    ) -> serialize::Result {
+        out.set_value(column::seal::<T, C>(&self.value)?);
+        Ok(serialize::IsNull::No)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl<T: Plaintext, C: Column> ToSql<Text, diesel::sqlite::Sqlite> for EncryptedText<T, C> {
+    fn to_sql<'b>(
+        &'b self,
+        out: &mut serialize::Output<'b, '_, diesel::sqlite::Sqlite>,
+    ) -> serialize::Result {
+        out.set_value(column::seal_text::<T, C>(&self.value)?);
+        Ok(serialize::IsNull::No)
+    }
+}
+
+/// An equality-search column beside an encrypted one (diesel's `Binary`): a truncated keyed HMAC
+/// of the normalized value (see [`envelope_core::blind`]). Compute it when writing the row, and
+/// the probe the same way for `.filter(customers::email_bidx.eq(&probe))`.
+#[derive(AsExpression, FromSqlRow)]
+#[diesel(sql_type = Binary)]
+pub struct BlindIndex<I> {
+    digest: Vec<u8>,
+    index: PhantomData<fn() -> I>,
+}
+
+envelope_core::__blind_index_wrapper!(BlindIndex);
+
+// The digest is already computed, so one generic impl borrows it for every backend.
+impl<I: IndexColumn, DB: Backend> ToSql<Binary, DB> for BlindIndex<I>
+where
+    [u8]: ToSql<Binary, DB>,
+{
+    fn to_sql<'b>(&'b self, out: &mut serialize::Output<'b, '_, DB>) -> serialize::Result {
+        <[u8] as ToSql<Binary, DB>>::to_sql(&self.digest, out)
+    }
+}
+
+impl<I, DB: Backend> FromSql<Binary, DB> for BlindIndex<I>
+where
+    Vec<u8>: FromSql<Binary, DB>,
+{
+    fn from_sql(bytes: DB::RawValue<'_>) -> deserialize::Result<Self> {
+        Ok(BlindIndex {
+            digest: <Vec<u8> as FromSql<Binary, DB>>::from_sql(bytes)?,
+            index: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,453 @@
+//! Encrypted diesel columns on real databases, with sync diesel: SQLite always; PostgreSQL when
+//! `ENVELOPE_TEST_POSTGRES_URL` is set (`bash .ci/run` sets it). MySQL/MariaDB needs diesel's
+//! mysqlclient connection (or diesel-async), which this machine kind does not have yet: the
+//! MySQL `ToSql` impls are compile-checked only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// `diesel::table!` generates undocumented public items.
+#![allow(missing_docs)]
+
+use diesel::prelude::*;
+use diesel::sql_types::{Binary, Nullable, Text};
+use envelope_core::{Error, FormatError, Keyring, Label, format};
+use envelope_diesel::{
+    BlindIndex, Encrypted, EncryptedText, Json, blind_index, column, envelope_error,
+};
+use envelope_tests::Fixture;
+
+column!(Name = "people.name");
+column!(Photo = "people.photo");
+column!(Age = "people.age");
+column!(Small = "people.small");
+column!(Big = "people.big");
+column!(Flag = "people.flag");
+column!(Ident = "people.ident");
+column!(Born = "people.born");
+column!(Seen = "people.seen");
+column!(Notes = "people.notes");
+column!(Email = "people.email");
+column!(Phone = "people.phone");
+blind_index!(EmailIndex = "people.email", CaseFolded);
+
+diesel::table! {
+    people (id) {
+        id -> BigInt,
+        name -> Binary,
+        photo -> Nullable<Binary>,
+        age -> Nullable<Binary>,
+        small -> Nullable<Binary>,
+        big -> Nullable<Binary>,
+        flag -> Nullable<Binary>,
+        ident -> Nullable<Binary>,
+        born -> Nullable<Binary>,
+        seen -> Nullable<Binary>,
+        notes -> Nullable<Binary>,
+        email -> Nullable<Binary>,
+        email_bidx -> Nullable<Binary>,
+        phone -> Nullable<Text>,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct NoteBody {
+    text: String,
+    tags: Vec<String>,
+}
+
+#[derive(Queryable, Selectable, Insertable, Debug, PartialEq)]
+#[diesel(table_name = people)]
+struct Person {
+    id: i64,
+    name: Encrypted<String, Name>,
+    photo: Option<Encrypted<Vec<u8>, Photo>>,
+    age: Option<Encrypted<i32, Age>>,
+    small: Option<Encrypted<i16, Small>>,
+    big: Option<Encrypted<i64, Big>>,
+    flag: Option<Encrypted<bool, Flag>>,
+    ident: Option<Encrypted<uuid::Uuid, Ident>>,
+    born: Option<Encrypted<chrono::NaiveDate, Born>>,
+    seen: Option<Encrypted<chrono::DateTime<chrono::Utc>, Seen>>,
+    notes: Option<Encrypted<Json<NoteBody>, Notes>>,
+    email: Option<Encrypted<String, Email>>,
+    email_bidx: Option<BlindIndex<EmailIndex>>,
+    phone: Option<EncryptedText<String, Phone>>,
+}
+
+fn full(id: i64, email: &str) -> Person {
+    Person {
+        id,
+        name: Encrypted::new("Ada Lovelace".into()),
+        photo: Some(Encrypted::new(vec![0, 1, 2, 254, 255])),
+        age: Some(Encrypted::new(36)),
+        small: Some(Encrypted::new(-7)),
+        big: Some(Encrypted::new(i64::MIN)),
+        flag: Some(Encrypted::new(true)),
+        ident: Some(Encrypted::new(uuid::Uuid::new_v4())),
+        born: Some(Encrypted::new(
+            chrono::NaiveDate::from_ymd_opt(1815, 12, 10).unwrap(),
+        )),
+        seen: Some(Encrypted::new(
+            chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
+        )),
+        notes: Some(Encrypted::new(Json(NoteBody {
+            text: "analytical engine".into(),
+            tags: vec!["math".into(), "poetry".into()],
+        }))),
+        email: Some(Encrypted::new(email.into())),
+        email_bidx: Some(BlindIndex::of(email).unwrap()),
+        phone: Some(EncryptedText::new("+44 20 7946 0000".into())),
+    }
+}
+
+fn empty(id: i64) -> Person {
+    Person {
+        id,
+        name: Encrypted::new(String::new()),
+        photo: None,
+        age: None,
+        small: None,
+        big: None,
+        flag: None,
+        ident: None,
+        born: None,
+        seen: None,
+        notes: None,
+        email: None,
+        email_bidx: None,
+        phone: None,
+    }
+}
+
+/// One raw column, as stored.
+#[derive(QueryableByName)]
+struct Raw {
+    #[diesel(sql_type = Nullable<Binary>)]
+    v: Option<Vec<u8>>,
+}
+
+#[derive(QueryableByName)]
+struct RawText {
+    #[diesel(sql_type = Nullable<Text>)]
+    v: Option<String>,
+}
+
+fn the_envelope_error(e: &diesel::result::Error) -> &Error {
+    envelope_error(e).unwrap_or_else(|| panic!("not an envelope error: {e:?}"))
+}
+
+macro_rules! suite {
+    ($module:ident, $conn:ty, $open:path, $blob:literal, $text:literal, $id:literal) => {
+        mod $module {
+            use super::*;
+
+            const DDL: &str = concat!(
+                "CREATE TABLE people (id ",
+                $id,
+                " PRIMARY KEY, name ",
+                $blob,
+                " NOT NULL, photo ",
+                $blob,
+                ", age ",
+                $blob,
+                ", small ",
+                $blob,
+                ", big ",
+                $blob,
+                ", flag ",
+                $blob,
+                ", ident ",
+                $blob,
+                ", born ",
+                $blob,
+                ", seen ",
+                $blob,
+                ", notes ",
+                $blob,
+                ", email ",
+                $blob,
+                ", email_bidx ",
+                $blob,
+                ", phone ",
+                $text,
+                ")"
+            );
+
+            fn setup() -> Option<($conn, Fixture)> {
+                let mut conn = $open()?;
+                diesel::sql_query(DDL).execute(&mut conn).unwrap();
+                Some((conn, Fixture::new()))
+            }
+
+            fn load(conn: &mut $conn, id: i64) -> QueryResult<Person> {
+                people::table
+                    .find(id)
+                    .select(Person::as_select())
+                    .first(conn)
+            }
+
+            #[test]
+            fn every_type_round_trips_and_null_stays_null() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                let rows = vec![full(1, "ada@example.com"), empty(2)];
+                diesel::insert_into(people::table)
+                    .values(&rows)
+                    .execute(&mut conn)
+                    .unwrap();
+                assert_eq!(load(&mut conn, 1).unwrap(), rows[0]);
+                assert_eq!(load(&mut conn, 2).unwrap(), rows[1]);
+                let raw: Raw = diesel::sql_query("SELECT photo AS v FROM people WHERE id = 2")
+                    .get_result(&mut conn)
+                    .unwrap();
+                assert!(raw.v.is_none(), "NULL must be stored as NULL");
+                // Updates go through the same ToSql.
+                diesel::update(people::table.find(2))
+                    .set(people::age.eq(Some(Encrypted::<i32, Age>::new(41))))
+                    .execute(&mut conn)
+                    .unwrap();
+                assert_eq!(load(&mut conn, 2).unwrap().age.map(|a| *a), Some(41));
+                assert_eq!(fx.calls.generates(), 2, "one data key and one index key");
+            }
+
+            #[test]
+            fn stored_bytes_hold_no_plaintext() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                diesel::insert_into(people::table)
+                    .values(&full(1, "secret.person@example.com"))
+                    .execute(&mut conn)
+                    .unwrap();
+                let raw: Raw = diesel::sql_query("SELECT email AS v FROM people WHERE id = 1")
+                    .get_result(&mut conn)
+                    .unwrap();
+                let stored = raw.v.unwrap();
+                assert!(!stored.windows(6).any(|w| w == b"secret"));
+                format::parse(&stored).unwrap();
+                assert_eq!(
+                    stored.len(),
+                    format::sealed_len("secret.person@example.com".len())
+                );
+                let text: RawText = diesel::sql_query("SELECT phone AS v FROM people WHERE id = 1")
+                    .get_result(&mut conn)
+                    .unwrap();
+                let text = text.v.unwrap();
+                assert!(text.starts_with("ev1:"), "{text}");
+                assert!(!text.contains("7946"));
+            }
+
+            #[test]
+            fn large_values_round_trip() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                let mut p = empty(1);
+                let photo: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+                p.photo = Some(Encrypted::new(photo.clone()));
+                diesel::insert_into(people::table)
+                    .values(&p)
+                    .execute(&mut conn)
+                    .unwrap();
+                assert_eq!(*load(&mut conn, 1).unwrap().photo.unwrap(), photo);
+            }
+
+            #[test]
+            fn blind_index_finds_the_row_by_any_spelling() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                diesel::insert_into(people::table)
+                    .values(&vec![
+                        full(1, "Ada@Example.com"),
+                        full(2, "bob@example.com"),
+                    ])
+                    .execute(&mut conn)
+                    .unwrap();
+                let probe = BlindIndex::<EmailIndex>::of("  ada@EXAMPLE.com ").unwrap();
+                let found: Vec<Person> = people::table
+                    .filter(people::email_bidx.eq(&probe))
+                    .select(Person::as_select())
+                    .load(&mut conn)
+                    .unwrap();
+                assert_eq!(found.len(), 1);
+                assert_eq!(found[0].id, 1);
+                assert_eq!(
+                    found[0].email.as_deref().map(String::as_str),
+                    Some("Ada@Example.com")
+                );
+            }
+
+            #[test]
+            fn a_value_copied_into_another_column_fails_to_open() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                diesel::insert_into(people::table)
+                    .values(&full(1, "ada@example.com"))
+                    .execute(&mut conn)
+                    .unwrap();
+                diesel::sql_query("UPDATE people SET name = email WHERE id = 1")
+                    .execute(&mut conn)
+                    .unwrap();
+                let err = load(&mut conn, 1).unwrap_err();
+                assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+            }
+
+            #[test]
+            fn legacy_plaintext_fails_closed_unless_the_window_is_open() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                diesel::insert_into(people::table)
+                    .values(&empty(1))
+                    .execute(&mut conn)
+                    .unwrap();
+                diesel::update(people::table.find(1))
+                    .set(people::email.eq(Some(b"legacy@example.com".to_vec())))
+                    .execute(&mut conn)
+                    .unwrap();
+                let err = load(&mut conn, 1).unwrap_err();
+                assert!(
+                    matches!(
+                        the_envelope_error(&err),
+                        Error::Format(FormatError::NotEnvelope)
+                    ),
+                    "{err}"
+                );
+                let label = Label::new("people.email").unwrap();
+                fx.keyring.open_migration_window(&label);
+                let p = load(&mut conn, 1).unwrap();
+                assert_eq!(
+                    p.email.as_deref().map(String::as_str),
+                    Some("legacy@example.com")
+                );
+                fx.keyring.close_migration_window(&label);
+                assert!(load(&mut conn, 1).is_err());
+            }
+
+            #[test]
+            fn no_keyring_is_a_clear_error_not_a_panic() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                {
+                    let _guard = fx.keyring.enter();
+                    diesel::insert_into(people::table)
+                        .values(&empty(1))
+                        .execute(&mut conn)
+                        .unwrap();
+                }
+                // No guard, no default: reads and writes say what is missing.
+                let err = load(&mut conn, 1).unwrap_err();
+                assert!(
+                    matches!(the_envelope_error(&err), Error::NoKeyring),
+                    "{err}"
+                );
+                let err = diesel::insert_into(people::table)
+                    .values(&empty(2))
+                    .execute(&mut conn)
+                    .unwrap_err();
+                assert!(
+                    matches!(the_envelope_error(&err), Error::NoKeyring),
+                    "{err}"
+                );
+            }
+
+            #[test]
+            fn a_cold_keyring_loads_each_key_once() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                {
+                    let _guard = fx.keyring.enter();
+                    let rows: Vec<Person> = (0..50)
+                        .map(|i| full(i, &format!("p{i}@example.com")))
+                        .collect();
+                    diesel::insert_into(people::table)
+                        .values(&rows)
+                        .execute(&mut conn)
+                        .unwrap();
+                }
+                // A second application instance: same KMS and key table, empty cache.
+                let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), fx.store.clone())
+                    .build()
+                    .unwrap();
+                let before = fx.calls.decrypts();
+                let _guard = cold.enter();
+                let all: Vec<Person> = people::table
+                    .select(Person::as_select())
+                    .load(&mut conn)
+                    .unwrap();
+                assert_eq!(all.len(), 50);
+                assert_eq!(fx.calls.decrypts() - before, 1, "one data key, loaded once");
+                assert_eq!(cold.metrics().cache_misses, 1);
+            }
+
+            #[test]
+            fn debug_output_never_shows_values() {
+                let Some((_conn, fx)) = setup() else { return };
+                let _guard = fx.keyring.enter();
+                let dbg = format!("{:?}", full(1, "ada@example.com"));
+                assert!(!dbg.contains("Ada"), "{dbg}");
+                assert!(!dbg.contains("ada@"), "{dbg}");
+                assert!(dbg.contains("Encrypted<people.name>(<redacted>)"), "{dbg}");
+                let query = diesel::insert_into(people::table).values(full(2, "x@example.com"));
+                let shown =
+                    diesel::debug_query::<<$conn as Connection>::Backend, _>(&query).to_string();
+                assert!(!shown.contains("Ada"), "{shown}");
+            }
+        }
+    };
+}
+
+fn open_sqlite() -> Option<SqliteConnection> {
+    Some(SqliteConnection::establish(":memory:").unwrap())
+}
+
+fn open_postgres() -> Option<PgConnection> {
+    let Ok(url) = std::env::var("ENVELOPE_TEST_POSTGRES_URL") else {
+        envelope_tests::skipped(
+            "set ENVELOPE_TEST_POSTGRES_URL to run the diesel PostgreSQL tests",
+        );
+        return None;
+    };
+    let mut conn = PgConnection::establish(&url)
+        .unwrap_or_else(|e| panic!("ENVELOPE_TEST_POSTGRES_URL is set but unreachable: {e}"));
+    // Everything below rolls back when the connection closes: nothing is left in the database.
+    conn.begin_test_transaction().unwrap();
+    // A schema of its own per test: the table is always `people`, tests run in parallel.
+    let schema = format!(
+        "envelope_diesel_{}",
+        &envelope_core::KeyId::random().unwrap().to_hex()[..12]
+    );
+    diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .unwrap();
+    diesel::sql_query(format!("SET search_path TO {schema}"))
+        .execute(&mut conn)
+        .unwrap();
+    Some(conn)
+}
+
+suite!(
+    sqlite,
+    SqliteConnection,
+    open_sqlite,
+    "BLOB",
+    "TEXT",
+    "INTEGER"
+);
+suite!(
+    postgres,
+    PgConnection,
+    open_postgres,
+    "BYTEA",
+    "TEXT",
+    "BIGINT"
+);
