@@ -75,10 +75,14 @@
 //! [`Json<T>`](envelope_core::column::Json). MySQL's `BLOB` holds at most 64 KiB: use
 //! `MEDIUMBLOB` for larger values.
 //!
-//! **Status:** the column types are complete for the three backends (PostgreSQL and SQLite are
-//! tested against real databases; MySQL compiles against diesel's `mysql_backend`). The diesel
-//! key store, diesel-async tests and the diesel example app are not written yet: keep the key
-//! table with `envelope_sqlx::SqlxKeyStore` or another [`envelope_core::KeyStore`] meanwhile.
+//! With diesel-async, `ToSql` and `FromSql` run inside the calling task: scope the keyring with
+//! `keyring.scope(async { .. })` (or install a default). A cache miss there is safe on
+//! multi-thread and current-thread runtimes.
+//!
+//! **Status:** the column types are complete for the three backends and tested against real
+//! databases: sync diesel on PostgreSQL and SQLite, diesel-async on PostgreSQL and MariaDB. The
+//! diesel key store and the diesel example app are not written yet: keep the key table with
+//! `envelope_sqlx::SqlxKeyStore` or another [`envelope_core::KeyStore`] meanwhile.
 
 mod types;
 

@@ -1,138 +1,17 @@
 //! Encrypted diesel columns on real databases, with sync diesel: SQLite always; PostgreSQL when
-//! `ENVELOPE_TEST_POSTGRES_URL` is set (`bash .ci/run` sets it). MySQL/MariaDB needs diesel's
-//! mysqlclient connection (or diesel-async), which this machine kind does not have yet: the
-//! MySQL `ToSql` impls are compile-checked only.
+//! `ENVELOPE_TEST_POSTGRES_URL` is set (`bash .ci/run` sets it). MySQL/MariaDB runs through
+//! diesel-async (`tests/async_databases.rs`): sync diesel's MySQL connection needs libmysqlclient.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // `diesel::table!` generates undocumented public items.
 #![allow(missing_docs)]
 
 use diesel::prelude::*;
-use diesel::sql_types::{Binary, Nullable, Text};
 use envelope_core::{Error, FormatError, Keyring, Label, format};
-use envelope_diesel::{
-    BlindIndex, Encrypted, EncryptedText, Json, blind_index, column, envelope_error,
-};
+use envelope_diesel::{BlindIndex, Encrypted};
 use envelope_tests::Fixture;
 
-column!(Name = "people.name");
-column!(Photo = "people.photo");
-column!(Age = "people.age");
-column!(Small = "people.small");
-column!(Big = "people.big");
-column!(Flag = "people.flag");
-column!(Ident = "people.ident");
-column!(Born = "people.born");
-column!(Seen = "people.seen");
-column!(Notes = "people.notes");
-column!(Email = "people.email");
-column!(Phone = "people.phone");
-blind_index!(EmailIndex = "people.email", CaseFolded);
-
-diesel::table! {
-    people (id) {
-        id -> BigInt,
-        name -> Binary,
-        photo -> Nullable<Binary>,
-        age -> Nullable<Binary>,
-        small -> Nullable<Binary>,
-        big -> Nullable<Binary>,
-        flag -> Nullable<Binary>,
-        ident -> Nullable<Binary>,
-        born -> Nullable<Binary>,
-        seen -> Nullable<Binary>,
-        notes -> Nullable<Binary>,
-        email -> Nullable<Binary>,
-        email_bidx -> Nullable<Binary>,
-        phone -> Nullable<Text>,
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct NoteBody {
-    text: String,
-    tags: Vec<String>,
-}
-
-#[derive(Queryable, Selectable, Insertable, Debug, PartialEq)]
-#[diesel(table_name = people)]
-struct Person {
-    id: i64,
-    name: Encrypted<String, Name>,
-    photo: Option<Encrypted<Vec<u8>, Photo>>,
-    age: Option<Encrypted<i32, Age>>,
-    small: Option<Encrypted<i16, Small>>,
-    big: Option<Encrypted<i64, Big>>,
-    flag: Option<Encrypted<bool, Flag>>,
-    ident: Option<Encrypted<uuid::Uuid, Ident>>,
-    born: Option<Encrypted<chrono::NaiveDate, Born>>,
-    seen: Option<Encrypted<chrono::DateTime<chrono::Utc>, Seen>>,
-    notes: Option<Encrypted<Json<NoteBody>, Notes>>,
-    email: Option<Encrypted<String, Email>>,
-    email_bidx: Option<BlindIndex<EmailIndex>>,
-    phone: Option<EncryptedText<String, Phone>>,
-}
-
-fn full(id: i64, email: &str) -> Person {
-    Person {
-        id,
-        name: Encrypted::new("Ada Lovelace".into()),
-        photo: Some(Encrypted::new(vec![0, 1, 2, 254, 255])),
-        age: Some(Encrypted::new(36)),
-        small: Some(Encrypted::new(-7)),
-        big: Some(Encrypted::new(i64::MIN)),
-        flag: Some(Encrypted::new(true)),
-        ident: Some(Encrypted::new(uuid::Uuid::new_v4())),
-        born: Some(Encrypted::new(
-            chrono::NaiveDate::from_ymd_opt(1815, 12, 10).unwrap(),
-        )),
-        seen: Some(Encrypted::new(
-            chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
-        )),
-        notes: Some(Encrypted::new(Json(NoteBody {
-            text: "analytical engine".into(),
-            tags: vec!["math".into(), "poetry".into()],
-        }))),
-        email: Some(Encrypted::new(email.into())),
-        email_bidx: Some(BlindIndex::of(email).unwrap()),
-        phone: Some(EncryptedText::new("+44 20 7946 0000".into())),
-    }
-}
-
-fn empty(id: i64) -> Person {
-    Person {
-        id,
-        name: Encrypted::new(String::new()),
-        photo: None,
-        age: None,
-        small: None,
-        big: None,
-        flag: None,
-        ident: None,
-        born: None,
-        seen: None,
-        notes: None,
-        email: None,
-        email_bidx: None,
-        phone: None,
-    }
-}
-
-/// One raw column, as stored.
-#[derive(QueryableByName)]
-struct Raw {
-    #[diesel(sql_type = Nullable<Binary>)]
-    v: Option<Vec<u8>>,
-}
-
-#[derive(QueryableByName)]
-struct RawText {
-    #[diesel(sql_type = Nullable<Text>)]
-    v: Option<String>,
-}
-
-fn the_envelope_error(e: &diesel::result::Error) -> &Error {
-    envelope_error(e).unwrap_or_else(|| panic!("not an envelope error: {e:?}"))
-}
+mod common;
+use common::*;
 
 macro_rules! suite {
     ($module:ident, $conn:ty, $open:path, $blob:literal, $text:literal, $id:literal) => {
