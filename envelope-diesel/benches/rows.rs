@@ -17,6 +17,7 @@ use std::time::Instant;
 use diesel::prelude::*;
 use envelope_core::{KeyMaterial, Keyring, LocalKms, MemoryKeyStore};
 use envelope_diesel::{Encrypted, column};
+use envelope_tests::rows_bench::{self, BATCH, Samples};
 
 column!(Payload = "bench.payload");
 
@@ -62,28 +63,12 @@ struct EncryptedRow {
     v: Encrypted<Vec<u8>, Payload>,
 }
 
-const BATCH: usize = 1_000;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[derive(Default)]
-struct Samples {
-    insert: Vec<f64>,
-    select: Vec<f64>,
-    total: Vec<f64>,
-}
-
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
     let Ok(url) = std::env::var("ENVELOPE_TEST_POSTGRES_URL") else {
         println!("SKIPPED: set ENVELOPE_TEST_POSTGRES_URL to run the diesel row benchmark");
         return;
     };
-    let (n, rounds) = if quick { (20_000, 3) } else { (100_000, 11) };
+    let (n, rounds) = rows_bench::size();
     let mut conn = PgConnection::establish(&url).unwrap();
     let schema = format!(
         "bench_diesel_{}",
@@ -105,7 +90,7 @@ fn main() {
         .build()
         .unwrap();
     let _guard = keyring.enter();
-    let values: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:064}").into_bytes()).collect();
+    let values = rows_bench::values(n);
     let sealed_values: Vec<Vec<u8>> = values
         .iter()
         .map(|v| envelope_core::column::seal::<Vec<u8>, Payload>(v).unwrap())
@@ -116,12 +101,7 @@ fn main() {
         diesel::sql_query("TRUNCATE plain, sealed, encrypted")
             .execute(&mut conn)
             .unwrap();
-        // Alternate the order, so no side always runs on a colder or warmer server.
-        let mut order = [0usize, 1, 2];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for side in order {
+        for side in rows_bench::order(3, round) {
             let start = Instant::now();
             for (b, chunk) in values.chunks(BATCH).enumerate() {
                 let id = |i: usize| (b * BATCH + i) as i64;
@@ -181,46 +161,23 @@ fn main() {
             };
             let selected = start.elapsed().as_secs_f64();
             assert_eq!(read, n);
-            let s = &mut samples[side];
-            s.insert.push(inserted);
-            s.select.push(selected);
-            s.total.push(inserted + selected);
+            samples[side].push(inserted, selected);
         }
     }
 
-    println!(
-        "PostgreSQL (sync diesel), {n} rows of 64 bytes, insert (batches of {BATCH}) + select, {rounds} rounds"
-    );
-    println!(
-        "{:>24} {:>11} {:>11} {:>11} {:>10}",
-        "", "insert", "select", "total", "ratio"
-    );
-    let us = |v: &[f64]| median(v) * 1e6 / n as f64;
-    for (side, name) in [
+    let names = [
         "plaintext BYTEA",
         "sealed bytes, no crypto",
         "Encrypted<Vec<u8>, C>",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let s = &samples[side];
-        // Each round's time against the plaintext time of the same round; the median of those.
-        let ratios: Vec<f64> = s
-            .total
-            .iter()
-            .zip(&samples[0].total)
-            .map(|(a, b)| a / b)
-            .collect();
-        println!(
-            "{name:>24} {:>8.3} µs {:>8.3} µs {:>8.3} µs {:>9.3}x",
-            us(&s.insert),
-            us(&s.select),
-            us(&s.total),
-            median(&ratios)
-        );
-    }
-    println!("(µs per row, medians; ratio = median per-round total / plaintext total)");
+    ];
+    let sides: Vec<(&str, &Samples)> = names.into_iter().zip(&samples).collect();
+    rows_bench::report(
+        &format!(
+            "PostgreSQL (sync diesel), {n} rows of 64 bytes, insert (batches of {BATCH}) + select, {rounds} rounds"
+        ),
+        n,
+        &sides,
+    );
     let m = keyring.metrics();
     println!("KMS calls: {} (cache hits {})", m.kms_calls, m.cache_hits);
     diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE"))

@@ -56,6 +56,13 @@ macro_rules! suite {
                 Some((conn, Fixture::new()))
             }
 
+            fn insert(conn: &mut $conn, rows: &[Person]) {
+                diesel::insert_into(people::table)
+                    .values(rows)
+                    .execute(conn)
+                    .unwrap();
+            }
+
             fn load(conn: &mut $conn, id: i64) -> QueryResult<Person> {
                 people::table
                     .find(id)
@@ -70,10 +77,7 @@ macro_rules! suite {
                 };
                 let _guard = fx.keyring.enter();
                 let rows = vec![full(1, "ada@example.com"), empty(2)];
-                diesel::insert_into(people::table)
-                    .values(&rows)
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(&mut conn, &rows);
                 assert_eq!(load(&mut conn, 1).unwrap(), rows[0]);
                 assert_eq!(load(&mut conn, 2).unwrap(), rows[1]);
                 let raw: Raw = diesel::sql_query("SELECT photo AS v FROM people WHERE id = 2")
@@ -95,10 +99,7 @@ macro_rules! suite {
                     return;
                 };
                 let _guard = fx.keyring.enter();
-                diesel::insert_into(people::table)
-                    .values(&full(1, "secret.person@example.com"))
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(&mut conn, &[full(1, "secret.person@example.com")]);
                 let raw: Raw = diesel::sql_query("SELECT email AS v FROM people WHERE id = 1")
                     .get_result(&mut conn)
                     .unwrap();
@@ -126,10 +127,7 @@ macro_rules! suite {
                 let mut p = empty(1);
                 let photo: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
                 p.photo = Some(Encrypted::new(photo.clone()));
-                diesel::insert_into(people::table)
-                    .values(&p)
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(&mut conn, &[p]);
                 assert_eq!(*load(&mut conn, 1).unwrap().photo.unwrap(), photo);
             }
 
@@ -139,13 +137,10 @@ macro_rules! suite {
                     return;
                 };
                 let _guard = fx.keyring.enter();
-                diesel::insert_into(people::table)
-                    .values(&vec![
-                        full(1, "Ada@Example.com"),
-                        full(2, "bob@example.com"),
-                    ])
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(
+                    &mut conn,
+                    &[full(1, "Ada@Example.com"), full(2, "bob@example.com")],
+                );
                 let probe = BlindIndex::<EmailIndex>::of("  ada@EXAMPLE.com ").unwrap();
                 let found: Vec<Person> = people::table
                     .filter(people::email_bidx.eq(&probe))
@@ -166,10 +161,7 @@ macro_rules! suite {
                     return;
                 };
                 let _guard = fx.keyring.enter();
-                diesel::insert_into(people::table)
-                    .values(&full(1, "ada@example.com"))
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(&mut conn, &[full(1, "ada@example.com")]);
                 diesel::sql_query("UPDATE people SET name = email WHERE id = 1")
                     .execute(&mut conn)
                     .unwrap();
@@ -183,10 +175,7 @@ macro_rules! suite {
                     return;
                 };
                 let _guard = fx.keyring.enter();
-                diesel::insert_into(people::table)
-                    .values(&empty(1))
-                    .execute(&mut conn)
-                    .unwrap();
+                insert(&mut conn, &[empty(1)]);
                 diesel::update(people::table.find(1))
                     .set(people::email.eq(Some(b"legacy@example.com".to_vec())))
                     .execute(&mut conn)
@@ -217,10 +206,7 @@ macro_rules! suite {
                 };
                 {
                     let _guard = fx.keyring.enter();
-                    diesel::insert_into(people::table)
-                        .values(&empty(1))
-                        .execute(&mut conn)
-                        .unwrap();
+                    insert(&mut conn, &[empty(1)]);
                 }
                 // No guard, no default: reads and writes say what is missing.
                 let err = load(&mut conn, 1).unwrap_err();
@@ -248,10 +234,7 @@ macro_rules! suite {
                     let rows: Vec<Person> = (0..50)
                         .map(|i| full(i, &format!("p{i}@example.com")))
                         .collect();
-                    diesel::insert_into(people::table)
-                        .values(&rows)
-                        .execute(&mut conn)
-                        .unwrap();
+                    insert(&mut conn, &rows);
                 }
                 // A second application instance: same KMS and key table, empty cache.
                 let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), fx.store.clone())

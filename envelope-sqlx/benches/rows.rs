@@ -23,12 +23,11 @@ use std::time::Instant;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use envelope_core::{KeyMaterial, Keyring, LocalKms};
 use envelope_sqlx::{Encrypted, SqlxKeyStore, column};
+use envelope_tests::rows_bench::{self, BATCH, Samples};
 use rand::Rng as _;
 use sqlx::{PgPool, QueryBuilder};
 
 column!(Payload = "bench.payload");
-
-const BATCH: usize = 1_000;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
@@ -162,26 +161,12 @@ async fn select_encrypted(pool: &PgPool, table: &str) -> usize {
     rows.len()
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[derive(Default)]
-struct Samples {
-    insert: Vec<f64>,
-    select: Vec<f64>,
-    total: Vec<f64>,
-}
-
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
     let Ok(url) = std::env::var("ENVELOPE_TEST_POSTGRES_URL") else {
         println!("SKIPPED: set ENVELOPE_TEST_POSTGRES_URL to run the PostgreSQL row benchmark");
         return;
     };
-    let (n, rounds) = if quick { (20_000, 3) } else { (100_000, 11) };
+    let (n, rounds) = rows_bench::size();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -210,7 +195,7 @@ fn main() {
         let cmk = kms.cmk_id().to_owned();
         let keyring = Keyring::builder(Arc::new(kms), cmk, store).build().unwrap();
         keyring.warm().await.unwrap();
-        let values: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:064}").into_bytes()).collect();
+        let values = rows_bench::values(n);
         let sealed: Vec<Vec<u8>> = keyring
             .scope(async {
                 values
@@ -233,12 +218,7 @@ fn main() {
                     .await
                     .unwrap();
             }
-            // Alternate the order, so no side always runs on a colder or warmer server.
-            let mut order = Side::ALL;
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for side in order {
+            for side in rows_bench::order(Side::ALL.len(), round).into_iter().map(|i| Side::ALL[i]) {
                 let table = &tables[side as usize];
                 let start = Instant::now();
                 match side {
@@ -258,36 +238,19 @@ fn main() {
                 };
                 let selected = start.elapsed().as_secs_f64();
                 assert_eq!(read, n);
-                let s = &mut samples[side as usize];
-                s.insert.push(inserted);
-                s.select.push(selected);
-                s.total.push(inserted + selected);
+                samples[side as usize].push(inserted, selected);
             }
         }
 
-        println!(
-            "PostgreSQL, {n} rows of 64 bytes, insert (batches of {BATCH}) + select, one connection, {rounds} rounds"
+        let sides: Vec<(&str, &Samples)> =
+            Side::ALL.iter().map(|&side| (side.name(), &samples[side as usize])).collect();
+        rows_bench::report(
+            &format!(
+                "PostgreSQL, {n} rows of 64 bytes, insert (batches of {BATCH}) + select, one connection, {rounds} rounds"
+            ),
+            n,
+            &sides,
         );
-        println!(
-            "{:>24} {:>11} {:>11} {:>11} {:>10}",
-            "", "insert", "select", "total", "ratio"
-        );
-        let us = |v: &[f64]| median(v) * 1e6 / n as f64;
-        let plain = &samples[Side::Plain as usize];
-        for side in Side::ALL {
-            let s = &samples[side as usize];
-            // Each round's time against the plaintext time of the same round; the median of those.
-            let ratios: Vec<f64> = s.total.iter().zip(&plain.total).map(|(a, b)| a / b).collect();
-            println!(
-                "{:>24} {:>8.3} µs {:>8.3} µs {:>8.3} µs {:>9.3}x",
-                side.name(),
-                us(&s.insert),
-                us(&s.select),
-                us(&s.total),
-                median(&ratios)
-            );
-        }
-        println!("(µs per row, medians; ratio = median per-round total / plaintext total)");
         let m = keyring.metrics();
         println!("KMS calls: {} (cache hits {})", m.kms_calls, m.cache_hits);
         for t in tables.iter().chain([&keys]) {

@@ -180,6 +180,7 @@ impl Default for Fixture {
 }
 
 pub mod contract;
+pub mod rows_bench;
 pub mod store_contract;
 
 /// The local provider as a contract target: master keys are made on demand; it has no disabled
