@@ -53,9 +53,39 @@ async fn open_postgres() -> Option<AsyncPgConnection> {
     Some(conn)
 }
 
-/// A MySQL connection to a database of its own (MySQL DDL does not roll back), and that
-/// database's name, to drop at the end.
-async fn open_mysql() -> Option<(AsyncMysqlConnection, String)> {
+/// Drops a test's MySQL database when the test ends, passed or failed.
+struct DropDatabase {
+    url: String,
+    db: String,
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let (url, db) = (self.url.clone(), self.db.clone());
+        // A runtime cannot start inside the test's runtime: use a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut conn = AsyncMysqlConnection::establish(&url).await.unwrap();
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS {db}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("could not drop the test database {}", self.db);
+        }
+    }
+}
+
+/// A MySQL connection to a database of its own (MySQL DDL does not roll back), and the guard
+/// that drops it.
+async fn open_mysql() -> Option<(AsyncMysqlConnection, DropDatabase)> {
     let Ok(url) = std::env::var("ENVELOPE_TEST_MYSQL_URL") else {
         envelope_tests::skipped("set ENVELOPE_TEST_MYSQL_URL to run the diesel-async MySQL tests");
         return None;
@@ -68,6 +98,10 @@ async fn open_mysql() -> Option<(AsyncMysqlConnection, String)> {
         .execute(&mut admin)
         .await
         .unwrap();
+    let guard = DropDatabase {
+        url: url.clone(),
+        db: db.clone(),
+    };
     let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
     let mut conn = AsyncMysqlConnection::establish(&format!("{base}/{db}"))
         .await
@@ -80,14 +114,7 @@ async fn open_mysql() -> Option<(AsyncMysqlConnection, String)> {
     .execute(&mut conn)
     .await
     .unwrap();
-    Some((conn, db))
-}
-
-async fn drop_mysql(conn: &mut AsyncMysqlConnection, db: &str) {
-    diesel::sql_query(format!("DROP DATABASE {db}"))
-        .execute(conn)
-        .await
-        .unwrap();
+    Some((conn, guard))
 }
 
 /// The shared checks, on any async connection.
@@ -193,18 +220,16 @@ async fn postgres_current_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_multi_thread() {
-    let Some((mut conn, db)) = open_mysql().await else {
+    let Some((mut conn, _db)) = open_mysql().await else {
         return;
     };
     checks!(&mut conn);
-    drop_mysql(&mut conn, &db).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn mysql_current_thread() {
-    let Some((mut conn, db)) = open_mysql().await else {
+    let Some((mut conn, _db)) = open_mysql().await else {
         return;
     };
     checks!(&mut conn);
-    drop_mysql(&mut conn, &db).await;
 }
