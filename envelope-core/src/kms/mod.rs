@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -102,10 +103,33 @@ impl fmt::Debug for GeneratedDataKey {
 /// Implementations must bind every wrapped key to the exact [`EncryptionContext`] given, must
 /// never log request or response bodies (a GenerateDataKey response holds a plaintext key), and
 /// should classify failures with [`crate::KmsErrorKind`] so callers know whether to retry.
+///
+/// The futures must not block their thread (no `std::thread::sleep`, no synchronous I/O): they
+/// run on the keyring's own runtime thread, and a blocked thread stalls every KMS call and the
+/// keyring's maintenance. Callers are still bounded by [`crate::Policy::kms_timeout`], but a
+/// provider that blocks turns every cache miss into that timeout.
 #[async_trait]
 pub trait KmsProvider: Send + Sync + 'static {
     /// A short name for logs, errors and the key table's `provider` column (`local`, `tencent`).
     fn name(&self) -> &str;
+
+    /// The longest one call can take, every retry and back-off included, for a provider that
+    /// bounds its own calls (`None`, the default, when it does not). The keyring refuses to
+    /// start when this exceeds [`crate::Policy::kms_timeout`]: the provider's own typed error
+    /// (throttled, timed out, key disabled) must reach the caller before the keyring's deadline
+    /// cuts the call off.
+    fn call_budget(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether this provider holds the master key `cmk`, for a provider that can tell without a
+    /// network call (`None`, the default, when it cannot). The keyring uses it at start-up to
+    /// refuse a master key that cannot read any key in the key table (a local master key file
+    /// that went missing and was replaced by a new one).
+    fn holds_cmk(&self, cmk: &str) -> Option<bool> {
+        let _ = cmk;
+        None
+    }
 
     /// Generate a fresh 32-byte data key under `cmk`, bound to `context`.
     async fn generate_data_key(
