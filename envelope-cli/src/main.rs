@@ -3,6 +3,7 @@
 //! This release has `keygen` (create a local master key file), `inspect` (read a stored value's
 //! header without decrypting it) and `kms-emulator` (a local Tencent-compatible KMS). Migrations
 //! (`encrypt`, `rotate`, `keys rewrap`, `verify`) follow in later releases.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

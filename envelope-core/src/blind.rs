@@ -49,7 +49,9 @@ impl Normalizer {
             Normalizer::Trimmed => Cow::Borrowed(value.trim()),
             Normalizer::CaseFolded => {
                 let t = value.trim();
-                if t.chars().any(char::is_uppercase) {
+                // Exactly "does the default lower-case mapping change anything": not
+                // `char::is_uppercase`, which misses titlecase letters such as U+01C5 (ǅ -> ǆ).
+                if t.chars().any(changes_when_lowercased) {
                     Cow::Owned(t.to_lowercase())
                 } else {
                     Cow::Borrowed(t)
@@ -57,6 +59,11 @@ impl Normalizer {
             }
         }
     }
+}
+
+fn changes_when_lowercased(c: char) -> bool {
+    let mut lower = c.to_lowercase();
+    !(lower.len() == 1 && lower.next() == Some(c))
 }
 
 /// What a blind index is over: the column's label, the normalizer and the output length.
@@ -202,6 +209,35 @@ mod tests {
             k.compute(&trimmed, b"x").unwrap()
         );
         assert!(k.compute(&trimmed, &[0xff]).is_err());
+    }
+
+    /// FORMAT.md section 6.2's vectors, computed independently (Python's `hmac` and
+    /// `str.lower`, which implements the same default lower-case mapping). U+01C5 is a titlecase
+    /// letter: not upper case, yet lower-casing changes it.
+    #[test]
+    fn case_folding_matches_the_spec_vectors() {
+        let k = key(7);
+        let spec = BlindIndexSpec::new(
+            Label::new("customers.email").unwrap(),
+            Normalizer::CaseFolded,
+        );
+        for (value, normalized, expected) in [
+            ("\u{01C5}", "\u{01C6}", "5af9e291bc993c8aa078a16df5d3c9b2"),
+            (
+                " \u{01C5}ungla@Example.COM ",
+                "\u{01C6}ungla@example.com",
+                "7fcd2d7f610bac0480b145c52637bb16",
+            ),
+            (
+                "\u{01C6}ungla@example.com",
+                "\u{01C6}ungla@example.com",
+                "7fcd2d7f610bac0480b145c52637bb16",
+            ),
+        ] {
+            assert_eq!(Normalizer::CaseFolded.apply(value), normalized, "{value:?}");
+            let index = k.compute(&spec, value.as_bytes()).unwrap();
+            assert_eq!(hex::encode(index), expected, "{value:?}");
+        }
     }
 
     #[test]

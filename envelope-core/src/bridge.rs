@@ -20,7 +20,16 @@ use crate::error::{Error, Result};
 
 thread_local! {
     static ON_KMS_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// Set on a thread where `block_in_place` turned out not to be allowed although a
+    /// multi-thread runtime's handle is current (that handle was entered inside a current-thread
+    /// runtime): later blocking sections on this thread block directly.
+    static NO_BLOCK_IN_PLACE: Cell<bool> = const { Cell::new(false) };
 }
+
+/// How much longer than `kms_timeout` the bridge lets a task run and a caller wait: the work
+/// bounds itself by `kms_timeout` and reports its own error (recording a failure, for example),
+/// so the bridge's own cut-off must come later.
+const GRACE: Duration = Duration::from_millis(250);
 
 /// Owns the keyring's runtime thread; dropping it shuts the runtime down without blocking.
 pub(crate) struct RuntimeGuard {
@@ -118,12 +127,32 @@ impl IoRuntime {
 pub(crate) struct Bridge {
     handle: Handle,
     timeout: Duration,
+    /// The process whose thread runs the runtime: in a forked child that thread is gone.
+    pid: u32,
 }
 
 impl Bridge {
     pub(crate) fn start(timeout: Duration) -> Result<(Bridge, RuntimeGuard)> {
         let (handle, guard) = runtime_thread("envelope-kms", true)?;
-        Ok((Bridge { handle, timeout }, guard))
+        let pid = std::process::id();
+        Ok((
+            Bridge {
+                handle,
+                timeout,
+                pid,
+            },
+            guard,
+        ))
+    }
+
+    /// Fail fast in a forked child, whose copy of the runtime has no thread to run it. One
+    /// system call, on the slow path only.
+    fn check_process(&self) -> Result<()> {
+        if std::process::id() == self.pid {
+            Ok(())
+        } else {
+            Err(Error::ForkedProcess { built_in: self.pid })
+        }
     }
 
     pub(crate) fn handle(&self) -> &Handle {
@@ -139,15 +168,18 @@ impl Bridge {
         if ON_KMS_THREAD.with(Cell::get) {
             return Err(Error::BridgeReentrant);
         }
+        self.check_process()?;
         let started = Instant::now();
         let timeout = self.timeout;
         let (tx, rx) = mpsc::sync_channel(1);
         self.handle.spawn(async move {
             // The task times out too, so abandoned work does not pile up on the runtime.
-            let result = tokio::time::timeout(timeout, fut).await;
+            let result = tokio::time::timeout(timeout + GRACE, fut).await;
             let _ = tx.send(result);
         });
-        match rx.recv_timeout(timeout + Duration::from_millis(250)) {
+        // The caller's own bound: it holds even when the runtime thread is blocked (a provider
+        // that blocks), where the task's timer cannot fire.
+        match rx.recv_timeout(timeout + 2 * GRACE) {
             Ok(Ok(result)) => result,
             Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::KmsTimeout {
                 waited: started.elapsed(),
@@ -161,31 +193,48 @@ impl Bridge {
     /// the calling context: inside `block_in_place` on a multi-thread tokio worker (so the
     /// runtime moves its other tasks off this thread), directly everywhere else.
     pub(crate) fn blocking_section<R>(f: impl FnOnce() -> R) -> R {
-        match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-            _ => f(),
+        let multi_thread = matches!(
+            Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(RuntimeFlavor::MultiThread)
+        );
+        if !multi_thread || NO_BLOCK_IN_PLACE.with(Cell::get) {
+            return f();
+        }
+        // A multi-thread runtime's handle is current, which is almost always because this is one
+        // of its workers. But a handle can also be entered inside a current-thread runtime, where
+        // `block_in_place` refuses (it panics before running `f`, and tokio offers no way to ask
+        // first): then run `f` directly, and remember not to try again on this thread.
+        let mut f = Some(f);
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(|| f.take().map(|f| f()))
+        }));
+        match (attempt, f.take()) {
+            (Ok(Some(result)), _) => result,
+            // Refused before `f` ran.
+            (_, Some(f)) => {
+                NO_BLOCK_IN_PLACE.with(|flag| flag.set(true));
+                f()
+            }
+            // `f` ran and panicked itself: let that panic go on.
+            (Err(panic), None) => std::panic::resume_unwind(panic),
+            // `Ok(None)` would mean the closure ran with `f` already taken: `f` is taken only
+            // there, once.
+            (Ok(None), None) => unreachable!("block_in_place ran its closure twice"),
         }
     }
 
-    /// Run `fut` on the keyring runtime and await it from any executor.
+    /// Run `fut` on the keyring runtime and await it from any executor. The wait is bounded by
+    /// the timeout on the caller's side too: it happens on the runtime's blocking pool (a thread
+    /// of its own, not the runtime thread), so a provider or key store that blocks the runtime
+    /// thread cannot hang the caller.
     pub(crate) async fn run<T, F>(&self, what: &'static str, fut: F) -> Result<T>
     where
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
-        let timeout = self.timeout;
-        let started = Instant::now();
-        let task = self
-            .handle
-            .spawn(async move { tokio::time::timeout(timeout, fut).await });
-        match task.await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::KmsTimeout {
-                waited: started.elapsed(),
-                what: what.into(),
-            }),
-            Err(_) => Err(Error::KeyringShutDown),
-        }
+        self.check_process()?;
+        let bridge = self.clone();
+        self.run_blocking(move || bridge.wait(what, fut)).await
     }
 
     /// Run a blocking closure on the keyring runtime's blocking pool and await it.
@@ -194,6 +243,7 @@ impl Bridge {
         T: Send + 'static,
         F: FnOnce() -> Result<T> + Send + 'static,
     {
+        self.check_process()?;
         match self.handle.spawn_blocking(f).await {
             Ok(result) => result,
             Err(_) => Err(Error::KeyringShutDown),

@@ -4,12 +4,12 @@
 use std::fmt;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use rand::Rng as _;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 use crate::format::{self, Envelope, NONCE_LEN, TAG_LEN};
 use crate::keys::{KeyId, KeyMaterial, Label};
+use crate::nonce;
 
 /// Expand a 32-byte key into an AES-256-GCM context. aws-lc allocates the context with
 /// `OPENSSL_malloc`, and `OPENSSL_free` wipes it, so the key schedule is zeroized on drop.
@@ -41,15 +41,17 @@ impl DataCipher {
         self.id
     }
 
-    /// Seal with a fresh nonce from the thread-local CSPRNG (ChaCha, seeded and periodically
-    /// reseeded from the OS): unpredictable and, at our per-key volumes, unique.
+    /// Seal with a fresh nonce from [`nonce::fill`]: unpredictable, never shared with a forked
+    /// process, and at our per-key volumes unique. (The keyring draws the nonce itself, to check
+    /// which process it runs in.)
+    #[cfg(test)]
     pub(crate) fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
+        nonce::fill(&mut nonce)?;
         self.seal_with_nonce(label, &nonce, plaintext)
     }
 
-    /// Seal with a caller-chosen nonce. Only the test vectors use a fixed nonce.
+    /// Seal with a caller-chosen nonce: one from [`nonce::fill`], or a test vector's.
     pub(crate) fn seal_with_nonce(
         &self,
         label: &Label,
@@ -130,11 +132,12 @@ impl WrapCipher {
         WrapCipher(Zeroizing::new(Box::from(&master.expose()[..])))
     }
 
-    /// `None` only if GCM refuses the input, which 32 bytes never trigger.
-    pub(crate) fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Option<Vec<u8>> {
-        let aead = aead_key(&self.0[..]).ok()?;
+    /// # Errors
+    /// When the OS random number generator fails, or (never for 32 bytes) GCM refuses the input.
+    pub(crate) fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Result<Vec<u8>> {
+        let aead = aead_key(&self.0[..])?;
         let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
+        nonce::fill(&mut nonce)?;
         let mut out = Vec::with_capacity(Self::WRAPPED_LEN);
         out.push(1);
         out.extend_from_slice(&nonce);
@@ -147,12 +150,12 @@ impl WrapCipher {
         match tag {
             Ok(tag) => {
                 out.extend_from_slice(tag.as_ref());
-                Some(out)
+                Ok(out)
             }
             Err(_) => {
                 // Never leave plaintext key bytes behind.
                 out.zeroize();
-                None
+                Err(Error::Crypto("AES-256-GCM refused to wrap a key"))
             }
         }
     }

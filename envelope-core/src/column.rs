@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 
 use crate::blind::{BlindIndexSpec, Normalizer};
-use crate::error::{Error, FormatError, Result};
+use crate::error::{Error, Result};
 use crate::format;
 use crate::keys::{Label, Scope};
 
@@ -202,7 +202,11 @@ macro_rules! __blind_index_wrapper {
 /// bytes, dates and times as ISO 8601 text, [`Json`] as compact JSON.
 pub trait Plaintext: Sized {
     /// The bytes to seal.
-    fn to_plaintext(&self) -> Cow<'_, [u8]>;
+    ///
+    /// # Errors
+    /// [`Error::PlaintextEncode`] when the value cannot be encoded (a `Json` value whose
+    /// `Serialize` fails): the write fails, nothing is sealed.
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>>;
     /// Rebuild the value from opened bytes.
     ///
     /// # Errors
@@ -218,8 +222,8 @@ fn type_error(expected: &'static str, got: impl Into<String>) -> Error {
 }
 
 impl Plaintext for String {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.as_bytes())
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(self.as_bytes()))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         String::from_utf8(bytes).map_err(|_| type_error("String", "the bytes are not UTF-8"))
@@ -227,8 +231,8 @@ impl Plaintext for String {
 }
 
 impl Plaintext for Vec<u8> {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self)
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(self))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         Ok(bytes)
@@ -238,8 +242,8 @@ impl Plaintext for Vec<u8> {
 macro_rules! int_plaintext {
     ($($t:ty),*) => {$(
         impl Plaintext for $t {
-            fn to_plaintext(&self) -> Cow<'_, [u8]> {
-                Cow::Owned(self.to_be_bytes().to_vec())
+            fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+                Ok(Cow::Owned(self.to_be_bytes().to_vec()))
             }
             fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
                 let arr = bytes.as_slice().try_into().map_err(|_| {
@@ -253,8 +257,8 @@ macro_rules! int_plaintext {
 int_plaintext!(i16, i32, i64);
 
 impl Plaintext for bool {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(if *self { &[1] } else { &[0] })
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(if *self { &[1] } else { &[0] }))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         match bytes.as_slice() {
@@ -267,8 +271,8 @@ impl Plaintext for bool {
 
 #[cfg(feature = "uuid")]
 impl Plaintext for uuid::Uuid {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.as_bytes())
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(self.as_bytes()))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         uuid::Uuid::from_slice(&bytes)
@@ -278,8 +282,8 @@ impl Plaintext for uuid::Uuid {
 
 #[cfg(feature = "chrono")]
 impl Plaintext for chrono::NaiveDate {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.format("%Y-%m-%d").to_string().into_bytes())
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Owned(self.format("%Y-%m-%d").to_string().into_bytes()))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         let s = std::str::from_utf8(&bytes).map_err(|_| type_error("NaiveDate", "not UTF-8"))?;
@@ -290,11 +294,11 @@ impl Plaintext for chrono::NaiveDate {
 
 #[cfg(feature = "chrono")]
 impl Plaintext for chrono::DateTime<chrono::Utc> {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Owned(
             self.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
                 .into_bytes(),
-        )
+        ))
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
         let s = std::str::from_utf8(&bytes).map_err(|_| type_error("DateTime", "not UTF-8"))?;
@@ -322,15 +326,41 @@ impl<T> std::ops::Deref for Json<T> {
 }
 
 impl<T: serde::Serialize + serde::de::DeserializeOwned> Plaintext for Json<T> {
-    fn to_plaintext(&self) -> Cow<'_, [u8]> {
-        // Serializing plain data cannot fail; a type whose Serialize errors is a program bug,
-        // and an empty plaintext then fails loudly on read rather than silently here.
-        Cow::Owned(serde_json::to_vec(&self.0).unwrap_or_default())
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        // serde_json's messages can quote the data (a custom `Serialize` may say anything):
+        // report only the kind of failure.
+        serde_json::to_vec(&self.0)
+            .map(Cow::Owned)
+            .map_err(|e| Error::PlaintextEncode {
+                ty: "Json",
+                detail: format!(
+                    "serializing to JSON failed ({} error; for example a map whose keys are not strings)",
+                    json_category(&e)
+                ),
+            })
     }
     fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
-        serde_json::from_slice(&bytes)
-            .map(Json)
-            .map_err(|e| type_error("Json", e.to_string()))
+        // Never `e.to_string()`: serde_json quotes the offending (decrypted) value in it.
+        serde_json::from_slice(&bytes).map(Json).map_err(|e| {
+            type_error(
+                "Json",
+                format!(
+                    "{} error at line {} column {} of the decrypted JSON (the field's type does not match what was stored)",
+                    json_category(&e),
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })
+    }
+}
+
+fn json_category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "I/O",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data type",
+        serde_json::error::Category::Eof => "unexpected end of input",
     }
 }
 
@@ -353,7 +383,7 @@ fn scope_of<C: Column>(keyring: &crate::Keyring) -> Result<Scope> {
 pub fn seal<T: Plaintext, C: Column>(value: &T) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
     let scope = scope_of::<C>(&keyring)?;
-    keyring.encrypt_scoped_blocking(&scope, &label_of::<C>()?, &value.to_plaintext())
+    keyring.encrypt_scoped_blocking(&scope, &label_of::<C>()?, &value.to_plaintext()?)
 }
 
 /// [`seal`] to the text form.
@@ -364,9 +394,15 @@ pub fn seal_text<T: Plaintext, C: Column>(value: &T) -> Result<String> {
     seal::<T, C>(value).map(|b| format::to_text(&b))
 }
 
-/// Open a stored value of column `C`. While the keyring has the column's migration window open
-/// ([`crate::Keyring::open_migration_window`]), a value that is not an envelope at all is read as
-/// legacy plaintext; otherwise it is an error (fail closed).
+/// Open a stored value of column `C`. A column with a [`Column::SCOPE`] opens only values
+/// sealed under that scope's keys ([`Error::ScopeMismatch`] otherwise); a scoped keyring
+/// requires its own scope.
+///
+/// While the keyring has the column's migration window open
+/// ([`crate::Keyring::open_migration_window`]), a stored value that the format parser rejects,
+/// whatever the reason, is legacy plaintext and is returned as it is; a value that parses as an
+/// envelope must open, and fails with its error if it does not. Outside the window every value
+/// must be an envelope (fail closed). `docs/FORMAT.md` states the rule.
 ///
 /// # Errors
 /// [`Error::NoKeyring`], any error of [`crate::Keyring::decrypt_blocking`], or
@@ -374,25 +410,35 @@ pub fn seal_text<T: Plaintext, C: Column>(value: &T) -> Result<String> {
 pub fn open<T: Plaintext, C: Column>(stored: &[u8]) -> Result<T> {
     let keyring = crate::current()?;
     let label = label_of::<C>()?;
-    match keyring.decrypt_blocking(&label, stored) {
+    let opened = match C::SCOPE {
+        Some(scope) => keyring.decrypt_scoped_blocking(&Scope::new(scope)?, &label, stored),
+        None => keyring.decrypt_blocking(&label, stored),
+    };
+    match opened {
         Ok(bytes) => T::from_plaintext(bytes),
-        Err(Error::Format(FormatError::NotEnvelope)) if keyring.migration_window_open(&label) => {
+        Err(Error::Format(_)) if keyring.migration_window_open(&label) => {
             T::from_plaintext(stored.to_vec())
         }
         Err(e) => Err(e),
     }
 }
 
-/// Open a text-form stored value of column `C`; legacy text as in [`open`].
+/// Open a text-form stored value of column `C`; scopes and legacy text as in [`open`].
 ///
 /// # Errors
-/// As [`open`], plus [`FormatError::MalformedText`].
+/// As [`open`], plus [`crate::FormatError::MalformedText`].
 pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
     let keyring = crate::current()?;
     let label = label_of::<C>()?;
-    match keyring.decrypt_text_blocking(&label, stored) {
+    let opened = format::from_text(stored)
+        .map_err(Error::from)
+        .and_then(|blob| match C::SCOPE {
+            Some(scope) => keyring.decrypt_scoped_blocking(&Scope::new(scope)?, &label, &blob),
+            None => keyring.decrypt_blocking(&label, &blob),
+        });
+    match opened {
         Ok(bytes) => T::from_plaintext(bytes),
-        Err(Error::Format(FormatError::NotEnvelope)) if keyring.migration_window_open(&label) => {
+        Err(Error::Format(_)) if keyring.migration_window_open(&label) => {
             T::from_plaintext(stored.as_bytes().to_vec())
         }
         Err(e) => Err(e),
@@ -414,7 +460,7 @@ mod tests {
     use super::*;
 
     fn round<T: Plaintext + PartialEq + std::fmt::Debug>(v: T) {
-        let bytes = v.to_plaintext().into_owned();
+        let bytes = v.to_plaintext().unwrap().into_owned();
         assert_eq!(T::from_plaintext(bytes).unwrap(), v);
     }
 
@@ -436,7 +482,7 @@ mod tests {
         }
         let j = Json(Notes { text: "x".into() });
         assert_eq!(format!("{j:?}"), "Json(<redacted>)");
-        let back = Json::<Notes>::from_plaintext(j.to_plaintext().into_owned()).unwrap();
+        let back = Json::<Notes>::from_plaintext(j.to_plaintext().unwrap().into_owned()).unwrap();
         assert_eq!(back.0, j.0);
     }
 

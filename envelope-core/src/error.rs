@@ -48,9 +48,38 @@ pub enum Error {
         found: KeyKind,
     },
 
+    /// The value's key belongs to another scope than the read requires (a scoped column or a
+    /// scoped keyring): for example a value copied from another tenant's row.
+    #[error(
+        "value is sealed under key {key_id} of scope '{found}', but this read accepts only scope '{expected}' (a value copied from another tenant's row?)"
+    )]
+    ScopeMismatch {
+        /// The key id read from the value's header.
+        key_id: KeyId,
+        /// The scope the read requires.
+        expected: Box<str>,
+        /// The scope the key table gives the key.
+        found: Box<str>,
+    },
+
     /// The KMS refused or failed a call.
     #[error(transparent)]
     Kms(#[from] KmsError),
+
+    /// The key table holds keys of this provider, but the provider holds none of the master keys
+    /// they were made under: a master key file that went missing and was replaced, or the wrong
+    /// one. Writing under the new master key would leave every existing row unreadable.
+    #[error(transparent)]
+    MasterKeyMissing(Box<MasterKeyMissing>),
+
+    /// This process is a fork of the one the keyring was built in.
+    #[error(
+        "this keyring was built in process {built_in} and this is a forked child of it: it will not write under data keys it shares with its parent, and its KMS thread did not survive the fork; build the keyring in each worker after forking"
+    )]
+    ForkedProcess {
+        /// The process the keyring was built in.
+        built_in: u32,
+    },
 
     /// The key store (the key table) failed.
     #[error(transparent)]
@@ -125,6 +154,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// A field's value could not be encoded as plaintext (a `Json` value whose `Serialize`
+    /// failed). The write fails; nothing was sealed or stored.
+    #[error("cannot encode the value as {ty}: {detail}; nothing was written")]
+    PlaintextEncode {
+        /// The field's type.
+        ty: &'static str,
+        /// What failed, without the data.
+        detail: String,
+    },
+
     /// The keyring or a provider was configured wrongly.
     #[error("configuration error: {0}")]
     Config(Cow<'static, str>),
@@ -154,7 +193,10 @@ impl Error {
             Error::Decrypt => "Decrypt",
             Error::UnknownKey { .. } => "UnknownKey",
             Error::KeyKindMismatch { .. } => "KeyKindMismatch",
+            Error::ScopeMismatch { .. } => "ScopeMismatch",
             Error::Kms(_) => "Kms",
+            Error::MasterKeyMissing(_) => "MasterKeyMissing",
+            Error::ForkedProcess { .. } => "ForkedProcess",
             Error::Store(_) => "Store",
             Error::KmsTimeout { .. } => "KmsTimeout",
             Error::WriteKeyUnavailable { .. } => "WriteKeyUnavailable",
@@ -164,6 +206,7 @@ impl Error {
             Error::InvalidName { .. } => "InvalidName",
             Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
             Error::PlaintextType { .. } => "PlaintextType",
+            Error::PlaintextEncode { .. } => "PlaintextEncode",
             Error::Config(_) => "Config",
             Error::Crypto(_) => "Crypto",
             Error::Io { .. } => "Io",
@@ -176,6 +219,26 @@ impl Error {
             message: message.into(),
         }
     }
+}
+
+/// The details of [`Error::MasterKeyMissing`].
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "the key table holds {keys} keys made under {provider} master key(s) {}, but this process holds only {held} (from {origin}); restore the master key those keys were made with (a new master key cannot read them) and point the application at it",
+    wanted.join(", ")
+)]
+#[non_exhaustive]
+pub struct MasterKeyMissing {
+    /// The provider's name.
+    pub provider: String,
+    /// How many rows of the key table need a missing master key.
+    pub keys: usize,
+    /// The master key ids the key table names.
+    pub wanted: Vec<String>,
+    /// The master key this keyring holds.
+    pub held: String,
+    /// Where the provider got its master key (a file path, an environment variable).
+    pub origin: String,
 }
 
 /// Why bytes were rejected as an envelope value, before any cryptography ran.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use arc_swap::ArcSwap;
@@ -16,16 +16,24 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::blind::{BlindIndexSpec, IndexKey};
 use crate::bridge::{Bridge, RuntimeGuard};
 use crate::cipher::DataCipher;
-use crate::error::{Error, KmsError, Result, StoreError};
-use crate::format;
+use crate::error::{Error, KmsError, MasterKeyMissing, Result, StoreError};
+use crate::format::{self, NONCE_LEN};
 use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 use crate::kms::{EncryptionContext, KmsProvider};
 use crate::metrics::{Metrics, MetricsSnapshot, bump};
+use crate::nonce;
 use crate::store::{KeyFilter, KeyStore};
 
 /// The most values one data key may seal, whatever the policy says: 2^31, half the 2^32 bound
 /// NIST SP 800-38D sets for random 96-bit nonces.
 pub const MAX_USES_CEILING: u64 = 1 << 31;
+
+/// The longest `dek_max_age` and `cache_ttl` a policy may set.
+const MAX_AGE_LIMIT: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How many failed key loads a keyring remembers at once.
+const MAX_REMEMBERED_LOAD_FAILURES: usize = 1024;
+/// The longest `kms_timeout` and `refresh_retry` a policy may set.
+const MAX_WAIT_LIMIT: Duration = Duration::from_secs(3600);
 
 /// Context keys the keyring binds every wrapped key to.
 const CTX_KEY_ID: &str = "envelope.key_id";
@@ -86,6 +94,20 @@ impl Policy {
         if self.kms_timeout.is_zero() || self.cache_ttl.is_zero() {
             return bad("Policy::kms_timeout and Policy::cache_ttl must be positive");
         }
+        // Upper bounds keep every deadline computation (`now + limit`) far from overflow, and
+        // anything longer is a mistake: a key, a cached key or a wait that outlives a deploy.
+        if self.dek_max_age > MAX_AGE_LIMIT {
+            return bad("Policy::dek_max_age must be at most 366 days");
+        }
+        if self.cache_ttl > MAX_AGE_LIMIT {
+            return bad("Policy::cache_ttl must be at most 366 days");
+        }
+        if self.kms_timeout > MAX_WAIT_LIMIT {
+            return bad("Policy::kms_timeout must be at most one hour");
+        }
+        if self.refresh_retry > MAX_WAIT_LIMIT {
+            return bad("Policy::refresh_retry must be at most one hour");
+        }
         Ok(())
     }
 
@@ -99,33 +121,40 @@ impl Policy {
     }
 }
 
-/// An opened key in the cache. Always behind an `Arc`, so the size difference between the
-/// variants (the AES key schedule is large) costs nothing.
+/// An opened key in the cache, and the scope the key table (and its KMS context) gives it.
+/// Always behind an `Arc`, so the size difference between the variants (the AES key schedule is
+/// large) costs nothing.
+pub(crate) struct OpenedKey {
+    scope: Scope,
+    body: KeyBody,
+}
+
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum OpenedKey {
+enum KeyBody {
     Data(DataCipher),
     Index(IndexKey),
 }
 
 impl OpenedKey {
-    fn new(kind: KeyKind, id: KeyId, material: &KeyMaterial) -> Result<Self> {
-        Ok(match kind {
-            KeyKind::Data => OpenedKey::Data(DataCipher::new(id, material)?),
-            KeyKind::Index => OpenedKey::Index(IndexKey::new(id, material)),
-        })
+    fn new(kind: KeyKind, id: KeyId, scope: Scope, material: &KeyMaterial) -> Result<Self> {
+        let body = match kind {
+            KeyKind::Data => KeyBody::Data(DataCipher::new(id, material)?),
+            KeyKind::Index => KeyBody::Index(IndexKey::new(id, material)),
+        };
+        Ok(OpenedKey { scope, body })
     }
 
     fn id(&self) -> KeyId {
-        match self {
-            OpenedKey::Data(c) => c.id(),
-            OpenedKey::Index(k) => k.id(),
+        match &self.body {
+            KeyBody::Data(c) => c.id(),
+            KeyBody::Index(k) => k.id(),
         }
     }
 
     fn data(&self) -> Result<&DataCipher> {
-        match self {
-            OpenedKey::Data(c) => Ok(c),
-            OpenedKey::Index(k) => Err(Error::KeyKindMismatch {
+        match &self.body {
+            KeyBody::Data(c) => Ok(c),
+            KeyBody::Index(k) => Err(Error::KeyKindMismatch {
                 key_id: k.id(),
                 expected: KeyKind::Data,
                 found: KeyKind::Index,
@@ -133,10 +162,24 @@ impl OpenedKey {
         }
     }
 
+    /// The data key, if it belongs to `scope` (any scope when `None`).
+    #[inline]
+    fn data_in(&self, scope: Option<&Scope>) -> Result<&DataCipher> {
+        let cipher = self.data()?;
+        match scope {
+            Some(want) if *want != self.scope => Err(Error::ScopeMismatch {
+                key_id: cipher.id(),
+                expected: want.as_str().into(),
+                found: self.scope.as_str().into(),
+            }),
+            _ => Ok(cipher),
+        }
+    }
+
     fn index(&self) -> Result<&IndexKey> {
-        match self {
-            OpenedKey::Index(k) => Ok(k),
-            OpenedKey::Data(c) => Err(Error::KeyKindMismatch {
+        match &self.body {
+            KeyBody::Index(k) => Ok(k),
+            KeyBody::Data(c) => Err(Error::KeyKindMismatch {
                 key_id: c.id(),
                 expected: KeyKind::Index,
                 found: KeyKind::Data,
@@ -145,18 +188,15 @@ impl OpenedKey {
     }
 }
 
-const AGE_FRESH: u8 = 0;
-const AGE_SOFT: u8 = 1;
-const AGE_HARD: u8 = 2;
-
-/// The data key a scope writes under, with its use count and age state.
+/// The data key a scope writes under, with its use count and age limits.
 struct ActiveKey {
     key: Arc<OpenedKey>,
-    created: Instant,
     uses: AtomicU64,
-    /// Age against the policy, updated by the maintenance tick (once a second) so the write path
-    /// does not read the clock.
-    age_state: AtomicU8,
+    /// From here on a successor is prepared (`refresh_at_percent` of `dek_max_age`).
+    soft_deadline: Instant,
+    /// From here on the key takes no writes (`dek_max_age`). Checked on every write, so the age
+    /// limit holds even when the maintenance tick is held up.
+    hard_deadline: Instant,
     /// Set while a refresh runs and after it prepared a successor; cleared after a failure.
     refresh_in_flight: AtomicBool,
     /// Milliseconds since the keyring's epoch before which no refresh is tried (back-off).
@@ -209,20 +249,31 @@ thread_local! {
     static SNAPSHOT: std::cell::RefCell<Option<Snapshot>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A test clock: the system clock plus an offset tests can advance.
+/// The monotonic clock; in unit tests, plus an offset the test can advance. Read on every write
+/// (a vDSO call, no lock).
 #[derive(Clone, Default)]
 struct Clock {
-    offset: Arc<Mutex<Duration>>,
+    #[cfg(test)]
+    offset_ms: Arc<AtomicU64>,
 }
 
 impl Clock {
+    #[inline]
     fn now(&self) -> Instant {
-        Instant::now() + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+        #[cfg(test)]
+        {
+            Instant::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+        }
+        #[cfg(not(test))]
+        {
+            Instant::now()
+        }
     }
 
     #[cfg(test)]
     fn advance(&self, by: Duration) {
-        *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += by;
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
     }
 }
 
@@ -244,7 +295,19 @@ struct Inner {
     /// A process-unique id, so a thread's snapshot can never be mistaken for another keyring's.
     id: u64,
     rotate_locks: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
+    /// One index-key lookup or creation at a time per label: concurrent first users of a blind
+    /// index wait for the one KMS call instead of each making a key.
+    index_locks: Mutex<HashMap<Label, Arc<tokio::sync::Mutex<()>>>>,
     index_ids: RwLock<HashMap<Label, KeyId>>,
+    /// Recent failures to load a key (KMS or key store unavailable, or too slow): readers of that
+    /// key fail at once with the same error for `refresh_retry` instead of each waiting again.
+    load_failures: Mutex<HashMap<KeyId, (Instant, Error), KeyIdHash>>,
+    /// The scope `decrypt` requires of a value's key, for a keyring built with
+    /// [`KeyringBuilder::default_scope`] (`None`: any scope).
+    read_scope: Option<Scope>,
+    /// The process the keyring was built in: a forked child must not write under keys it shares
+    /// with its parent.
+    pid: u32,
     /// The last failed attempt to make a data key, per scope: writers that find no usable key
     /// fail fast with this error for `refresh_retry` instead of each waiting on a KMS that is down.
     recent_failures: Mutex<HashMap<Scope, (Instant, Error)>>,
@@ -265,6 +328,7 @@ pub struct KeyringBuilder {
     store: Arc<dyn KeyStore>,
     policy: Policy,
     default_scope: Scope,
+    scoped: bool,
     clock: Clock,
 }
 
@@ -275,9 +339,14 @@ impl KeyringBuilder {
         self
     }
 
-    /// The scope used by [`Keyring::encrypt`] and friends (default `default`).
+    /// Make this a scoped keyring (for one tenant, say): [`Keyring::encrypt`] writes under
+    /// `scope`'s data keys, and [`Keyring::decrypt`] and the column types open only values
+    /// sealed under keys of `scope`; a value of another scope fails with
+    /// [`Error::ScopeMismatch`]. Without this the keyring writes under the `default` scope and
+    /// reads values of any scope.
     pub fn default_scope(mut self, scope: Scope) -> Self {
         self.default_scope = scope;
+        self.scoped = true;
         self
     }
 
@@ -290,13 +359,34 @@ impl KeyringBuilder {
     /// Start the keyring: its runtime thread and its maintenance task. Makes no KMS call; call
     /// [`Keyring::warm`] to create the first data key up front.
     ///
+    /// When the provider can tell which master keys it holds (the local KMS can), the key table
+    /// is read once to check that it holds at least one of the master keys its keys were made
+    /// under: a master key file that went missing and was replaced by a new key would otherwise
+    /// start a healthy-looking service that cannot read a single existing row.
+    ///
     /// # Errors
-    /// [`Error::Config`] for an invalid policy or CMK id, or when the runtime thread cannot start.
+    /// [`Error::Config`] for an invalid policy or CMK id, a provider whose retry budget exceeds
+    /// [`Policy::kms_timeout`], or when the runtime thread cannot start;
+    /// [`Error::MasterKeyMissing`] when the key table's keys need master keys this provider does
+    /// not hold; a key-store error while reading the key table for that check.
     pub fn build(self) -> Result<Keyring> {
         self.policy.validate()?;
         if self.cmk.is_empty() {
             return Err(Error::Config("the CMK id must not be empty".into()));
         }
+        if let Some(budget) = self.kms.call_budget()
+            && budget > self.policy.kms_timeout
+        {
+            return Err(Error::Config(
+                format!(
+                    "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
+                    self.kms.name(),
+                    self.policy.kms_timeout
+                )
+                .into(),
+            ));
+        }
+        let read_scope = self.scoped.then(|| self.default_scope.clone());
         let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
         let cache = moka::sync::Cache::builder()
             .name("envelope-keys")
@@ -318,7 +408,11 @@ impl KeyringBuilder {
             generation: AtomicU64::new(0),
             id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
             rotate_locks: Mutex::default(),
+            index_locks: Mutex::default(),
             index_ids: RwLock::default(),
+            load_failures: Mutex::default(),
+            read_scope,
+            pid: std::process::id(),
             recent_failures: Mutex::default(),
             pending: Mutex::default(),
             migration_windows: RwLock::default(),
@@ -331,10 +425,12 @@ impl KeyringBuilder {
             .bridge
             .handle()
             .spawn(maintenance(Arc::downgrade(&inner)));
-        Ok(Keyring {
+        let keyring = Keyring {
             inner,
             _runtime: Arc::new(guard),
-        })
+        };
+        keyring.inner.check_master_keys()?;
+        Ok(keyring)
     }
 }
 
@@ -373,6 +469,7 @@ impl Keyring {
             store,
             policy: Policy::default(),
             default_scope: Scope::default(),
+            scoped: false,
             clock: Clock::default(),
         }
     }
@@ -482,6 +579,7 @@ impl Keyring {
                     inner.rotate(s, Rotation::IfUnusable).await
                 })
                 .await
+                .map_err(|e| self.inner.note_write_failure(scope, e))
                 .map_err(|e| write_unavailable(scope, e))?;
         }
         Err(exhausted(scope))
@@ -492,13 +590,39 @@ impl Keyring {
     /// # Errors
     /// [`Error::Format`] for malformed input, [`Error::Decrypt`] for a tampered, swapped or
     /// foreign value, [`Error::UnknownKey`], or a KMS / key-store error while loading its key.
+    /// On a scoped keyring ([`KeyringBuilder::default_scope`]) the value's key must belong to
+    /// that scope, or the read fails with [`Error::ScopeMismatch`].
     pub async fn decrypt(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        self.decrypt_in(self.inner.read_scope.as_ref(), label, blob)
+            .await
+    }
+
+    /// Open a value that must have been sealed under one of `scope`'s keys: a value copied from
+    /// another tenant's row of the same column fails with [`Error::ScopeMismatch`].
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`].
+    pub async fn decrypt_scoped(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        blob: &[u8],
+    ) -> Result<Vec<u8>> {
+        self.decrypt_in(Some(scope), label, blob).await
+    }
+
+    async fn decrypt_in(
+        &self,
+        scope: Option<&Scope>,
+        label: &Label,
+        blob: &[u8],
+    ) -> Result<Vec<u8>> {
         let envelope = format::parse(blob)?;
-        if let Some(opened) = self.inner.open_hot(&envelope, label) {
+        if let Some(opened) = self.inner.open_hot(&envelope, label, scope) {
             return opened;
         }
         let key = self.key_async(envelope.key_id()).await?;
-        key.data()?.open(&envelope, label)
+        key.data_in(scope)?.open(&envelope, label)
     }
 
     /// Seal and return the text form (`ev1:` + base64), for columns that must stay text.
@@ -645,6 +769,7 @@ impl Keyring {
                 })
             })
             .map_err(|e| self.inner.note_timeout(e))
+            .map_err(|e| self.inner.note_write_failure(scope, e))
             .map_err(|e| write_unavailable(scope, e))?;
             if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
                 return sealed;
@@ -659,12 +784,34 @@ impl Keyring {
     /// # Errors
     /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
     pub fn decrypt_blocking(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        self.decrypt_blocking_in(self.inner.read_scope.as_ref(), label, blob)
+    }
+
+    /// [`Keyring::decrypt_scoped`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt_blocking`].
+    pub fn decrypt_scoped_blocking(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        blob: &[u8],
+    ) -> Result<Vec<u8>> {
+        self.decrypt_blocking_in(Some(scope), label, blob)
+    }
+
+    fn decrypt_blocking_in(
+        &self,
+        scope: Option<&Scope>,
+        label: &Label,
+        blob: &[u8],
+    ) -> Result<Vec<u8>> {
         let envelope = format::parse(blob)?;
-        if let Some(opened) = self.inner.open_hot(&envelope, label) {
+        if let Some(opened) = self.inner.open_hot(&envelope, label, scope) {
             return opened;
         }
         let key = self.inner.key_blocking(envelope.key_id())?;
-        key.data()?.open(&envelope, label)
+        key.data_in(scope)?.open(&envelope, label)
     }
 
     /// [`Keyring::encrypt_text`] for synchronous callers.
@@ -774,16 +921,35 @@ impl Inner {
     ) -> Option<Result<Vec<u8>>> {
         self.with_active(|active| {
             let key = active.get(scope, &self.default_scope)?;
-            let uses = key.uses.fetch_add(1, Ordering::Relaxed);
-            let age = key.age_state.load(Ordering::Relaxed);
-            if age == AGE_HARD || uses >= self.policy.dek_max_uses {
+            let now = self.clock.now();
+            if now >= key.hard_deadline {
                 return None;
             }
-            if age == AGE_SOFT || uses >= self.soft_uses {
+            let uses = key.uses.fetch_add(1, Ordering::Relaxed);
+            if uses >= self.policy.dek_max_uses {
+                return None;
+            }
+            if now >= key.soft_deadline || uses >= self.soft_uses {
                 self.schedule_refresh(scope, key);
             }
-            Some(key.key.data().and_then(|c| c.seal(label, plaintext)))
+            Some(
+                key.key
+                    .data()
+                    .and_then(|c| self.seal_with(c, label, plaintext)),
+            )
         })
+    }
+
+    /// Seal under `cipher` with a fresh nonce, unless this is a forked child of the process the
+    /// keyring was built in: the child shares the parent's data keys and use counts, so writes
+    /// there would stretch the per-key bound across processes.
+    #[inline]
+    fn seal_with(&self, cipher: &DataCipher, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        if nonce::fill(&mut nonce)? != self.pid {
+            return Err(Error::ForkedProcess { built_in: self.pid });
+        }
+        cipher.seal_with_nonce(label, &nonce, plaintext)
     }
 
     /// Run `f` on this thread's snapshot of the active keys, reloading it if it is stale.
@@ -816,12 +982,12 @@ impl Inner {
     /// Whether `active` may still take writes (without counting one).
     fn is_usable(&self, active: &ActiveKey) -> bool {
         active.uses.load(Ordering::Relaxed) < self.policy.dek_max_uses
-            && self.clock.now().duration_since(active.created) < self.policy.dek_max_age
+            && self.clock.now() < active.hard_deadline
     }
 
     fn is_due(&self, active: &ActiveKey) -> bool {
         active.uses.load(Ordering::Relaxed) >= self.soft_uses
-            || self.clock.now().duration_since(active.created) >= self.policy.soft_age()
+            || self.clock.now() >= active.soft_deadline
     }
 
     fn millis_since_epoch(&self) -> u64 {
@@ -883,9 +1049,20 @@ impl Inner {
     /// A background refresh ([`Rotation::IfDue`]) only prepares the successor: it is generated
     /// and stored ahead of time, and swapped in when the current key reaches its hard limit, so
     /// every key serves its full quota and the swap needs no KMS call.
+    ///
+    /// Everything, the wait for a concurrent rotation included, fits in `kms_timeout`, and a
+    /// timeout is recorded like any other failure: later writers fail at once for
+    /// `refresh_retry` instead of each waiting for a KMS that does not answer.
     async fn rotate(self: Arc<Self>, scope: Scope, when: Rotation) -> Result<Option<KeyId>> {
+        let timeout = self.policy.kms_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let lock = self.rotate_lock(&scope);
-        let _serial = lock.lock().await;
+        let Ok(_serial) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+            return Err(Error::KmsTimeout {
+                waited: timeout,
+                what: "waiting for another rotation of the same scope".into(),
+            });
+        };
         let current = self.active_key(&scope);
         match (&current, when) {
             (Some(a), Rotation::IfUnusable) if self.is_usable(a) => return Ok(None),
@@ -905,7 +1082,16 @@ impl Inner {
         {
             return Err(e);
         }
-        let (record, key) = match self.create_key(KeyKind::Data, scope.as_str()).await {
+        let made =
+            tokio::time::timeout_at(deadline, self.create_key(KeyKind::Data, scope.as_str()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::KmsTimeout {
+                        waited: timeout,
+                        what: "making a data key".into(),
+                    })
+                });
+        let (record, key) = match made {
             Ok(made) => {
                 self.failures().remove(&scope);
                 made
@@ -944,11 +1130,12 @@ impl Inner {
     /// Make `key` the scope's active key and retire the previous one in the background.
     fn activate(self: &Arc<Self>, scope: &Scope, key: Arc<OpenedKey>) {
         let id = key.id();
+        let now = self.clock.now();
         let fresh = Arc::new(ActiveKey {
             key,
-            created: self.clock.now(),
             uses: AtomicU64::new(0),
-            age_state: AtomicU8::new(AGE_FRESH),
+            soft_deadline: now + self.policy.soft_age(),
+            hard_deadline: now + self.policy.dek_max_age,
             refresh_in_flight: AtomicBool::new(false),
             refresh_not_before_ms: AtomicU64::new(0),
         });
@@ -961,15 +1148,23 @@ impl Inner {
             } else {
                 next.scoped.insert(scope.clone(), fresh.clone())
             };
-            previous = slot.map(|a| a.key.id());
-            if let Some(old) = previous {
-                next.by_id.remove(&old);
+            previous = slot.map(|a| a.key.clone());
+            if let Some(old) = &previous {
+                next.by_id.remove(&old.id());
             }
             next.by_id.insert(id, fresh.key.clone());
             next
         });
         self.generation.fetch_add(1, Ordering::Release);
         bump(&self.metrics.rotations);
+        let previous = previous.map(|old| {
+            // The outgoing key leaves the active set, and its cache entry (made when the key was)
+            // may have expired long ago: cache it afresh, so the most recent values stay readable
+            // for `cache_ttl` without a KMS call, through a KMS outage too.
+            let old_id = old.id();
+            self.cache.insert(old_id, old);
+            old_id
+        });
         tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %id, ?previous, "new active data key");
         if let Some(old) = previous {
             // The old key stays readable; retiring it only records that writes under it ended.
@@ -1029,7 +1224,12 @@ impl Inner {
             created_at: SystemTime::now(),
             retired_at: None,
         };
-        let key = Arc::new(OpenedKey::new(kind, id, &generated.plaintext)?);
+        let key = Arc::new(OpenedKey::new(
+            kind,
+            id,
+            Scope::new(scope.to_owned())?,
+            &generated.plaintext,
+        )?);
         // Persist before first use: a value must never exist under a key the table lacks.
         self.store.insert(&record).await?;
         self.cache.insert(id, key.clone());
@@ -1064,7 +1264,7 @@ impl Inner {
             .get(&id)
             .await?
             .ok_or(Error::UnknownKey { key_id: id })?;
-        let context = checked_context(&record)?;
+        let (context, scope) = checked_context(&record)?;
         if record.provider != self.kms.name() {
             return Err(Error::Config(
                 format!(
@@ -1082,7 +1282,7 @@ impl Inner {
             )
             .await?;
         tracing::debug!(target: "envelope::keyring", key_id = %id, kind = %record.kind, "loaded key");
-        Ok(Arc::new(OpenedKey::new(record.kind, id, &material)?))
+        Ok(Arc::new(OpenedKey::new(record.kind, id, scope, &material)?))
     }
 
     /// The opened key for `id`, from the cache or loaded once for all concurrent callers.
@@ -1092,6 +1292,9 @@ impl Inner {
             return Ok(key);
         }
         bump(&self.metrics.cache_misses);
+        if let Some(e) = self.recent_load_failure(&id) {
+            return Err(e);
+        }
         // The whole single-flight call sits inside the blocking section: moka's waiters block
         // their thread too, and on a multi-thread runtime they must not hold a worker hostage.
         Bridge::blocking_section(|| {
@@ -1101,18 +1304,98 @@ impl Inner {
                 self.bridge
                     .wait("loading a key", async move { inner.load(id).await })
                     .map_err(|e| self.note_timeout(e))
+                    .inspect_err(|e| self.note_load_failure(id, e))
             })
         })
         .map_err(|shared: Arc<Error>| (*shared).clone())
     }
 
+    /// Remember a failed load whose cause is the KMS or the key store being unavailable or too
+    /// slow, so the next readers of that key fail at once (for `refresh_retry`) instead of each
+    /// waiting out `kms_timeout` again. Answers about the data itself (an unknown key, a corrupt
+    /// row) are not remembered: they cost no wait.
+    fn note_load_failure(&self, id: KeyId, e: &Error) {
+        let transient = match e {
+            Error::KmsTimeout { .. } => true,
+            Error::Kms(k) => k.is_retryable(),
+            Error::Store(StoreError::Backend(_)) => true,
+            _ => false,
+        };
+        if !transient {
+            return;
+        }
+        let mut failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
+        // Ids come from stored values: bound the map, however many distinct ids fail.
+        if failures.len() < MAX_REMEMBERED_LOAD_FAILURES {
+            failures.insert(id, (self.clock.now(), e.clone()));
+        }
+    }
+
+    fn recent_load_failure(&self, id: &KeyId) -> Option<Error> {
+        let failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, e) = failures.get(id)?;
+        (self.clock.now().duration_since(*at) < self.policy.refresh_retry).then(|| e.clone())
+    }
+
+    /// A write that found no usable key failed: if it timed out in the caller (the keyring
+    /// runtime itself may be held up), record that as the scope's recent failure, as `rotate`
+    /// does for failures it sees itself.
+    fn note_write_failure(&self, scope: &Scope, e: Error) -> Error {
+        if matches!(e, Error::KmsTimeout { .. }) {
+            self.failures()
+                .entry(scope.clone())
+                .or_insert_with(|| (self.clock.now(), e.clone()));
+        }
+        e
+    }
+
+    /// Refuse to start on a key table whose keys all need master keys this provider lacks.
+    fn check_master_keys(self: &Arc<Self>) -> Result<()> {
+        if self.kms.holds_cmk(&self.cmk).is_none() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let records = Bridge::blocking_section(|| {
+            self.bridge.wait("reading the key table", async move {
+                Ok(store.list(&KeyFilter::all()).await?)
+            })
+        })?;
+        let provider = self.kms.name();
+        let ours: Vec<&KeyRecord> = records.iter().filter(|r| r.provider == provider).collect();
+        if ours.is_empty()
+            || ours
+                .iter()
+                .any(|r| self.kms.holds_cmk(&r.cmk_id) == Some(true))
+        {
+            return Ok(());
+        }
+        let mut wanted: Vec<String> = ours.iter().map(|r| r.cmk_id.clone()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        Err(Error::MasterKeyMissing(Box::new(MasterKeyMissing {
+            provider: provider.to_owned(),
+            keys: ours.len(),
+            wanted,
+            held: self.cmk.clone(),
+            origin: self
+                .kms
+                .master_key_origin()
+                .unwrap_or_else(|| "the provider's configuration".to_owned()),
+        })))
+    }
+
     /// Open under an active key without touching reference counts, if the value's key is one.
     #[inline]
-    fn open_hot(&self, envelope: &format::Envelope<'_>, label: &Label) -> Option<Result<Vec<u8>>> {
+    fn open_hot(
+        &self,
+        envelope: &format::Envelope<'_>,
+        label: &Label,
+        scope: Option<&Scope>,
+    ) -> Option<Result<Vec<u8>>> {
         self.with_active(|active| {
             let key = active.by_id.get(&envelope.key_id())?;
             bump(&self.metrics.cache_hits);
-            Some(key.data().and_then(|c| c.open(envelope, label)))
+            Some(key.data_in(scope).and_then(|c| c.open(envelope, label)))
         })
     }
 
@@ -1139,9 +1422,21 @@ impl Inner {
             .copied()
     }
 
-    /// Find the live index key for `label` in the key table, creating it if there is none. When
-    /// two processes race to create it, the store lets one insert win and the other reads it.
+    /// Find the live index key for `label` in the key table, creating it if there is none. One
+    /// lookup per label at a time in this process, so concurrent first users make one KMS call;
+    /// when two processes race to create it, the store lets one insert win and the other reads it.
     async fn resolve_index_id(self: Arc<Self>, label: Label) -> Result<KeyId> {
+        let lock = self
+            .index_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(label.clone())
+            .or_default()
+            .clone();
+        let _serial = lock.lock().await;
+        if let Some(id) = self.cached_index_id(&label) {
+            return Ok(id);
+        }
         let filter = KeyFilter {
             kind: Some(KeyKind::Index),
             scope: Some(label.to_string()),
@@ -1173,26 +1468,24 @@ impl Inner {
         Ok(id)
     }
 
-    /// Once a second: expire cache entries for real (moka expires lazily), update the age state
-    /// of active keys, and start refreshes that are due.
+    /// Once a second: expire cache entries for real (moka expires lazily), have every thread
+    /// reseed its nonce generator (see `nonce`), forget old load failures, swap in prepared
+    /// successors of keys past their age, and start refreshes that are due. (Writes check the
+    /// age limit themselves: this tick only keeps idle scopes current.)
     fn tick(self: &Arc<Self>) {
         self.cache.run_pending_tasks();
+        nonce::request_reseed();
         let now = self.clock.now();
+        self.load_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (at, _)| now.duration_since(*at) < self.policy.refresh_retry);
         let active = self.active.load().iter(&self.default_scope);
         for (scope, key) in active {
-            let age = now.duration_since(key.created);
-            let state = if age >= self.policy.dek_max_age {
-                AGE_HARD
-            } else if age >= self.policy.soft_age() {
-                AGE_SOFT
-            } else {
-                AGE_FRESH
-            };
-            key.age_state.store(state, Ordering::Relaxed);
-            if state == AGE_HARD && self.promote_pending(&scope).is_some() {
+            if now >= key.hard_deadline && self.promote_pending(&scope).is_some() {
                 continue;
             }
-            if state != AGE_FRESH {
+            if now >= key.soft_deadline {
                 self.schedule_refresh(&scope, &key);
             }
         }
@@ -1218,9 +1511,11 @@ fn kms_context(id: &KeyId, kind: KeyKind, scope: &str) -> EncryptionContext {
         .with(CTX_SCOPE, scope)
 }
 
-/// The stored context must name the row's own id and kind: a wrapped key copied onto another
-/// row is refused here rather than opened under the wrong id.
-fn checked_context(record: &KeyRecord) -> Result<EncryptionContext> {
+/// The stored context must name the row's own id, kind and scope: a wrapped key copied onto
+/// another row is refused here rather than opened under the wrong id, and a row whose scope was
+/// edited (so that shredding by scope would miss it) does not open. The context itself is bound
+/// into the wrapped key by the KMS, so it cannot be edited to match.
+fn checked_context(record: &KeyRecord) -> Result<(EncryptionContext, Scope)> {
     let corrupt = |reason: String| {
         Error::Store(StoreError::Corrupt {
             key_id: record.id,
@@ -1235,7 +1530,15 @@ fn checked_context(record: &KeyRecord) -> Result<EncryptionContext> {
     if context.get(CTX_KIND) != Some(record.kind.as_str()) {
         return Err(corrupt("kms_context names a different key kind".into()));
     }
-    Ok(context)
+    if context.get(CTX_SCOPE) != Some(record.scope.as_str()) {
+        return Err(corrupt(
+            "kms_context names a different scope than the row's scope column (was the row edited?)"
+                .into(),
+        ));
+    }
+    let scope = Scope::new(record.scope.clone())
+        .map_err(|_| corrupt("the scope column is not a valid scope name".into()))?;
+    Ok((context, scope))
 }
 
 #[cfg(test)]
@@ -1401,5 +1704,400 @@ mod tests {
             matches!(err, Error::Store(StoreError::Corrupt { .. })),
             "{err}"
         );
+    }
+
+    /// A provider over a local KMS that can be made to hang, block its thread, fail, or answer
+    /// slowly, and counts the calls that reach it.
+    struct Faulty {
+        inner: LocalKms,
+        mode: AtomicU64,
+        generate_calls: AtomicU64,
+        decrypt_calls: AtomicU64,
+    }
+
+    const OK: u64 = 0;
+    const HANG: u64 = 1;
+    const DOWN: u64 = 2;
+    const SLOW: u64 = 3;
+    const BLOCK_THREAD: u64 = 4;
+
+    impl Faulty {
+        fn new(inner: LocalKms) -> Arc<Self> {
+            Arc::new(Faulty {
+                inner,
+                mode: AtomicU64::new(OK),
+                generate_calls: AtomicU64::new(0),
+                decrypt_calls: AtomicU64::new(0),
+            })
+        }
+
+        fn set(&self, mode: u64) {
+            self.mode.store(mode, Ordering::SeqCst);
+        }
+
+        async fn fault(&self) -> std::result::Result<(), KmsError> {
+            match self.mode.load(Ordering::SeqCst) {
+                HANG => std::future::pending().await,
+                DOWN => Err(KmsError::new("local", crate::KmsErrorKind::Unavailable)),
+                SLOW => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(())
+                }
+                BLOCK_THREAD => {
+                    std::thread::sleep(Duration::from_secs(2));
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl KmsProvider for Faulty {
+        fn name(&self) -> &str {
+            "local"
+        }
+
+        async fn generate_data_key(
+            &self,
+            cmk: &str,
+            context: &EncryptionContext,
+        ) -> std::result::Result<crate::GeneratedDataKey, KmsError> {
+            self.generate_calls.fetch_add(1, Ordering::SeqCst);
+            self.fault().await?;
+            self.inner.generate_data_key(cmk, context).await
+        }
+
+        async fn decrypt(
+            &self,
+            cmk: &str,
+            wrapped: &[u8],
+            context: &EncryptionContext,
+        ) -> std::result::Result<KeyMaterial, KmsError> {
+            self.decrypt_calls.fetch_add(1, Ordering::SeqCst);
+            self.fault().await?;
+            self.inner.decrypt(cmk, wrapped, context).await
+        }
+
+        async fn encrypt(
+            &self,
+            cmk: &str,
+            plaintext: &KeyMaterial,
+            context: &EncryptionContext,
+        ) -> std::result::Result<Vec<u8>, KmsError> {
+            self.inner.encrypt(cmk, plaintext, context).await
+        }
+    }
+
+    fn faulty_keyring(
+        policy: Policy,
+        clock: Clock,
+        store: Arc<MemoryKeyStore>,
+    ) -> (Keyring, Arc<Faulty>) {
+        let kms = Faulty::new(LocalKms::from_key(
+            KeyMaterial::from_slice(&[9; 32]).unwrap(),
+        ));
+        let cmk = kms.inner.cmk_id().to_owned();
+        let k = Keyring::builder(kms.clone(), cmk, store)
+            .policy(policy)
+            .clock(clock)
+            .build()
+            .unwrap();
+        (k, kms)
+    }
+
+    fn quick() -> Policy {
+        Policy {
+            kms_timeout: Duration::from_millis(300),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn a_hung_kms_is_asked_once_then_writes_fail_fast() {
+        let (k, kms) = faulty_keyring(quick(), Clock::default(), Arc::new(MemoryKeyStore::new()));
+        kms.set(HANG);
+        for _ in 0..3 {
+            let err = k.encrypt_blocking(&label(), b"v").unwrap_err();
+            assert!(matches!(err, Error::WriteKeyUnavailable { .. }), "{err}");
+            assert!(err.to_string().contains("timed out"), "{err}");
+        }
+        assert_eq!(kms.generate_calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_hung_kms_is_asked_once_for_a_key_that_is_not_cached() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let (writer, _) = faulty_keyring(quick(), Clock::default(), store.clone());
+        let blob = writer.encrypt_blocking(&label(), b"v").unwrap();
+        let (reader, kms) = faulty_keyring(quick(), Clock::default(), store);
+        kms.set(HANG);
+        for _ in 0..3 {
+            let err = reader.decrypt_blocking(&label(), &blob).unwrap_err();
+            assert!(matches!(err, Error::KmsTimeout { .. }), "{err}");
+        }
+        assert_eq!(kms.decrypt_calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_async_api_is_bounded_when_the_provider_blocks_its_thread() {
+        let (k, kms) = faulty_keyring(quick(), Clock::default(), Arc::new(MemoryKeyStore::new()));
+        kms.set(BLOCK_THREAD);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let err = rt.block_on(k.encrypt(&label(), b"v")).unwrap_err();
+        assert!(matches!(err, Error::WriteKeyUnavailable { .. }), "{err}");
+        // Bounded by kms_timeout (plus grace), not by the provider's 2 s.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_age_limit_holds_without_the_maintenance_tick() {
+        let clock = Clock::default();
+        let policy = Policy {
+            dek_max_age: Duration::from_secs(100),
+            ..Policy::default()
+        };
+        let (k, _) = keyring_with(policy, clock.clone());
+        let first = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        clock.advance(Duration::from_secs(150)); // no tick
+        let next = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        assert_ne!(first, next);
+    }
+
+    #[test]
+    fn the_outgoing_key_stays_cached_through_an_outage() {
+        let clock = Clock::default();
+        let policy = Policy {
+            dek_max_age: Duration::from_secs(100),
+            cache_ttl: Duration::from_millis(500),
+            ..Policy::default()
+        };
+        let (k, kms) = faulty_keyring(policy, clock.clone(), Arc::new(MemoryKeyStore::new()));
+        let old = k.encrypt_blocking(&label(), b"recent").unwrap();
+        // The key's own cache entry (made with the key) expires.
+        std::thread::sleep(Duration::from_millis(700));
+        k.inner.cache.run_pending_tasks();
+        clock.advance(Duration::from_secs(85));
+        k.tick();
+        wait_until("the successor", || {
+            kms.generate_calls.load(Ordering::SeqCst) == 2
+        });
+        wait_until("the successor to be stored", || {
+            k.inner.has_pending(&Scope::default())
+        });
+        kms.set(DOWN);
+        clock.advance(Duration::from_secs(20));
+        k.tick();
+        let new = k.encrypt_blocking(&label(), b"x").unwrap();
+        assert_ne!(format::peek_key_id(&new), format::peek_key_id(&old));
+        assert_eq!(k.decrypt_blocking(&label(), &old).unwrap(), b"recent");
+        assert_eq!(kms.decrypt_calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn concurrent_first_users_of_a_blind_index_make_one_key() {
+        let (k, kms) = faulty_keyring(
+            Policy::default(),
+            Clock::default(),
+            Arc::new(MemoryKeyStore::new()),
+        );
+        kms.set(SLOW);
+        let spec = BlindIndexSpec::new(
+            Label::new("customers.email").unwrap(),
+            crate::Normalizer::CaseFolded,
+        );
+        let indexes: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..32)
+                .map(|_| s.spawn(|| k.blind_index_blocking(&spec, b"a@example.com").unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(indexes.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(kms.generate_calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn reads_can_require_a_scope() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let (k, _) = faulty_keyring(Policy::default(), Clock::default(), store.clone());
+        let tenant_a = Scope::new("tenant-a").unwrap();
+        let tenant_b = Scope::new("tenant-b").unwrap();
+        let blob = k
+            .encrypt_scoped_blocking(&tenant_a, &label(), b"a's")
+            .unwrap();
+        assert_eq!(
+            k.decrypt_scoped_blocking(&tenant_a, &label(), &blob)
+                .unwrap(),
+            b"a's"
+        );
+        let err = k
+            .decrypt_scoped_blocking(&tenant_b, &label(), &blob)
+            .unwrap_err();
+        assert!(matches!(err, Error::ScopeMismatch { .. }), "{err}");
+        // A keyring scoped to tenant B, with a cold cache, refuses it too.
+        let kms = k.kms().clone();
+        let b = Keyring::builder(kms, k.cmk(), store.clone())
+            .default_scope(tenant_b)
+            .build()
+            .unwrap();
+        let err = b.decrypt_blocking(&label(), &blob).unwrap_err();
+        assert!(matches!(err, Error::ScopeMismatch { .. }), "{err}");
+        // An unscoped keyring reads any scope.
+        let any = Keyring::builder(k.kms().clone(), k.cmk(), store.clone())
+            .build()
+            .unwrap();
+        assert_eq!(any.decrypt_blocking(&label(), &blob).unwrap(), b"a's");
+
+        // A key row whose scope was edited (so shredding by scope would miss it) does not open.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let id = format::peek_key_id(&blob).unwrap();
+        let mut row = rt.block_on(store.get(&id)).unwrap().unwrap();
+        rt.block_on(store.delete(&id)).unwrap();
+        row.scope = "tenant-c".into();
+        rt.block_on(store.insert(&row)).unwrap();
+        let cold = Keyring::builder(k.kms().clone(), k.cmk(), store)
+            .build()
+            .unwrap();
+        let err = cold.decrypt_blocking(&label(), &blob).unwrap_err();
+        assert!(
+            matches!(err, Error::Store(StoreError::Corrupt { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_master_key_stops_the_keyring_from_starting() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let first = LocalKms::open_or_create_for_development(&path).unwrap();
+        let first_id = first.cmk_id().to_owned();
+        let k = Keyring::builder(Arc::new(first), first_id.clone(), store.clone())
+            .build()
+            .unwrap();
+        let blob = k.encrypt_blocking(&label(), b"v").unwrap();
+        drop(k);
+        let backup = dir.path().join("backup.key");
+        std::fs::copy(&path, &backup).unwrap();
+        // The volume is not mounted: the file is gone, and development mode makes a new key.
+        std::fs::remove_file(&path).unwrap();
+        let second = LocalKms::open_or_create_for_development(&path).unwrap();
+        let second_id = second.cmk_id().to_owned();
+        let err = Keyring::builder(Arc::new(second), second_id, store.clone())
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::MasterKeyMissing(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&first_id), "{msg}");
+        assert!(msg.contains("master.key"), "{msg}");
+        assert!(msg.contains("created just now"), "{msg}");
+        // With the key restored, it starts and reads.
+        let restored = LocalKms::open(&backup).unwrap();
+        let k = Keyring::builder(Arc::new(restored), first_id, store)
+            .build()
+            .unwrap();
+        assert_eq!(k.decrypt_blocking(&label(), &blob).unwrap(), b"v");
+    }
+
+    #[test]
+    fn policies_that_would_overflow_are_refused() {
+        for p in [
+            Policy {
+                kms_timeout: Duration::MAX,
+                ..Policy::default()
+            },
+            Policy {
+                dek_max_age: Duration::MAX,
+                ..Policy::default()
+            },
+            Policy {
+                cache_ttl: Duration::MAX,
+                ..Policy::default()
+            },
+            Policy {
+                refresh_retry: Duration::MAX,
+                ..Policy::default()
+            },
+        ] {
+            let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
+            let cmk = kms.cmk_id().to_owned();
+            let err = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+                .policy(p)
+                .build()
+                .unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_provider_whose_retries_outlast_the_timeout_is_refused() {
+        struct Patient(LocalKms);
+        #[async_trait::async_trait]
+        impl KmsProvider for Patient {
+            fn name(&self) -> &str {
+                "patient"
+            }
+            fn call_budget(&self) -> Option<Duration> {
+                Some(Duration::from_secs(30))
+            }
+            async fn generate_data_key(
+                &self,
+                cmk: &str,
+                context: &EncryptionContext,
+            ) -> std::result::Result<crate::GeneratedDataKey, KmsError> {
+                self.0.generate_data_key(cmk, context).await
+            }
+            async fn decrypt(
+                &self,
+                cmk: &str,
+                wrapped: &[u8],
+                context: &EncryptionContext,
+            ) -> std::result::Result<KeyMaterial, KmsError> {
+                self.0.decrypt(cmk, wrapped, context).await
+            }
+            async fn encrypt(
+                &self,
+                cmk: &str,
+                plaintext: &KeyMaterial,
+                context: &EncryptionContext,
+            ) -> std::result::Result<Vec<u8>, KmsError> {
+                self.0.encrypt(cmk, plaintext, context).await
+            }
+        }
+        let kms = Patient(LocalKms::from_key(KeyMaterial::generate().unwrap()));
+        let err = Keyring::builder(Arc::new(kms), "c", Arc::new(MemoryKeyStore::new()))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("kms_timeout"), "{err}");
+    }
+
+    #[test]
+    fn blocking_inside_a_current_thread_runtime_with_a_multi_thread_handle_entered() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let (writer, _) = faulty_keyring(Policy::default(), Clock::default(), store.clone());
+        let blob = writer.encrypt_blocking(&label(), b"v").unwrap();
+        let (reader, _) = faulty_keyring(Policy::default(), Clock::default(), store);
+        let mt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let ct = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let opened = ct.block_on(async {
+            let _entered = mt.handle().enter();
+            reader.decrypt_blocking(&label(), &blob)
+        });
+        assert_eq!(opened.unwrap(), b"v");
     }
 }

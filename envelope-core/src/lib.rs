@@ -52,6 +52,7 @@
 //! The `*_blocking` methods serve synchronous codecs. A cached key costs no I/O; a miss waits
 //! for the keyring's own runtime thread with a timeout ([`Policy::kms_timeout`]), which is safe on
 //! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
+#![forbid(unsafe_code)]
 
 pub mod blind;
 mod bridge;
@@ -63,6 +64,7 @@ mod keyring;
 mod keys;
 pub mod kms;
 mod metrics;
+mod nonce;
 mod registry;
 mod secret;
 mod store;
@@ -71,7 +73,7 @@ mod vectors;
 
 pub use blind::{BlindIndexSpec, Normalizer};
 pub use bridge::IoRuntime;
-pub use error::{Error, FormatError, KmsError, KmsErrorKind, Result, StoreError};
+pub use error::{Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Result, StoreError};
 pub use keyring::{Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 #[cfg(feature = "kms-local")]

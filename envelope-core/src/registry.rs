@@ -18,7 +18,9 @@ tokio::task_local! {
 }
 
 thread_local! {
-    static THREAD_KEYRING: RefCell<Vec<Keyring>> = const { RefCell::new(Vec::new()) };
+    /// The thread's overrides, innermost last, each with the id of the guard that installed it.
+    static THREAD_KEYRING: RefCell<Vec<(u64, Keyring)>> = const { RefCell::new(Vec::new()) };
+    static NEXT_GUARD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 static DEFAULT_KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
@@ -31,7 +33,7 @@ pub fn current() -> Result<Keyring> {
     if let Ok(k) = TASK_KEYRING.try_with(Keyring::clone) {
         return Ok(k);
     }
-    if let Some(k) = THREAD_KEYRING.with(|s| s.borrow().last().cloned()) {
+    if let Some(k) = THREAD_KEYRING.with(|s| s.borrow().last().map(|(_, k)| k.clone())) {
         return Ok(k);
     }
     DEFAULT_KEYRING
@@ -41,17 +43,22 @@ pub fn current() -> Result<Keyring> {
         .ok_or(Error::NoKeyring)
 }
 
-/// Restores the previous thread-local keyring when dropped. Not `Send`: it belongs to the thread
-/// that made it.
+/// Removes its thread-local keyring when dropped, so the one entered before it applies again.
+/// Guards dropped out of order remove exactly their own keyring. Not `Send`: it belongs to the
+/// thread that made it.
 #[must_use = "the keyring is only in effect while the guard lives"]
 pub struct KeyringGuard {
+    id: u64,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Drop for KeyringGuard {
     fn drop(&mut self) {
         THREAD_KEYRING.with(|s| {
-            s.borrow_mut().pop();
+            let mut stack = s.borrow_mut();
+            if let Some(at) = stack.iter().rposition(|(id, _)| *id == self.id) {
+                stack.remove(at);
+            }
         });
     }
 }
@@ -89,8 +96,14 @@ impl Keyring {
     /// Make this keyring the thread-local override until the guard drops (for sync diesel on a
     /// plain thread or in `spawn_blocking`, where task-locals are not visible). Guards nest.
     pub fn enter(&self) -> KeyringGuard {
-        THREAD_KEYRING.with(|s| s.borrow_mut().push(self.clone()));
+        let id = NEXT_GUARD.with(|n| {
+            let id = n.get();
+            n.set(id.wrapping_add(1));
+            id
+        });
+        THREAD_KEYRING.with(|s| s.borrow_mut().push((id, self.clone())));
         KeyringGuard {
+            id,
             _not_send: PhantomData,
         }
     }

@@ -83,6 +83,7 @@
 //! databases: sync diesel on PostgreSQL and SQLite, diesel-async on PostgreSQL and MariaDB. The
 //! diesel key store and the diesel example app are not written yet: keep the key table with
 //! `envelope_sqlx::SqlxKeyStore` or another [`envelope_core::KeyStore`] meanwhile.
+#![forbid(unsafe_code)]
 
 mod types;
 

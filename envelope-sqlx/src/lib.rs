@@ -63,6 +63,7 @@
 //! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, `uuid::Uuid`,
 //! `chrono::NaiveDate`, `chrono::DateTime<Utc>`, and any serde type as
 //! [`Json<T>`](envelope_core::column::Json).
+#![forbid(unsafe_code)]
 
 mod store;
 mod types;

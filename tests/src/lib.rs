@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 // A test-support crate: a failed setup should panic loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 //! Shared pieces for envelope's cross-crate tests: a KMS wrapper that counts calls and injects

@@ -41,13 +41,20 @@ struct MasterKey {
 pub struct LocalKms {
     /// The first key is the primary one; the others can still unwrap (for rewrapping).
     keys: Vec<MasterKey>,
+    /// Where the primary key came from, for error messages.
+    origin: String,
 }
 
 impl LocalKms {
     /// A local KMS holding one master key.
     pub fn from_key(master: KeyMaterial) -> Self {
+        Self::with_origin(master, "a key given in code".to_owned())
+    }
+
+    fn with_origin(master: KeyMaterial, origin: String) -> Self {
         LocalKms {
             keys: vec![MasterKey::new(&master)],
+            origin,
         }
     }
 
@@ -60,22 +67,40 @@ impl LocalKms {
         self
     }
 
-    /// Read the master key from `path`, or create the file with a fresh key (mode 0600) if it
-    /// does not exist. Creation is atomic: concurrent starters all end up with the same key.
+    /// **Development only.** Read the master key from `path`, or create the file with a fresh
+    /// key (mode 0600) if it does not exist. Creation is atomic: concurrent starters all end up
+    /// with the same key.
+    ///
+    /// A missing key file is exactly what a new container, another working directory or an
+    /// unmounted volume looks like, so never use this where data matters: there, create the key
+    /// once with `envelope keygen` (or [`LocalKms::create`]) and [`LocalKms::open`] it. The
+    /// keyring still refuses to start when the key table holds keys that the new master key
+    /// cannot read ([`Error::MasterKeyMissing`]).
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be read or written, is readable by group or others, or
     /// does not hold a base64 32-byte key.
-    pub fn open_or_create(path: impl AsRef<Path>) -> Result<Self> {
+    pub fn open_or_create_for_development(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         match read_key_file(path) {
-            Ok(key) => return Ok(Self::from_key(key)),
+            Ok(key) => return Ok(Self::with_origin(key, file_origin(path))),
             Err(KeyFileError::Missing) => {}
             Err(KeyFileError::Fatal(e)) => return Err(e),
         }
         create_key_file(path, true)?;
+        tracing::warn!(
+            target: "envelope::kms::local",
+            path = %path.display(),
+            "no master key file was found, so a NEW local master key was created (development mode); values sealed under any earlier master key cannot be read with it"
+        );
         match read_key_file(path) {
-            Ok(key) => Ok(Self::from_key(key)),
+            Ok(key) => Ok(Self::with_origin(
+                key,
+                format!(
+                    "{}, created just now because it was missing",
+                    file_origin(path)
+                ),
+            )),
             Err(KeyFileError::Missing) => Err(Error::io(
                 path,
                 "master key file vanished after it was created",
@@ -98,14 +123,14 @@ impl LocalKms {
     /// Read the master key from an existing file; never creates one.
     ///
     /// # Errors
-    /// As [`LocalKms::open_or_create`], plus a missing file.
+    /// As [`LocalKms::open_or_create_for_development`], plus a missing file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         match read_key_file(path) {
-            Ok(key) => Ok(Self::from_key(key)),
+            Ok(key) => Ok(Self::with_origin(key, file_origin(path))),
             Err(KeyFileError::Missing) => Err(Error::io(
                 path,
-                "master key file does not exist (create one with LocalKms::open_or_create)",
+                "master key file does not exist: restore it if data was sealed under it, or create a new one with `envelope keygen --out <path>`",
             )),
             Err(KeyFileError::Fatal(e)) => Err(e),
         }
@@ -128,7 +153,10 @@ impl LocalKms {
                 "{MASTER_KEY_ENV} must be standard base64 of 32 random bytes (generate one with `head -c32 /dev/urandom | base64`)"
             )))
         })?;
-        Ok(Some(Self::from_key(key)))
+        Ok(Some(Self::with_origin(
+            key,
+            format!("the environment variable {MASTER_KEY_ENV}"),
+        )))
     }
 
     /// The primary master key's CMK id: the one new data keys should be generated under.
@@ -183,10 +211,23 @@ impl fmt::Debug for LocalKms {
     }
 }
 
+fn file_origin(path: &Path) -> String {
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("the key file {}", shown.display())
+}
+
 #[async_trait]
 impl KmsProvider for LocalKms {
     fn name(&self) -> &str {
         PROVIDER
+    }
+
+    fn holds_cmk(&self, cmk: &str) -> Option<bool> {
+        Some(self.keys.iter().any(|k| k.cmk_id == cmk))
+    }
+
+    fn master_key_origin(&self) -> Option<String> {
+        Some(self.origin.clone())
     }
 
     async fn generate_data_key(
@@ -201,7 +242,9 @@ impl KmsProvider for LocalKms {
         let wrapped = master
             .cipher
             .wrap(&master.aad(context), &plaintext)
-            .ok_or_else(|| KmsError::new(PROVIDER, KmsErrorKind::Other))?;
+            .map_err(|e| {
+                KmsError::new(PROVIDER, KmsErrorKind::Other).with_message(e.to_string())
+            })?;
         Ok(GeneratedDataKey { plaintext, wrapped })
     }
 
@@ -228,7 +271,7 @@ impl KmsProvider for LocalKms {
         master
             .cipher
             .wrap(&master.aad(context), plaintext)
-            .ok_or_else(|| KmsError::new(PROVIDER, KmsErrorKind::Other))
+            .map_err(|e| KmsError::new(PROVIDER, KmsErrorKind::Other).with_message(e.to_string()))
     }
 }
 
@@ -389,8 +432,8 @@ mod tests {
     fn key_file_is_created_private_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
-        let a = LocalKms::open_or_create(&path).unwrap();
-        let b = LocalKms::open_or_create(&path).unwrap();
+        let a = LocalKms::open_or_create_for_development(&path).unwrap();
+        let b = LocalKms::open_or_create_for_development(&path).unwrap();
         assert_eq!(a.cmk_id(), b.cmk_id());
         assert!(a.cmk_id().starts_with("local:"));
         #[cfg(unix)]
@@ -442,7 +485,14 @@ mod tests {
         let path = dir.path().join("master.key");
         let ids: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| LocalKms::open_or_create(&path).unwrap().cmk_id().to_owned()))
+                .map(|_| {
+                    s.spawn(|| {
+                        LocalKms::open_or_create_for_development(&path)
+                            .unwrap()
+                            .cmk_id()
+                            .to_owned()
+                    })
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });

@@ -131,6 +131,12 @@ pub trait KmsProvider: Send + Sync + 'static {
         None
     }
 
+    /// Where the provider's master keys come from (a file path, an environment variable), for
+    /// error messages; `None` by default.
+    fn master_key_origin(&self) -> Option<String> {
+        None
+    }
+
     /// Generate a fresh 32-byte data key under `cmk`, bound to `context`.
     async fn generate_data_key(
         &self,

@@ -14,6 +14,7 @@
 //! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`, or `tencent` with
 //! `ENVELOPE_CMK` and the `TENCENTCLOUD_*` variables), `ENVELOPE_MASTER_KEY_FILE`
 //! (`envelope-master.key`) or `ENVELOPE_LOCAL_MASTER_KEY` for the local KMS.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
@@ -54,7 +55,9 @@ blind_index!(
 /// Which KMS holds the master key.
 #[derive(Debug, Clone)]
 pub enum KmsChoice {
-    /// The local provider with a master key file (created on first use, mode 0600).
+    /// The local provider with a master key file. On the default SQLite database the file is
+    /// created on first use (mode 0600, development only); with a database server it must
+    /// exist (`envelope keygen --out PATH`), so a missing volume never silently becomes a new key.
     LocalFile(std::path::PathBuf),
     /// The local provider with a key from `ENVELOPE_LOCAL_MASTER_KEY`.
     LocalEnv,
@@ -214,7 +217,12 @@ impl App {
         let backend = Backend::of(&config.database_url)?;
         let (kms, cmk): (Arc<dyn KmsProvider>, String) = match &config.kms {
             KmsChoice::LocalFile(path) => {
-                let kms = LocalKms::open_or_create(path).map_err(|e| e.to_string())?;
+                let kms = if backend == Backend::Sqlite {
+                    LocalKms::open_or_create_for_development(path)
+                } else {
+                    LocalKms::open(path)
+                }
+                .map_err(|e| e.to_string())?;
                 let cmk = kms.cmk_id().to_owned();
                 (Arc::new(kms), cmk)
             }

@@ -1,6 +1,7 @@
 //! `cargo run -p web-sqlx`: serves the customer API on 127.0.0.1:3000 (`PORT` overrides) with
 //! SQLite in `web-sqlx.db` and the local KMS (`envelope-master.key`), or with `DATABASE_URL`
 //! and `ENVELOPE_KMS=tencent` (see the crate docs).
+#![forbid(unsafe_code)]
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -27,6 +27,13 @@ async fn start(database_url: Option<String>, kms: Option<KmsChoice>) -> Running 
         customers_table: format!("customers_{tag}"),
         keys_table: format!("keys_{tag}"),
     };
+    if let KmsChoice::LocalFile(path) = &config.kms
+        && !config.database_url.starts_with("sqlite:")
+    {
+        // With a database server the app never creates a master key by itself (a missing key
+        // file must not silently become a new key): make it first, as `envelope keygen` does.
+        envelope_core::LocalKms::create(path).unwrap();
+    }
     let app = App::start(config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
