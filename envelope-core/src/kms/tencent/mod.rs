@@ -21,6 +21,22 @@
 //! the `RequestLimitExceeded` family are retried with jittered exponential back-off, signing each
 //! attempt anew; authentication and ciphertext errors never are. No request or response body is
 //! ever logged: a GenerateDataKey response holds a plaintext key.
+//!
+//! # Which CMK unwrapped the key
+//!
+//! A Tencent `CiphertextBlob` names its own CMK, and Decrypt takes no KeyId: the service unwraps
+//! under whichever CMK the blob names, if these credentials may use it. So the provider checks
+//! the `KeyId` that every response names against the CMK the caller asked for (the key record's
+//! CMK) and refuses the result, with a [`KmsErrorKind::InvalidCiphertext`] error naming both ids,
+//! when they differ and the response's CMK is not in [`TencentConfig::also_accept_cmks`].
+//! Without this check, whoever can write the key table could substitute a data key wrapped under
+//! any other CMK the credentials can use, and forge values under it.
+//!
+//! Tencent names keys by their KeyId (UUID-like) in responses, never by alias. A CMK configured
+//! as `alias/NAME` therefore never matches by itself: list its KeyId in
+//! [`TencentConfig::also_accept_cmks`], or (better) configure the keyring with the KeyId. The
+//! provider does not resolve aliases with DescribeKey: that would be a second call inside the
+//! keyring's deadline, and an alias can be moved to another key.
 
 pub mod sign;
 
@@ -61,6 +77,15 @@ pub struct TencentConfig {
     /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted for the
     /// local emulator only.
     pub endpoint: String,
+    /// CMK ids (KeyIds) accepted as the key that unwrapped a data key, besides the CMK the key
+    /// record names. Default empty.
+    ///
+    /// Decrypt's response names the CMK that unwrapped the key; a result from any CMK other than
+    /// the record's one or these is refused (a key record edited to hold a key wrapped under
+    /// another CMK). List here the KeyIds of CMKs whose keys may legitimately sit under another
+    /// CMK's name: the KeyId behind an `alias/NAME` CMK (Tencent's responses name KeyIds, never
+    /// aliases), or the old CMK during a move from one CMK to another.
+    pub also_accept_cmks: Vec<String>,
     /// Time allowed to connect.
     pub connect_timeout: Duration,
     /// Time allowed for one attempt.
@@ -79,6 +104,7 @@ impl fmt::Debug for TencentConfig {
             .field("session_token", &self.session_token)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
+            .field("also_accept_cmks", &self.also_accept_cmks)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
@@ -100,6 +126,7 @@ impl TencentConfig {
             session_token: None,
             region: region.into(),
             endpoint: DEFAULT_ENDPOINT.to_owned(),
+            also_accept_cmks: Vec::new(),
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             max_attempts: 3,
@@ -249,6 +276,25 @@ impl TencentKms {
             .saturating_mul(1 << (attempt - 1).min(10));
         // Full jitter between 50 % and 150 %, so synchronized clients spread out.
         base.mul_f64(0.5 + rand::rng().random::<f64>())
+    }
+
+    /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
+    /// the caller named) or one of [`TencentConfig::also_accept_cmks`].
+    fn check_cmk(
+        &self,
+        action: &str,
+        requested: &str,
+        reported: &str,
+    ) -> std::result::Result<(), KmsError> {
+        let same = |a: &str| a.eq_ignore_ascii_case(reported);
+        if same(requested) || self.config.also_accept_cmks.iter().any(|a| same(a)) {
+            return Ok(());
+        }
+        Err(
+            KmsError::new(PROVIDER, KmsErrorKind::InvalidCiphertext).with_message(format!(
+                "{action}: the KMS used CMK {reported}, but CMK {requested} was expected (the key record's); refused (list {reported} in TencentConfig::also_accept_cmks if keys under it are trusted here)"
+            )),
+        )
     }
 
     async fn attempt(&self, action: &str, body: &[u8]) -> std::result::Result<Value, KmsError> {
@@ -478,6 +524,14 @@ fn blob_str(wrapped: &[u8]) -> std::result::Result<&str, KmsError> {
     })
 }
 
+/// Take the base64 `Plaintext` out of a response (wiped on drop, and wiped in the response).
+fn take_plaintext(r: &mut Value) -> std::result::Result<Zeroizing<String>, KmsError> {
+    match r.get_mut("Plaintext").map(Value::take) {
+        Some(Value::String(s)) => Ok(Zeroizing::new(s)),
+        _ => Err(invalid_response("response has no Plaintext")),
+    }
+}
+
 #[async_trait]
 impl KmsProvider for TencentKms {
     fn name(&self) -> &str {
@@ -495,36 +549,31 @@ impl KmsProvider for TencentKms {
                 json!({"KeyId": cmk, "KeySpec": "AES_256", "EncryptionContext": context.canonical_json()}),
             )
             .await?;
-        let plaintext = key_from_base64(field(&r, "Plaintext")?);
-        // Wipe the base64 copy of the key inside the parsed response.
-        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
-            zeroize::Zeroize::zeroize(s);
-        }
+        let b64 = take_plaintext(&mut r)?;
+        // A key made under a CMK that a later Decrypt would refuse is refused now, at the first
+        // write, rather than on the first cold read (an alias CMK not in `also_accept_cmks`).
+        self.check_cmk("GenerateDataKey", cmk, field(&r, "KeyId")?)?;
+        let plaintext = key_from_base64(&b64)?;
         let wrapped = field(&r, "CiphertextBlob")?.as_bytes().to_vec();
-        Ok(GeneratedDataKey {
-            plaintext: plaintext?,
-            wrapped,
-        })
+        Ok(GeneratedDataKey { plaintext, wrapped })
     }
 
     async fn decrypt(
         &self,
-        _cmk: &str,
+        cmk: &str,
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> std::result::Result<KeyMaterial, KmsError> {
-        // The blob names its CMK; Decrypt takes no KeyId.
+        // The blob names its CMK; Decrypt takes no KeyId, so the response's KeyId is checked.
         let mut r = self
             .call(
                 "Decrypt",
                 json!({"CiphertextBlob": blob_str(wrapped)?, "EncryptionContext": context.canonical_json()}),
             )
             .await?;
-        let key = key_from_base64(field(&r, "Plaintext")?);
-        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
-            zeroize::Zeroize::zeroize(s);
-        }
-        key
+        let b64 = take_plaintext(&mut r)?;
+        self.check_cmk("Decrypt", cmk, field(&r, "KeyId")?)?;
+        key_from_base64(&b64)
     }
 
     async fn encrypt(
@@ -540,13 +589,14 @@ impl KmsProvider for TencentKms {
                 json!({"KeyId": cmk, "Plaintext": b64.as_str(), "EncryptionContext": context.canonical_json()}),
             )
             .await?;
+        self.check_cmk("Encrypt", cmk, field(&r, "KeyId")?)?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 
     async fn re_encrypt(
         &self,
         wrapped: &[u8],
-        _source_cmk: &str,
+        source_cmk: &str,
         source_context: &EncryptionContext,
         destination_cmk: &str,
         destination_context: &EncryptionContext,
@@ -562,6 +612,10 @@ impl KmsProvider for TencentKms {
                 }),
             )
             .await?;
+        // Without the source check a substituted key would be laundered: rewrapped under the
+        // destination CMK, it would pass every later Decrypt check.
+        self.check_cmk("ReEncrypt", source_cmk, field(&r, "SourceKeyId")?)?;
+        self.check_cmk("ReEncrypt", destination_cmk, field(&r, "KeyId")?)?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 }
@@ -629,6 +683,34 @@ mod tests {
         );
         let kms = TencentKms::new(c).unwrap();
         assert!(!format!("{kms:?}").contains("very-secret-key"));
+    }
+
+    fn config() -> TencentConfig {
+        TencentConfig::new("id", SecretString::new("k"), "ap-guangzhou")
+    }
+
+    #[test]
+    fn a_result_from_another_cmk_is_refused_unless_listed() {
+        let mut c = config();
+        c.also_accept_cmks = vec!["cmk-old".into()];
+        let kms = TencentKms::new(c).unwrap();
+        kms.check_cmk("Decrypt", "cmk-a", "cmk-a").unwrap();
+        kms.check_cmk("Decrypt", "CMK-A", "cmk-a").unwrap();
+        kms.check_cmk("Decrypt", "cmk-a", "cmk-old").unwrap();
+        let err = kms.check_cmk("Decrypt", "cmk-a", "cmk-b").unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
+        assert!(!err.is_retryable());
+        let msg = err.to_string();
+        assert!(msg.contains("cmk-a") && msg.contains("cmk-b"), "{msg}");
+        // An alias never matches the KeyId Tencent reports by itself.
+        let err = kms
+            .check_cmk(
+                "Decrypt",
+                "alias/users",
+                "23e80852-1e38-11e9-b129-5cb9019b4b01",
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
     }
 
     #[test]
