@@ -646,7 +646,7 @@ fn state_file_keeps_old_blobs_readable_across_restarts() {
     );
 }
 
-// ----- which CMK unwrapped the key ----------------------------------------------------------
+// ----- which CMK unwrapped the key; transport rules -------------------------------------------
 
 fn client_for(endpoint: &str, adjust: impl FnOnce(&mut TencentConfig)) -> Arc<TencentKms> {
     let mut c = TencentConfig::new(
@@ -764,4 +764,88 @@ fn a_cmk_given_by_alias_needs_its_key_id_listed() {
             .unwrap();
         assert_eq!(back.expose(), g.plaintext.expose());
     });
+}
+
+#[test]
+fn plain_http_to_a_host_that_is_not_loopback_is_refused_unless_opted_in() {
+    let config = || {
+        TencentConfig::new(
+            EMULATOR_SECRET_ID,
+            SecretString::new(EMULATOR_SECRET_KEY),
+            "ap-guangzhou",
+        )
+        .with_endpoint("http://10.0.0.1:1")
+    };
+    // Constructing never connects.
+    let err = TencentKms::new(config()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("http://10.0.0.1:1")
+            && msg.contains("not a loopback address")
+            && msg.contains("danger_allow_insecure_http"),
+        "{msg}"
+    );
+    let mut opted_in = config();
+    opted_in.danger_allow_insecure_http = true;
+    TencentKms::new(opted_in).unwrap();
+}
+
+/// A server on 127.0.0.1 that answers every request with `status` and `Location: target`.
+fn redirector(status: &'static str, target: String) -> std::net::SocketAddr {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn redirects_are_not_followed() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    let cmk = rt
+        .block_on(t.kms.create_key("redirect", ""))
+        .unwrap()
+        .key_id;
+    t.emulator.reset_counters();
+    for status in [
+        "302 Found",
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
+    ] {
+        let addr = redirector(status, format!("{}/", t.emulator.endpoint()));
+        let kms = client_for(&format!("http://{addr}"), |_| {});
+        let err = rt
+            .block_on(kms.generate_data_key(&cmk, &ctx()))
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidResponse, "{status}: {err}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("redirect"), "{status}: {err}");
+        assert_eq!(
+            t.emulator.requests(),
+            0,
+            "{status}: nothing reached the emulator"
+        );
+    }
 }

@@ -16,11 +16,13 @@
 //!
 //! Requests go over HTTPS (rustls; no OpenSSL) to `kms.tencentcloudapi.com` unless
 //! [`TencentConfig::endpoint`] points elsewhere (a private endpoint, or the `envelope
-//! kms-emulator`). Errors that Tencent reports in `Response.Error` become typed
-//! [`KmsError`]s carrying the code and RequestId. Network errors, HTTP 5xx, `InternalError` and
-//! the `RequestLimitExceeded` family are retried with jittered exponential back-off, signing each
-//! attempt anew; authentication and ciphertext errors never are. No request or response body is
-//! ever logged: a GenerateDataKey response holds a plaintext key.
+//! kms-emulator`). Plain `http://` is accepted only for a loopback host (the emulator), unless
+//! [`TencentConfig::danger_allow_insecure_http`] is set; redirects are never followed. Errors
+//! that Tencent reports in `Response.Error` become typed [`KmsError`]s carrying the code and
+//! RequestId. Network errors, HTTP 5xx, `InternalError` and the `RequestLimitExceeded` family are
+//! retried with jittered exponential back-off, signing each attempt anew; authentication and
+//! ciphertext errors never are. No request or response body is ever logged: a GenerateDataKey
+//! response holds a plaintext key.
 //!
 //! # Which CMK unwrapped the key
 //!
@@ -42,6 +44,7 @@ pub mod sign;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -74,9 +77,16 @@ pub struct TencentConfig {
     pub session_token: Option<SecretString>,
     /// The region, for example `ap-guangzhou`.
     pub region: String,
-    /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted for the
-    /// local emulator only.
+    /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted only
+    /// when the host is a loopback address (`127.0.0.0/8`, `::1`, `localhost`: the local
+    /// emulator), unless [`TencentConfig::danger_allow_insecure_http`] is set.
     pub endpoint: String,
+    /// Accept `http://` for a host that is not a loopback address. Default `false`.
+    ///
+    /// KMS responses carry plaintext data keys and requests carry the signed credentials'
+    /// session token: over plain HTTP anyone on the path reads every data key. Set it only for a
+    /// test network you control.
+    pub danger_allow_insecure_http: bool,
     /// CMK ids (KeyIds) accepted as the key that unwrapped a data key, besides the CMK the key
     /// record names. Default empty.
     ///
@@ -104,6 +114,10 @@ impl fmt::Debug for TencentConfig {
             .field("session_token", &self.session_token)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
+            .field(
+                "danger_allow_insecure_http",
+                &self.danger_allow_insecure_http,
+            )
             .field("also_accept_cmks", &self.also_accept_cmks)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -126,6 +140,7 @@ impl TencentConfig {
             session_token: None,
             region: region.into(),
             endpoint: DEFAULT_ENDPOINT.to_owned(),
+            danger_allow_insecure_http: false,
             also_accept_cmks: Vec::new(),
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
@@ -203,7 +218,9 @@ impl TencentKms {
     /// A client for `config`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an unusable endpoint or settings.
+    /// [`Error::Config`] for an unusable endpoint or settings, and for a plain `http://` endpoint
+    /// whose host is not a loopback address (unless
+    /// [`TencentConfig::danger_allow_insecure_http`] is set).
     pub fn new(config: TencentConfig) -> Result<Self> {
         if config.secret_id.is_empty() || config.secret_key.is_empty() {
             return Err(Error::Config(
@@ -225,6 +242,12 @@ impl TencentKms {
                 config.endpoint
             ))));
         }
+        if url.scheme() == "http" && !is_loopback(&url) && !config.danger_allow_insecure_http {
+            return Err(Error::Config(Cow::Owned(format!(
+                "Tencent endpoint {:?} is plain http to a host that is not a loopback address: KMS responses carry plaintext data keys, so use https (or set TencentConfig::danger_allow_insecure_http on a network you control)",
+                config.endpoint
+            ))));
+        }
         // The Host header hyper sends: the host, plus the port when it is not the scheme's.
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -234,6 +257,9 @@ impl TencentKms {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
+            // A redirect would send the signed request (and its session token) elsewhere and take
+            // a data key from whoever answers there: a 3xx is an error (see `attempt`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(Cow::Owned(format!("cannot build the HTTP client: {e}"))))?;
         Ok(TencentKms {
@@ -348,6 +374,13 @@ impl TencentKms {
             return Err(KmsError::new(PROVIDER, KmsErrorKind::Unavailable)
                 .with_message(format!("HTTP {status}")));
         }
+        if status.is_redirection() {
+            return Err(
+                KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse).with_message(format!(
+                    "HTTP {status}: the endpoint answered with a redirect, which is never followed (point TencentConfig::endpoint at the KMS itself)"
+                )),
+            );
+        }
         if status != reqwest::StatusCode::OK {
             return Err(KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse)
                 .with_message(format!("HTTP {status}")));
@@ -411,6 +444,22 @@ impl TencentKms {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Whether the URL's host is a loopback address: `127.0.0.0/8`, `::1` or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    // The URL parser has already normalized the host: IPv4 in dotted decimal, IPv6 in brackets.
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -687,6 +736,41 @@ mod tests {
 
     fn config() -> TencentConfig {
         TencentConfig::new("id", SecretString::new("k"), "ap-guangzhou")
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_hosts_only() {
+        for ok in [
+            "http://127.0.0.1:9190",
+            "http://127.8.9.10",
+            "http://[::1]:9190",
+            "http://localhost:9190",
+            "http://LocalHost",
+            "https://10.0.0.1:1",
+            "https://kms.ap-guangzhou.tencentcloudapi.com",
+        ] {
+            assert!(TencentKms::new(config().with_endpoint(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:1",
+            "http://kms.tencentcloudapi.com",
+            "http://localhost.example.com",
+            "http://[::ffff:10.0.0.1]",
+            "http://0.0.0.0:9190",
+        ] {
+            let err = TencentKms::new(config().with_endpoint(bad)).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Config(_)), "{bad}: {msg}");
+            assert!(
+                msg.contains(bad)
+                    && msg.contains("not a loopback address")
+                    && msg.contains("https"),
+                "{msg}"
+            );
+            let mut opted_in = config().with_endpoint(bad);
+            opted_in.danger_allow_insecure_http = true;
+            assert!(TencentKms::new(opted_in).is_ok(), "{bad} with the opt-in");
+        }
     }
 
     #[test]
