@@ -96,13 +96,21 @@ pub struct TencentConfig {
     /// CMK's name: the KeyId behind an `alias/NAME` CMK (Tencent's responses name KeyIds, never
     /// aliases), or the old CMK during a move from one CMK to another.
     pub also_accept_cmks: Vec<String>,
-    /// Time allowed to connect.
+    /// Time allowed to connect (part of [`TencentConfig::request_timeout`], not added to it).
+    /// Default 1.5 s.
     pub connect_timeout: Duration,
-    /// Time allowed for one attempt.
+    /// Time allowed for one attempt, connecting and reading the whole response included.
+    /// Default 2.5 s.
     pub request_timeout: Duration,
-    /// Attempts per call, retries included (at least 1).
+    /// Attempts per call, retries included (at least 1). Default 3.
     pub max_attempts: u32,
-    /// The first retry waits about this long; each later one twice as long, with jitter.
+    /// The first retry waits about this long; each later one twice as long, with jitter between
+    /// 50 % and 150 %. Default 100 ms.
+    ///
+    /// With the defaults a call takes at most 3 x 2.5 s + (100 ms + 200 ms) x 1.5 = 7.95 s
+    /// ([`KmsProvider::call_budget`]), inside the keyring's default `kms_timeout` of 10 s with
+    /// room for the key-store read. The keyring refuses to start when the budget exceeds its
+    /// `kms_timeout`: raise one, or lower the other.
     pub backoff: Duration,
 }
 
@@ -142,10 +150,10 @@ impl TencentConfig {
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             danger_allow_insecure_http: false,
             also_accept_cmks: Vec::new(),
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(1500),
+            request_timeout: Duration::from_millis(2500),
             max_attempts: 3,
-            backoff: Duration::from_millis(200),
+            backoff: Duration::from_millis(100),
         }
     }
 
@@ -296,12 +304,11 @@ impl TencentKms {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self
-            .config
-            .backoff
-            .saturating_mul(1 << (attempt - 1).min(10));
-        // Full jitter between 50 % and 150 %, so synchronized clients spread out.
-        base.mul_f64(0.5 + rand::rng().random::<f64>())
+        // Jitter between 50 % and 150 %, so synchronized clients spread out.
+        scale(
+            backoff_base(self.config.backoff, attempt),
+            0.5 + rand::rng().random::<f64>(),
+        )
     }
 
     /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
@@ -463,6 +470,19 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
+/// The back-off before retry number `attempt` (1 for the first retry), before jitter.
+fn backoff_base(backoff: Duration, attempt: u32) -> Duration {
+    backoff.saturating_mul(1 << attempt.saturating_sub(1).min(BACKOFF_DOUBLINGS))
+}
+
+/// The back-off doubles this many times at most (to 1024 times [`TencentConfig::backoff`]).
+const BACKOFF_DOUBLINGS: u32 = 10;
+
+/// `d * factor`, saturating instead of panicking on overflow.
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+}
+
 fn transport_error(e: &reqwest::Error) -> KmsError {
     let kind = if e.is_timeout() {
         KmsErrorKind::Timeout
@@ -585,6 +605,21 @@ fn take_plaintext(r: &mut Value) -> std::result::Result<Zeroizing<String>, KmsEr
 impl KmsProvider for TencentKms {
     fn name(&self) -> &str {
         PROVIDER
+    }
+
+    /// Every attempt at its full `request_timeout` (which includes connecting), plus every
+    /// back-off at its longest jitter (150 %).
+    fn call_budget(&self) -> Option<Duration> {
+        let c = &self.config;
+        let attempts = c.request_timeout.saturating_mul(c.max_attempts);
+        let retries = c.max_attempts - 1; // `new` made it at least 1
+        // The back-off doubles up to retry BACKOFF_DOUBLINGS + 1 and stays flat after it.
+        let doubling = retries.min(BACKOFF_DOUBLINGS + 1);
+        let growing = (1..=doubling).fold(Duration::ZERO, |sum, retry| {
+            sum.saturating_add(scale(backoff_base(c.backoff, retry), 1.5))
+        });
+        let flat = scale(backoff_base(c.backoff, retries), 1.5).saturating_mul(retries - doubling);
+        Some(attempts.saturating_add(growing).saturating_add(flat))
     }
 
     async fn generate_data_key(
@@ -771,6 +806,55 @@ mod tests {
             opted_in.danger_allow_insecure_http = true;
             assert!(TencentKms::new(opted_in).is_ok(), "{bad} with the opt-in");
         }
+    }
+
+    #[test]
+    fn call_budget_counts_every_attempt_and_the_longest_backoffs() {
+        let defaults = TencentKms::new(config()).unwrap();
+        // 3 attempts x 2.5 s, plus back-offs of 100 ms and 200 ms at 150 % jitter.
+        assert_eq!(defaults.call_budget(), Some(Duration::from_millis(7950)));
+        assert!(
+            defaults.call_budget().unwrap() < crate::Policy::default().kms_timeout,
+            "the defaults fit inside the keyring's default kms_timeout"
+        );
+
+        let mut c = config();
+        c.max_attempts = 0; // clamped to one attempt, no back-off
+        c.request_timeout = Duration::from_secs(4);
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_secs(4))
+        );
+
+        let mut c = config();
+        c.max_attempts = 5;
+        c.request_timeout = Duration::from_secs(1);
+        c.backoff = Duration::from_millis(10);
+        // 5 s + (10 + 20 + 40 + 80) ms x 1.5
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_millis(5225))
+        );
+
+        // Past ten doublings the back-off stays at 1024 x backoff.
+        let mut c = config();
+        c.max_attempts = 14;
+        c.request_timeout = Duration::ZERO;
+        c.backoff = Duration::from_millis(2);
+        // (2 + 4 + ... + 2048) + 2 x 2048 ms, all x 1.5
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_millis((4094 + 4096) * 3 / 2))
+        );
+
+        // Absurd settings saturate instead of panicking.
+        let mut c = config();
+        c.max_attempts = u32::MAX;
+        c.request_timeout = Duration::MAX;
+        c.backoff = Duration::MAX;
+        let kms = TencentKms::new(c).unwrap();
+        assert_eq!(kms.call_budget(), Some(Duration::MAX));
+        assert!(kms.backoff(40) >= Duration::from_secs(1));
     }
 
     #[test]
