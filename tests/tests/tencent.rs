@@ -849,3 +849,52 @@ fn redirects_are_not_followed() {
         );
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn state_file_is_0600_even_over_a_stale_or_planted_temporary_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let rt = rt();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let run = |state: &std::path::Path| {
+        let mut c = EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY);
+        c.state_file = Some(state.to_owned());
+        let e = Emulator::start(c).unwrap();
+        let kms = client_for(&e.endpoint(), |_| {});
+        rt.block_on(kms.create_key("persist", "")).unwrap();
+    };
+
+    // A world-readable temporary file left at the old fixed name by an earlier run.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("kms-state.json");
+    let stale = dir.path().join("kms-state.tmp");
+    std::fs::write(&stale, "stale").unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+    run(&state);
+    assert_eq!(mode(&state), 0o600);
+    assert!(std::fs::read_to_string(&state).unwrap().contains("persist"));
+
+    // A symlink planted at that name must not redirect the master keys into another file.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("kms-state.json");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "victim").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("kms-state.tmp")).unwrap();
+    run(&state);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+    assert!(
+        std::fs::symlink_metadata(&state)
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+    assert_eq!(mode(&state), 0o600);
+    // No temporary file of ours is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp") && n != "kms-state.tmp")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
