@@ -312,10 +312,11 @@ impl TencentKms {
     }
 
     /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
-    /// the caller named) or one of [`TencentConfig::also_accept_cmks`].
+    /// that `named_by` named) or one of [`TencentConfig::also_accept_cmks`].
     fn check_cmk(
         &self,
         action: &str,
+        named_by: &str,
         requested: &str,
         reported: &str,
     ) -> std::result::Result<(), KmsError> {
@@ -325,7 +326,7 @@ impl TencentKms {
         }
         Err(
             KmsError::new(PROVIDER, KmsErrorKind::InvalidCiphertext).with_message(format!(
-                "{action}: the KMS used CMK {reported}, but CMK {requested} was expected (the key record's); refused (list {reported} in TencentConfig::also_accept_cmks if keys under it are trusted here)"
+                "{action}: the KMS used CMK {reported}, but {named_by} names CMK {requested}; refused (list {reported} in TencentConfig::also_accept_cmks if keys under it are trusted here)"
             )),
         )
     }
@@ -636,7 +637,7 @@ impl KmsProvider for TencentKms {
         let b64 = take_plaintext(&mut r)?;
         // A key made under a CMK that a later Decrypt would refuse is refused now, at the first
         // write, rather than on the first cold read (an alias CMK not in `also_accept_cmks`).
-        self.check_cmk("GenerateDataKey", cmk, field(&r, "KeyId")?)?;
+        self.check_cmk("GenerateDataKey", "the keyring", cmk, field(&r, "KeyId")?)?;
         let plaintext = key_from_base64(&b64)?;
         let wrapped = field(&r, "CiphertextBlob")?.as_bytes().to_vec();
         Ok(GeneratedDataKey { plaintext, wrapped })
@@ -656,7 +657,7 @@ impl KmsProvider for TencentKms {
             )
             .await?;
         let b64 = take_plaintext(&mut r)?;
-        self.check_cmk("Decrypt", cmk, field(&r, "KeyId")?)?;
+        self.check_cmk("Decrypt", "the key record", cmk, field(&r, "KeyId")?)?;
         key_from_base64(&b64)
     }
 
@@ -673,7 +674,7 @@ impl KmsProvider for TencentKms {
                 json!({"KeyId": cmk, "Plaintext": b64.as_str(), "EncryptionContext": context.canonical_json()}),
             )
             .await?;
-        self.check_cmk("Encrypt", cmk, field(&r, "KeyId")?)?;
+        self.check_cmk("Encrypt", "the keyring", cmk, field(&r, "KeyId")?)?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 
@@ -698,8 +699,18 @@ impl KmsProvider for TencentKms {
             .await?;
         // Without the source check a substituted key would be laundered: rewrapped under the
         // destination CMK, it would pass every later Decrypt check.
-        self.check_cmk("ReEncrypt", source_cmk, field(&r, "SourceKeyId")?)?;
-        self.check_cmk("ReEncrypt", destination_cmk, field(&r, "KeyId")?)?;
+        self.check_cmk(
+            "ReEncrypt",
+            "the key record",
+            source_cmk,
+            field(&r, "SourceKeyId")?,
+        )?;
+        self.check_cmk(
+            "ReEncrypt",
+            "the destination",
+            destination_cmk,
+            field(&r, "KeyId")?,
+        )?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 }
@@ -862,18 +873,27 @@ mod tests {
         let mut c = config();
         c.also_accept_cmks = vec!["cmk-old".into()];
         let kms = TencentKms::new(c).unwrap();
-        kms.check_cmk("Decrypt", "cmk-a", "cmk-a").unwrap();
-        kms.check_cmk("Decrypt", "CMK-A", "cmk-a").unwrap();
-        kms.check_cmk("Decrypt", "cmk-a", "cmk-old").unwrap();
-        let err = kms.check_cmk("Decrypt", "cmk-a", "cmk-b").unwrap_err();
+        kms.check_cmk("Decrypt", "the key record", "cmk-a", "cmk-a")
+            .unwrap();
+        kms.check_cmk("Decrypt", "the key record", "CMK-A", "cmk-a")
+            .unwrap();
+        kms.check_cmk("Decrypt", "the key record", "cmk-a", "cmk-old")
+            .unwrap();
+        let err = kms
+            .check_cmk("Decrypt", "the key record", "cmk-a", "cmk-b")
+            .unwrap_err();
         assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
         assert!(!err.is_retryable());
         let msg = err.to_string();
-        assert!(msg.contains("cmk-a") && msg.contains("cmk-b"), "{msg}");
+        assert!(
+            msg.contains("cmk-a") && msg.contains("cmk-b") && msg.contains("the key record"),
+            "{msg}"
+        );
         // An alias never matches the KeyId Tencent reports by itself.
         let err = kms
             .check_cmk(
                 "Decrypt",
+                "the key record",
                 "alias/users",
                 "23e80852-1e38-11e9-b129-5cb9019b4b01",
             )
