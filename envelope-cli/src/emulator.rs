@@ -46,7 +46,7 @@ pub struct Faults {
 }
 
 /// How to run the emulator.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EmulatorConfig {
     /// Where to listen; port 0 picks a free port.
     pub listen: SocketAddr,
@@ -60,6 +60,23 @@ pub struct EmulatorConfig {
     pub state_file: Option<PathBuf>,
     /// Faults from the start.
     pub faults: Faults,
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Written out so that a field added later has to decide whether it may be printed.
+        f.debug_struct("EmulatorConfig")
+            .field("listen", &self.listen)
+            .field("secret_id", &self.secret_id)
+            .field("secret_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("state_file", &self.state_file)
+            .field("faults", &self.faults)
+            .finish()
+    }
 }
 
 impl EmulatorConfig {
@@ -478,7 +495,7 @@ fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Re
         return Err(mismatch());
     }
     if let Some(token) = &config.session_token
-        && header(headers, "x-tc-token") != Some(token.expose())
+        && !secrets_equal(header(headers, "x-tc-token").unwrap_or(""), token.expose())
     {
         return Err(api_error(
             "AuthFailure.TokenFailure",
@@ -486,6 +503,12 @@ fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Re
         ));
     }
     Ok(())
+}
+
+/// Compare a secret a client sent with the expected one in constant time (the length is not
+/// hidden).
+fn secrets_equal(sent: &str, expected: &str) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(sent.as_bytes(), expected.as_bytes()).is_ok()
 }
 
 async fn serve(
@@ -999,20 +1022,31 @@ fn persist(shared: &Shared, keys: &BTreeMap<String, CmkEntry>) -> Result<(), Api
         serde_json::to_string_pretty(&state)
             .map_err(|_| api_error("InternalError", "cannot serialize the state"))?,
     );
-    let tmp = path.with_extension("tmp");
+    // A fresh name, created exclusively with mode 0600: the file is never readable by others,
+    // not even for the moment between creating and writing it, and a stale or planted file (or
+    // a symlink) at a fixed temporary name cannot lend it wider permissions or another target.
+    let suffix: u64 = rand::rng().random();
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".{suffix:016x}.tmp"));
+    let tmp = path.with_file_name(tmp_name);
     let write = || -> std::io::Result<()> {
         use std::io::Write as _;
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt as _;
             opts.mode(0o600);
         }
         let mut f = opts.open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let written = f
+            .write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     };
     write().map_err(|e| {
         api_error(
@@ -1020,4 +1054,33 @@ fn persist(shared: &Shared, keys: &BTreeMap<String, CmkEntry>) -> Result<(), Api
             format!("cannot write the state file {}: {e}", path.display()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_debug_never_shows_the_secret_key_or_token() {
+        let mut c = EmulatorConfig::local("AKIDvisible", "emulator-secret-key-value");
+        c.session_token = Some(SecretString::new("emulator-session-token-value"));
+        let dbg = format!("{c:?}");
+        assert!(dbg.contains("AKIDvisible"), "{dbg}");
+        assert!(
+            !dbg.contains("emulator-secret-key-value")
+                && !dbg.contains("emulator-session-token-value"),
+            "{dbg}"
+        );
+        let e = Emulator::start(c).unwrap();
+        assert!(!format!("{e:?}").contains("emulator-secret-key-value"));
+    }
+
+    #[test]
+    fn session_tokens_compare_whole() {
+        assert!(secrets_equal("sts-token", "sts-token"));
+        assert!(!secrets_equal("sts-toke", "sts-token"));
+        assert!(!secrets_equal("sts-tokenX", "sts-token"));
+        assert!(!secrets_equal("", "sts-token"));
+        assert!(!secrets_equal("STS-TOKEN", "sts-token"));
+    }
 }

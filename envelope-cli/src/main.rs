@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
 use envelope_core::{LocalKms, SecretString, format};
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "envelope",
     version,
@@ -23,7 +23,9 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+// No derived `Debug` here or on `Command`: the arguments hold the emulator's SecretKey and
+// session token (see the hand-written impls below).
+#[derive(Subcommand)]
 enum Command {
     /// Create a local KMS master key file (mode 0600). Refuses to overwrite an existing file.
     Keygen {
@@ -49,11 +51,21 @@ enum Command {
         secret_id: String,
         /// The SecretKey clients must sign with (prefer the environment variable: command lines
         /// are visible to other users).
-        #[arg(long, env = "ENVELOPE_EMULATOR_SECRET_KEY", hide_env_values = true)]
-        secret_key: String,
+        #[arg(
+            long,
+            env = "ENVELOPE_EMULATOR_SECRET_KEY",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        secret_key: SecretString,
         /// Require this X-TC-Token on every request.
-        #[arg(long, env = "ENVELOPE_EMULATOR_SESSION_TOKEN", hide_env_values = true)]
-        session_token: Option<String>,
+        #[arg(
+            long,
+            env = "ENVELOPE_EMULATOR_SESSION_TOKEN",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        session_token: Option<SecretString>,
         /// Keep keys in this file (mode 0600) so a restart keeps old blobs readable.
         #[arg(long)]
         state: Option<PathBuf>,
@@ -67,6 +79,51 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_qps: u32,
     },
+}
+
+/// Parse a credential straight into a [`SecretString`], so no plain `String` copy outlives parsing.
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::new(value))
+}
+
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cli")
+            .field("command", &self.command)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Keygen { out } => f.debug_struct("Keygen").field("out", out).finish(),
+            Command::Inspect { value } => f.debug_struct("Inspect").field("value", value).finish(),
+            Command::KmsEmulator {
+                listen,
+                secret_id,
+                secret_key: _,
+                session_token,
+                state,
+                fail_rate,
+                latency_ms,
+                max_qps,
+            } => f
+                .debug_struct("KmsEmulator")
+                .field("listen", listen)
+                .field("secret_id", secret_id)
+                .field("secret_key", &"<redacted>")
+                .field(
+                    "session_token",
+                    &session_token.as_ref().map(|_| "<redacted>"),
+                )
+                .field("state", state)
+                .field("fail_rate", fail_rate)
+                .field("latency_ms", latency_ms)
+                .field("max_qps", max_qps)
+                .finish(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,8 +160,8 @@ fn run(command: Command) -> Result<(), String> {
             let emulator = Emulator::start(EmulatorConfig {
                 listen,
                 secret_id,
-                secret_key: SecretString::new(secret_key),
-                session_token: session_token.map(SecretString::new),
+                secret_key,
+                session_token,
                 state_file: state,
                 faults: Faults {
                     fail_rate,
@@ -151,4 +208,32 @@ fn decode_value(value: &str) -> Result<Vec<u8>, String> {
     hex::decode(hex_digits).map_err(|_| {
         "VALUE must be hex (as psql shows bytea, with or without \\x) or a text-form value starting with ev1:".to_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_arguments_never_shows_the_secret_key_or_token() {
+        let cli = Cli::try_parse_from([
+            "envelope",
+            "kms-emulator",
+            "--secret-id",
+            "AKIDvisible",
+            "--secret-key",
+            "emulator-secret-key-value",
+            "--session-token",
+            "emulator-session-token-value",
+        ])
+        .unwrap();
+        let dbg = format!("{cli:?}");
+        assert!(dbg.contains("AKIDvisible"), "{dbg}");
+        assert!(
+            !dbg.contains("emulator-secret-key-value")
+                && !dbg.contains("emulator-session-token-value"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("<redacted>"), "{dbg}");
+    }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
 use envelope_core::kms::tencent::{TencentConfig, TencentKms, sign};
 use envelope_core::{
-    EncryptionContext, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore, Policy, Scope,
-    SecretString, format,
+    EncryptionContext, Error, KeyStore, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore,
+    Policy, Scope, SecretString, format,
 };
 use envelope_tests::{EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY, TencentTarget};
 use serde_json::Value;
@@ -644,4 +644,257 @@ fn state_file_keeps_old_blobs_readable_across_restarts() {
         rt.block_on(kms.describe_key(&cmk)).unwrap().key_state,
         "Enabled"
     );
+}
+
+// ----- which CMK unwrapped the key; transport rules -------------------------------------------
+
+fn client_for(endpoint: &str, adjust: impl FnOnce(&mut TencentConfig)) -> Arc<TencentKms> {
+    let mut c = TencentConfig::new(
+        EMULATOR_SECRET_ID,
+        SecretString::new(EMULATOR_SECRET_KEY),
+        "ap-guangzhou",
+    )
+    .with_endpoint(endpoint);
+    adjust(&mut c);
+    Arc::new(TencentKms::new(c).unwrap())
+}
+
+#[test]
+fn a_key_record_naming_cmk_a_but_holding_a_key_under_cmk_b_is_refused() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    let (cmk_a, cmk_b) = rt.block_on(async {
+        let a = t.kms.create_key("record-cmk", "").await.unwrap().key_id;
+        let b = t.kms.create_key("other-cmk", "").await.unwrap().key_id;
+        (a, b)
+    });
+    let store = Arc::new(MemoryKeyStore::new());
+    let writer = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
+    let blob = writer.encrypt_blocking(&label(), b"078-05-1120").unwrap();
+    let id = format::peek_key_id(&blob).unwrap();
+
+    // The attacker edits the key table: the record still names CMK A, but its wrapped key is
+    // now the same data key wrapped under CMK B (rewrapped with credentials that may use both;
+    // a key from GenerateDataKey under B, whose plaintext the attacker then knows, works alike).
+    rt.block_on(async {
+        let mut record = store.get(&id).await.unwrap().unwrap();
+        assert_eq!(record.cmk_id, cmk_a);
+        let context = EncryptionContext::from_json(&record.kms_context).unwrap();
+        record.wrapped = t
+            .kms
+            .re_encrypt(&record.wrapped, &cmk_a, &context, &cmk_b, &context)
+            .await
+            .unwrap();
+        store.delete(&id).await.unwrap();
+        store.insert(&record).await.unwrap();
+    });
+
+    // A reader with a cold cache refuses the record, naming both CMKs.
+    let cold = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
+    let err = cold.decrypt_blocking(&label(), &blob).unwrap_err();
+    match &err {
+        Error::Kms(e) => {
+            assert_eq!(e.kind(), KmsErrorKind::InvalidCiphertext, "{err}");
+            assert!(!e.is_retryable());
+        }
+        other => panic!("expected a KMS error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(&cmk_a) && msg.contains(&cmk_b), "{msg}");
+    assert!(!msg.contains("078-05-1120"), "{msg}");
+
+    // Listing CMK B as trusted opens it.
+    let trusting = client_for(&t.emulator.endpoint(), |c| {
+        c.also_accept_cmks = vec![cmk_b.clone()];
+    });
+    let k = Keyring::builder(trusting, &cmk_a, store).build().unwrap();
+    assert_eq!(k.decrypt_blocking(&label(), &blob).unwrap(), b"078-05-1120");
+}
+
+#[test]
+fn rewrap_refuses_a_key_that_is_not_under_the_named_source_cmk() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    rt.block_on(async {
+        let a = t.kms.create_key("src-a", "").await.unwrap().key_id;
+        let b = t.kms.create_key("src-b", "").await.unwrap().key_id;
+        let c = t.kms.create_key("dst-c", "").await.unwrap().key_id;
+        let under_b = t.kms.generate_data_key(&b, &ctx()).await.unwrap();
+        // Rewrapping "A's" key to C would launder B's key into a record that passes every check.
+        let err = t
+            .kms
+            .re_encrypt(&under_b.wrapped, &a, &ctx(), &c, &ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
+        assert!(err.to_string().contains(&a) && err.to_string().contains(&b));
+        // Named correctly, it moves.
+        let moved = t
+            .kms
+            .re_encrypt(&under_b.wrapped, &b, &ctx(), &c, &ctx())
+            .await
+            .unwrap();
+        let back = t.kms.decrypt(&c, &moved, &ctx()).await.unwrap();
+        assert_eq!(back.expose(), under_b.plaintext.expose());
+    });
+}
+
+#[test]
+fn a_cmk_given_by_alias_needs_its_key_id_listed() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    let meta = rt.block_on(t.kms.create_key("by-alias", "")).unwrap();
+    // Tencent answers with the KeyId, never the alias: the alias alone cannot be confirmed.
+    let err = rt
+        .block_on(t.kms.generate_data_key("alias/by-alias", &ctx()))
+        .unwrap_err();
+    assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
+    assert!(err.to_string().contains(&meta.key_id), "{err}");
+    let listed = client_for(&t.emulator.endpoint(), |c| {
+        c.also_accept_cmks = vec![meta.key_id.clone()];
+    });
+    rt.block_on(async {
+        let g = listed
+            .generate_data_key("alias/by-alias", &ctx())
+            .await
+            .unwrap();
+        let back = listed
+            .decrypt("alias/by-alias", &g.wrapped, &ctx())
+            .await
+            .unwrap();
+        assert_eq!(back.expose(), g.plaintext.expose());
+    });
+}
+
+#[test]
+fn plain_http_to_a_host_that_is_not_loopback_is_refused_unless_opted_in() {
+    let config = || {
+        TencentConfig::new(
+            EMULATOR_SECRET_ID,
+            SecretString::new(EMULATOR_SECRET_KEY),
+            "ap-guangzhou",
+        )
+        .with_endpoint("http://10.0.0.1:1")
+    };
+    // Constructing never connects.
+    let err = TencentKms::new(config()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("http://10.0.0.1:1")
+            && msg.contains("not a loopback address")
+            && msg.contains("danger_allow_insecure_http"),
+        "{msg}"
+    );
+    let mut opted_in = config();
+    opted_in.danger_allow_insecure_http = true;
+    TencentKms::new(opted_in).unwrap();
+}
+
+/// A server on 127.0.0.1 that answers every request with `status` and `Location: target`.
+fn redirector(status: &'static str, target: String) -> std::net::SocketAddr {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn redirects_are_not_followed() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    let cmk = rt
+        .block_on(t.kms.create_key("redirect", ""))
+        .unwrap()
+        .key_id;
+    t.emulator.reset_counters();
+    for status in [
+        "302 Found",
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
+    ] {
+        let addr = redirector(status, format!("{}/", t.emulator.endpoint()));
+        let kms = client_for(&format!("http://{addr}"), |_| {});
+        let err = rt
+            .block_on(kms.generate_data_key(&cmk, &ctx()))
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidResponse, "{status}: {err}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("redirect"), "{status}: {err}");
+        assert_eq!(
+            t.emulator.requests(),
+            0,
+            "{status}: nothing reached the emulator"
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn state_file_is_0600_even_over_a_stale_or_planted_temporary_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let rt = rt();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let run = |state: &std::path::Path| {
+        let mut c = EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY);
+        c.state_file = Some(state.to_owned());
+        let e = Emulator::start(c).unwrap();
+        let kms = client_for(&e.endpoint(), |_| {});
+        rt.block_on(kms.create_key("persist", "")).unwrap();
+    };
+
+    // A world-readable temporary file left at the old fixed name by an earlier run.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("kms-state.json");
+    let stale = dir.path().join("kms-state.tmp");
+    std::fs::write(&stale, "stale").unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+    run(&state);
+    assert_eq!(mode(&state), 0o600);
+    assert!(std::fs::read_to_string(&state).unwrap().contains("persist"));
+
+    // A symlink planted at that name must not redirect the master keys into another file.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("kms-state.json");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "victim").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("kms-state.tmp")).unwrap();
+    run(&state);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+    assert!(
+        std::fs::symlink_metadata(&state)
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+    assert_eq!(mode(&state), 0o600);
+    // No temporary file of ours is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp") && n != "kms-state.tmp")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -16,16 +16,35 @@
 //!
 //! Requests go over HTTPS (rustls; no OpenSSL) to `kms.tencentcloudapi.com` unless
 //! [`TencentConfig::endpoint`] points elsewhere (a private endpoint, or the `envelope
-//! kms-emulator`). Errors that Tencent reports in `Response.Error` become typed
-//! [`KmsError`]s carrying the code and RequestId. Network errors, HTTP 5xx, `InternalError` and
-//! the `RequestLimitExceeded` family are retried with jittered exponential back-off, signing each
-//! attempt anew; authentication and ciphertext errors never are. No request or response body is
-//! ever logged: a GenerateDataKey response holds a plaintext key.
+//! kms-emulator`). Plain `http://` is accepted only for a loopback host (the emulator), unless
+//! [`TencentConfig::danger_allow_insecure_http`] is set; redirects are never followed. Errors
+//! that Tencent reports in `Response.Error` become typed [`KmsError`]s carrying the code and
+//! RequestId. Network errors, HTTP 5xx, `InternalError` and the `RequestLimitExceeded` family are
+//! retried with jittered exponential back-off, signing each attempt anew; authentication and
+//! ciphertext errors never are. No request or response body is ever logged: a GenerateDataKey
+//! response holds a plaintext key.
+//!
+//! # Which CMK unwrapped the key
+//!
+//! A Tencent `CiphertextBlob` names its own CMK, and Decrypt takes no KeyId: the service unwraps
+//! under whichever CMK the blob names, if these credentials may use it. So the provider checks
+//! the `KeyId` that every response names against the CMK the caller asked for (the key record's
+//! CMK) and refuses the result, with a [`KmsErrorKind::InvalidCiphertext`] error naming both ids,
+//! when they differ and the response's CMK is not in [`TencentConfig::also_accept_cmks`].
+//! Without this check, whoever can write the key table could substitute a data key wrapped under
+//! any other CMK the credentials can use, and forge values under it.
+//!
+//! Tencent names keys by their KeyId (UUID-like) in responses, never by alias. A CMK configured
+//! as `alias/NAME` therefore never matches by itself: list its KeyId in
+//! [`TencentConfig::also_accept_cmks`], or (better) configure the keyring with the KeyId. The
+//! provider does not resolve aliases with DescribeKey: that would be a second call inside the
+//! keyring's deadline, and an alias can be moved to another key.
 
 pub mod sign;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -58,16 +77,40 @@ pub struct TencentConfig {
     pub session_token: Option<SecretString>,
     /// The region, for example `ap-guangzhou`.
     pub region: String,
-    /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted for the
-    /// local emulator only.
+    /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted only
+    /// when the host is a loopback address (`127.0.0.0/8`, `::1`, `localhost`: the local
+    /// emulator), unless [`TencentConfig::danger_allow_insecure_http`] is set.
     pub endpoint: String,
-    /// Time allowed to connect.
+    /// Accept `http://` for a host that is not a loopback address. Default `false`.
+    ///
+    /// KMS responses carry plaintext data keys and requests carry the signed credentials'
+    /// session token: over plain HTTP anyone on the path reads every data key. Set it only for a
+    /// test network you control.
+    pub danger_allow_insecure_http: bool,
+    /// CMK ids (KeyIds) accepted as the key that unwrapped a data key, besides the CMK the key
+    /// record names. Default empty.
+    ///
+    /// Decrypt's response names the CMK that unwrapped the key; a result from any CMK other than
+    /// the record's one or these is refused (a key record edited to hold a key wrapped under
+    /// another CMK). List here the KeyIds of CMKs whose keys may legitimately sit under another
+    /// CMK's name: the KeyId behind an `alias/NAME` CMK (Tencent's responses name KeyIds, never
+    /// aliases), or the old CMK during a move from one CMK to another.
+    pub also_accept_cmks: Vec<String>,
+    /// Time allowed to connect (part of [`TencentConfig::request_timeout`], not added to it).
+    /// Default 1.5 s.
     pub connect_timeout: Duration,
-    /// Time allowed for one attempt.
+    /// Time allowed for one attempt, connecting and reading the whole response included.
+    /// Default 2.5 s.
     pub request_timeout: Duration,
-    /// Attempts per call, retries included (at least 1).
+    /// Attempts per call, retries included (at least 1). Default 3.
     pub max_attempts: u32,
-    /// The first retry waits about this long; each later one twice as long, with jitter.
+    /// The first retry waits about this long; each later one twice as long, with jitter between
+    /// 50 % and 150 %. Default 100 ms.
+    ///
+    /// With the defaults a call takes at most 3 x 2.5 s + (100 ms + 200 ms) x 1.5 = 7.95 s
+    /// ([`KmsProvider::call_budget`]), inside the keyring's default `kms_timeout` of 10 s with
+    /// room for the key-store read. The keyring refuses to start when the budget exceeds its
+    /// `kms_timeout`: raise one, or lower the other.
     pub backoff: Duration,
 }
 
@@ -79,6 +122,11 @@ impl fmt::Debug for TencentConfig {
             .field("session_token", &self.session_token)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
+            .field(
+                "danger_allow_insecure_http",
+                &self.danger_allow_insecure_http,
+            )
+            .field("also_accept_cmks", &self.also_accept_cmks)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
@@ -100,10 +148,12 @@ impl TencentConfig {
             session_token: None,
             region: region.into(),
             endpoint: DEFAULT_ENDPOINT.to_owned(),
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(5),
+            danger_allow_insecure_http: false,
+            also_accept_cmks: Vec::new(),
+            connect_timeout: Duration::from_millis(1500),
+            request_timeout: Duration::from_millis(2500),
             max_attempts: 3,
-            backoff: Duration::from_millis(200),
+            backoff: Duration::from_millis(100),
         }
     }
 
@@ -176,7 +226,9 @@ impl TencentKms {
     /// A client for `config`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an unusable endpoint or settings.
+    /// [`Error::Config`] for an unusable endpoint or settings, and for a plain `http://` endpoint
+    /// whose host is not a loopback address (unless
+    /// [`TencentConfig::danger_allow_insecure_http`] is set).
     pub fn new(config: TencentConfig) -> Result<Self> {
         if config.secret_id.is_empty() || config.secret_key.is_empty() {
             return Err(Error::Config(
@@ -198,6 +250,12 @@ impl TencentKms {
                 config.endpoint
             ))));
         }
+        if url.scheme() == "http" && !is_loopback(&url) && !config.danger_allow_insecure_http {
+            return Err(Error::Config(Cow::Owned(format!(
+                "Tencent endpoint {:?} is plain http to a host that is not a loopback address: KMS responses carry plaintext data keys, so use https (or set TencentConfig::danger_allow_insecure_http on a network you control)",
+                config.endpoint
+            ))));
+        }
         // The Host header hyper sends: the host, plus the port when it is not the scheme's.
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -207,6 +265,9 @@ impl TencentKms {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
+            // A redirect would send the signed request (and its session token) elsewhere and take
+            // a data key from whoever answers there: a 3xx is an error (see `attempt`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(Cow::Owned(format!("cannot build the HTTP client: {e}"))))?;
         Ok(TencentKms {
@@ -243,12 +304,31 @@ impl TencentKms {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self
-            .config
-            .backoff
-            .saturating_mul(1 << (attempt - 1).min(10));
-        // Full jitter between 50 % and 150 %, so synchronized clients spread out.
-        base.mul_f64(0.5 + rand::rng().random::<f64>())
+        // Jitter between 50 % and 150 %, so synchronized clients spread out.
+        scale(
+            backoff_base(self.config.backoff, attempt),
+            0.5 + rand::rng().random::<f64>(),
+        )
+    }
+
+    /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
+    /// that `named_by` named) or one of [`TencentConfig::also_accept_cmks`].
+    fn check_cmk(
+        &self,
+        action: &str,
+        named_by: &str,
+        requested: &str,
+        reported: &str,
+    ) -> std::result::Result<(), KmsError> {
+        let same = |a: &str| a.eq_ignore_ascii_case(reported);
+        if same(requested) || self.config.also_accept_cmks.iter().any(|a| same(a)) {
+            return Ok(());
+        }
+        Err(
+            KmsError::new(PROVIDER, KmsErrorKind::InvalidCiphertext).with_message(format!(
+                "{action}: the KMS used CMK {reported}, but {named_by} names CMK {requested}; refused (list {reported} in TencentConfig::also_accept_cmks if keys under it are trusted here)"
+            )),
+        )
     }
 
     async fn attempt(&self, action: &str, body: &[u8]) -> std::result::Result<Value, KmsError> {
@@ -301,6 +381,13 @@ impl TencentKms {
         if status.is_server_error() {
             return Err(KmsError::new(PROVIDER, KmsErrorKind::Unavailable)
                 .with_message(format!("HTTP {status}")));
+        }
+        if status.is_redirection() {
+            return Err(
+                KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse).with_message(format!(
+                    "HTTP {status}: the endpoint answered with a redirect, which is never followed (point TencentConfig::endpoint at the KMS itself)"
+                )),
+            );
         }
         if status != reqwest::StatusCode::OK {
             return Err(KmsError::new(PROVIDER, KmsErrorKind::InvalidResponse)
@@ -366,6 +453,35 @@ impl TencentKms {
         .await?;
         Ok(())
     }
+}
+
+/// Whether the URL's host is a loopback address: `127.0.0.0/8`, `::1` or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    // The URL parser has already normalized the host: IPv4 in dotted decimal, IPv6 in brackets.
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The back-off before retry number `attempt` (1 for the first retry), before jitter.
+fn backoff_base(backoff: Duration, attempt: u32) -> Duration {
+    backoff.saturating_mul(1 << attempt.saturating_sub(1).min(BACKOFF_DOUBLINGS))
+}
+
+/// The back-off doubles this many times at most (to 1024 times [`TencentConfig::backoff`]).
+const BACKOFF_DOUBLINGS: u32 = 10;
+
+/// `d * factor`, saturating instead of panicking on overflow.
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
 }
 
 fn transport_error(e: &reqwest::Error) -> KmsError {
@@ -478,10 +594,33 @@ fn blob_str(wrapped: &[u8]) -> std::result::Result<&str, KmsError> {
     })
 }
 
+/// Take the base64 `Plaintext` out of a response (wiped on drop, and wiped in the response).
+fn take_plaintext(r: &mut Value) -> std::result::Result<Zeroizing<String>, KmsError> {
+    match r.get_mut("Plaintext").map(Value::take) {
+        Some(Value::String(s)) => Ok(Zeroizing::new(s)),
+        _ => Err(invalid_response("response has no Plaintext")),
+    }
+}
+
 #[async_trait]
 impl KmsProvider for TencentKms {
     fn name(&self) -> &str {
         PROVIDER
+    }
+
+    /// Every attempt at its full `request_timeout` (which includes connecting), plus every
+    /// back-off at its longest jitter (150 %).
+    fn call_budget(&self) -> Option<Duration> {
+        let c = &self.config;
+        let attempts = c.request_timeout.saturating_mul(c.max_attempts);
+        let retries = c.max_attempts - 1; // `new` made it at least 1
+        // The back-off doubles up to retry BACKOFF_DOUBLINGS + 1 and stays flat after it.
+        let doubling = retries.min(BACKOFF_DOUBLINGS + 1);
+        let growing = (1..=doubling).fold(Duration::ZERO, |sum, retry| {
+            sum.saturating_add(scale(backoff_base(c.backoff, retry), 1.5))
+        });
+        let flat = scale(backoff_base(c.backoff, retries), 1.5).saturating_mul(retries - doubling);
+        Some(attempts.saturating_add(growing).saturating_add(flat))
     }
 
     async fn generate_data_key(
@@ -495,36 +634,31 @@ impl KmsProvider for TencentKms {
                 json!({"KeyId": cmk, "KeySpec": "AES_256", "EncryptionContext": context.canonical_json()}),
             )
             .await?;
-        let plaintext = key_from_base64(field(&r, "Plaintext")?);
-        // Wipe the base64 copy of the key inside the parsed response.
-        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
-            zeroize::Zeroize::zeroize(s);
-        }
+        let b64 = take_plaintext(&mut r)?;
+        // A key made under a CMK that a later Decrypt would refuse is refused now, at the first
+        // write, rather than on the first cold read (an alias CMK not in `also_accept_cmks`).
+        self.check_cmk("GenerateDataKey", "the keyring", cmk, field(&r, "KeyId")?)?;
+        let plaintext = key_from_base64(&b64)?;
         let wrapped = field(&r, "CiphertextBlob")?.as_bytes().to_vec();
-        Ok(GeneratedDataKey {
-            plaintext: plaintext?,
-            wrapped,
-        })
+        Ok(GeneratedDataKey { plaintext, wrapped })
     }
 
     async fn decrypt(
         &self,
-        _cmk: &str,
+        cmk: &str,
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> std::result::Result<KeyMaterial, KmsError> {
-        // The blob names its CMK; Decrypt takes no KeyId.
+        // The blob names its CMK; Decrypt takes no KeyId, so the response's KeyId is checked.
         let mut r = self
             .call(
                 "Decrypt",
                 json!({"CiphertextBlob": blob_str(wrapped)?, "EncryptionContext": context.canonical_json()}),
             )
             .await?;
-        let key = key_from_base64(field(&r, "Plaintext")?);
-        if let Some(Value::String(s)) = r.get_mut("Plaintext") {
-            zeroize::Zeroize::zeroize(s);
-        }
-        key
+        let b64 = take_plaintext(&mut r)?;
+        self.check_cmk("Decrypt", "the key record", cmk, field(&r, "KeyId")?)?;
+        key_from_base64(&b64)
     }
 
     async fn encrypt(
@@ -540,13 +674,14 @@ impl KmsProvider for TencentKms {
                 json!({"KeyId": cmk, "Plaintext": b64.as_str(), "EncryptionContext": context.canonical_json()}),
             )
             .await?;
+        self.check_cmk("Encrypt", "the keyring", cmk, field(&r, "KeyId")?)?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 
     async fn re_encrypt(
         &self,
         wrapped: &[u8],
-        _source_cmk: &str,
+        source_cmk: &str,
         source_context: &EncryptionContext,
         destination_cmk: &str,
         destination_context: &EncryptionContext,
@@ -562,6 +697,20 @@ impl KmsProvider for TencentKms {
                 }),
             )
             .await?;
+        // Without the source check a substituted key would be laundered: rewrapped under the
+        // destination CMK, it would pass every later Decrypt check.
+        self.check_cmk(
+            "ReEncrypt",
+            "the key record",
+            source_cmk,
+            field(&r, "SourceKeyId")?,
+        )?;
+        self.check_cmk(
+            "ReEncrypt",
+            "the destination",
+            destination_cmk,
+            field(&r, "KeyId")?,
+        )?;
         Ok(field(&r, "CiphertextBlob")?.as_bytes().to_vec())
     }
 }
@@ -629,6 +778,127 @@ mod tests {
         );
         let kms = TencentKms::new(c).unwrap();
         assert!(!format!("{kms:?}").contains("very-secret-key"));
+    }
+
+    fn config() -> TencentConfig {
+        TencentConfig::new("id", SecretString::new("k"), "ap-guangzhou")
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_hosts_only() {
+        for ok in [
+            "http://127.0.0.1:9190",
+            "http://127.8.9.10",
+            "http://[::1]:9190",
+            "http://localhost:9190",
+            "http://LocalHost",
+            "https://10.0.0.1:1",
+            "https://kms.ap-guangzhou.tencentcloudapi.com",
+        ] {
+            assert!(TencentKms::new(config().with_endpoint(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:1",
+            "http://kms.tencentcloudapi.com",
+            "http://localhost.example.com",
+            "http://[::ffff:10.0.0.1]",
+            "http://0.0.0.0:9190",
+        ] {
+            let err = TencentKms::new(config().with_endpoint(bad)).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Config(_)), "{bad}: {msg}");
+            assert!(
+                msg.contains(bad)
+                    && msg.contains("not a loopback address")
+                    && msg.contains("https"),
+                "{msg}"
+            );
+            let mut opted_in = config().with_endpoint(bad);
+            opted_in.danger_allow_insecure_http = true;
+            assert!(TencentKms::new(opted_in).is_ok(), "{bad} with the opt-in");
+        }
+    }
+
+    #[test]
+    fn call_budget_counts_every_attempt_and_the_longest_backoffs() {
+        let defaults = TencentKms::new(config()).unwrap();
+        // 3 attempts x 2.5 s, plus back-offs of 100 ms and 200 ms at 150 % jitter.
+        assert_eq!(defaults.call_budget(), Some(Duration::from_millis(7950)));
+        assert!(
+            defaults.call_budget().unwrap() < crate::Policy::default().kms_timeout,
+            "the defaults fit inside the keyring's default kms_timeout"
+        );
+
+        let mut c = config();
+        c.max_attempts = 0; // clamped to one attempt, no back-off
+        c.request_timeout = Duration::from_secs(4);
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_secs(4))
+        );
+
+        let mut c = config();
+        c.max_attempts = 5;
+        c.request_timeout = Duration::from_secs(1);
+        c.backoff = Duration::from_millis(10);
+        // 5 s + (10 + 20 + 40 + 80) ms x 1.5
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_millis(5225))
+        );
+
+        // Past ten doublings the back-off stays at 1024 x backoff.
+        let mut c = config();
+        c.max_attempts = 14;
+        c.request_timeout = Duration::ZERO;
+        c.backoff = Duration::from_millis(2);
+        // (2 + 4 + ... + 2048) + 2 x 2048 ms, all x 1.5
+        assert_eq!(
+            TencentKms::new(c).unwrap().call_budget(),
+            Some(Duration::from_millis((4094 + 4096) * 3 / 2))
+        );
+
+        // Absurd settings saturate instead of panicking.
+        let mut c = config();
+        c.max_attempts = u32::MAX;
+        c.request_timeout = Duration::MAX;
+        c.backoff = Duration::MAX;
+        let kms = TencentKms::new(c).unwrap();
+        assert_eq!(kms.call_budget(), Some(Duration::MAX));
+        assert!(kms.backoff(40) >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_result_from_another_cmk_is_refused_unless_listed() {
+        let mut c = config();
+        c.also_accept_cmks = vec!["cmk-old".into()];
+        let kms = TencentKms::new(c).unwrap();
+        kms.check_cmk("Decrypt", "the key record", "cmk-a", "cmk-a")
+            .unwrap();
+        kms.check_cmk("Decrypt", "the key record", "CMK-A", "cmk-a")
+            .unwrap();
+        kms.check_cmk("Decrypt", "the key record", "cmk-a", "cmk-old")
+            .unwrap();
+        let err = kms
+            .check_cmk("Decrypt", "the key record", "cmk-a", "cmk-b")
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
+        assert!(!err.is_retryable());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cmk-a") && msg.contains("cmk-b") && msg.contains("the key record"),
+            "{msg}"
+        );
+        // An alias never matches the KeyId Tencent reports by itself.
+        let err = kms
+            .check_cmk(
+                "Decrypt",
+                "the key record",
+                "alias/users",
+                "23e80852-1e38-11e9-b129-5cb9019b4b01",
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), KmsErrorKind::InvalidCiphertext);
     }
 
     #[test]

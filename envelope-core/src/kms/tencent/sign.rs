@@ -215,13 +215,10 @@ pub fn parse_authorization(value: &str) -> Option<ParsedAuthorization> {
     })
 }
 
-/// Compare two signatures in constant time.
+/// Compare two signatures in constant time (the length is not hidden).
 pub fn signatures_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    // aws-lc's comparison, not a hand-rolled fold the optimizer may turn into an early exit.
+    aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).is_ok()
 }
 
 #[cfg(test)]
