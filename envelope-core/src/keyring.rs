@@ -56,9 +56,12 @@ pub struct Policy {
     /// How long an opened key stays cached after loading (default 1 h): the window in which a
     /// key deleted or disabled in the KMS can still be used by this process.
     pub cache_ttl: Duration,
-    /// How long a call may wait for the KMS and key store (default 10 s).
+    /// How long a call may wait for the KMS and key store (default 10 s, at most one hour). It
+    /// bounds every call, synchronous or async, even when a provider blocks its thread.
     pub kms_timeout: Duration,
-    /// After a failed background refresh, wait this long before trying again (default 5 s).
+    /// After a failed attempt to make or load a key (the KMS or key store failed or did not
+    /// answer within `kms_timeout`), callers that need the same key fail at once with the same
+    /// error for this long before it is tried again (default 5 s).
     pub refresh_retry: Duration,
 }
 
@@ -193,10 +196,10 @@ struct ActiveKey {
     key: Arc<OpenedKey>,
     uses: AtomicU64,
     /// From here on a successor is prepared (`refresh_at_percent` of `dek_max_age`).
-    soft_deadline: Instant,
+    soft_deadline_ms: u64,
     /// From here on the key takes no writes (`dek_max_age`). Checked on every write, so the age
     /// limit holds even when the maintenance tick is held up.
-    hard_deadline: Instant,
+    hard_deadline_ms: u64,
     /// Set while a refresh runs and after it prepared a successor; cleared after a failure.
     refresh_in_flight: AtomicBool,
     /// Milliseconds since the keyring's epoch before which no refresh is tried (back-off).
@@ -249,8 +252,8 @@ thread_local! {
     static SNAPSHOT: std::cell::RefCell<Option<Snapshot>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The monotonic clock; in unit tests, plus an offset the test can advance. Read on every write
-/// (a vDSO call, no lock).
+/// The keyring's clock: the coarse monotonic clock of `crate::clock` (one atomic load, read on
+/// every write); in unit tests, plus an offset the test can advance.
 #[derive(Clone, Default)]
 struct Clock {
     #[cfg(test)]
@@ -262,11 +265,24 @@ impl Clock {
     fn now(&self) -> Instant {
         #[cfg(test)]
         {
-            Instant::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+            crate::clock::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
         }
         #[cfg(not(test))]
         {
-            Instant::now()
+            crate::clock::now()
+        }
+    }
+
+    /// [`Clock::now`] in the form the write path compares: see `crate::clock::now_ms`.
+    #[inline]
+    fn now_ms(&self) -> u64 {
+        #[cfg(test)]
+        {
+            crate::clock::now_ms().saturating_add(self.offset_ms.load(Ordering::Relaxed))
+        }
+        #[cfg(not(test))]
+        {
+            crate::clock::now_ms()
         }
     }
 
@@ -387,6 +403,7 @@ impl KeyringBuilder {
             ));
         }
         let read_scope = self.scoped.then(|| self.default_scope.clone());
+        crate::clock::start();
         let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
         let cache = moka::sync::Cache::builder()
             .name("envelope-keys")
@@ -921,15 +938,15 @@ impl Inner {
     ) -> Option<Result<Vec<u8>>> {
         self.with_active(|active| {
             let key = active.get(scope, &self.default_scope)?;
-            let now = self.clock.now();
-            if now >= key.hard_deadline {
+            let now = self.clock.now_ms();
+            if now >= key.hard_deadline_ms {
                 return None;
             }
             let uses = key.uses.fetch_add(1, Ordering::Relaxed);
             if uses >= self.policy.dek_max_uses {
                 return None;
             }
-            if now >= key.soft_deadline || uses >= self.soft_uses {
+            if now >= key.soft_deadline_ms || uses >= self.soft_uses {
                 self.schedule_refresh(scope, key);
             }
             Some(
@@ -982,12 +999,12 @@ impl Inner {
     /// Whether `active` may still take writes (without counting one).
     fn is_usable(&self, active: &ActiveKey) -> bool {
         active.uses.load(Ordering::Relaxed) < self.policy.dek_max_uses
-            && self.clock.now() < active.hard_deadline
+            && self.clock.now_ms() < active.hard_deadline_ms
     }
 
     fn is_due(&self, active: &ActiveKey) -> bool {
         active.uses.load(Ordering::Relaxed) >= self.soft_uses
-            || self.clock.now() >= active.soft_deadline
+            || self.clock.now_ms() >= active.soft_deadline_ms
     }
 
     fn millis_since_epoch(&self) -> u64 {
@@ -1130,12 +1147,12 @@ impl Inner {
     /// Make `key` the scope's active key and retire the previous one in the background.
     fn activate(self: &Arc<Self>, scope: &Scope, key: Arc<OpenedKey>) {
         let id = key.id();
-        let now = self.clock.now();
+        let now = self.clock.now_ms();
         let fresh = Arc::new(ActiveKey {
             key,
             uses: AtomicU64::new(0),
-            soft_deadline: now + self.policy.soft_age(),
-            hard_deadline: now + self.policy.dek_max_age,
+            soft_deadline_ms: now.saturating_add(crate::clock::ms(self.policy.soft_age())),
+            hard_deadline_ms: now.saturating_add(crate::clock::ms(self.policy.dek_max_age)),
             refresh_in_flight: AtomicBool::new(false),
             refresh_not_before_ms: AtomicU64::new(0),
         });
@@ -1480,12 +1497,13 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (at, _)| now.duration_since(*at) < self.policy.refresh_retry);
+        let now_ms = self.clock.now_ms();
         let active = self.active.load().iter(&self.default_scope);
         for (scope, key) in active {
-            if now >= key.hard_deadline && self.promote_pending(&scope).is_some() {
+            if now_ms >= key.hard_deadline_ms && self.promote_pending(&scope).is_some() {
                 continue;
             }
-            if now >= key.soft_deadline {
+            if now_ms >= key.soft_deadline_ms {
                 self.schedule_refresh(&scope, &key);
             }
         }
@@ -1711,6 +1729,8 @@ mod tests {
     struct Faulty {
         inner: LocalKms,
         mode: AtomicU64,
+        /// What `call_budget` reports, in milliseconds (0: none).
+        budget_ms: AtomicU64,
         generate_calls: AtomicU64,
         decrypt_calls: AtomicU64,
     }
@@ -1726,6 +1746,7 @@ mod tests {
             Arc::new(Faulty {
                 inner,
                 mode: AtomicU64::new(OK),
+                budget_ms: AtomicU64::new(0),
                 generate_calls: AtomicU64::new(0),
                 decrypt_calls: AtomicU64::new(0),
             })
@@ -1744,7 +1765,7 @@ mod tests {
                     Ok(())
                 }
                 BLOCK_THREAD => {
-                    std::thread::sleep(Duration::from_secs(2));
+                    std::thread::sleep(Duration::from_secs(5));
                     Ok(())
                 }
                 _ => Ok(()),
@@ -1756,6 +1777,13 @@ mod tests {
     impl KmsProvider for Faulty {
         fn name(&self) -> &str {
             "local"
+        }
+
+        fn call_budget(&self) -> Option<Duration> {
+            match self.budget_ms.load(Ordering::SeqCst) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            }
         }
 
         async fn generate_data_key(
@@ -1850,9 +1878,9 @@ mod tests {
         let started = Instant::now();
         let err = rt.block_on(k.encrypt(&label(), b"v")).unwrap_err();
         assert!(matches!(err, Error::WriteKeyUnavailable { .. }), "{err}");
-        // Bounded by kms_timeout (plus grace), not by the provider's 2 s.
+        // Bounded by kms_timeout (300 ms, plus the bridge's grace), not by the provider's 5 s.
         assert!(
-            started.elapsed() < Duration::from_millis(1500),
+            started.elapsed() < Duration::from_secs(3),
             "{:?}",
             started.elapsed()
         );
@@ -2041,41 +2069,9 @@ mod tests {
 
     #[test]
     fn a_provider_whose_retries_outlast_the_timeout_is_refused() {
-        struct Patient(LocalKms);
-        #[async_trait::async_trait]
-        impl KmsProvider for Patient {
-            fn name(&self) -> &str {
-                "patient"
-            }
-            fn call_budget(&self) -> Option<Duration> {
-                Some(Duration::from_secs(30))
-            }
-            async fn generate_data_key(
-                &self,
-                cmk: &str,
-                context: &EncryptionContext,
-            ) -> std::result::Result<crate::GeneratedDataKey, KmsError> {
-                self.0.generate_data_key(cmk, context).await
-            }
-            async fn decrypt(
-                &self,
-                cmk: &str,
-                wrapped: &[u8],
-                context: &EncryptionContext,
-            ) -> std::result::Result<KeyMaterial, KmsError> {
-                self.0.decrypt(cmk, wrapped, context).await
-            }
-            async fn encrypt(
-                &self,
-                cmk: &str,
-                plaintext: &KeyMaterial,
-                context: &EncryptionContext,
-            ) -> std::result::Result<Vec<u8>, KmsError> {
-                self.0.encrypt(cmk, plaintext, context).await
-            }
-        }
-        let kms = Patient(LocalKms::from_key(KeyMaterial::generate().unwrap()));
-        let err = Keyring::builder(Arc::new(kms), "c", Arc::new(MemoryKeyStore::new()))
+        let kms = Faulty::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
+        kms.budget_ms.store(30_000, Ordering::SeqCst);
+        let err = Keyring::builder(kms, "c", Arc::new(MemoryKeyStore::new()))
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("kms_timeout"), "{err}");

@@ -38,11 +38,21 @@
 //!   or 24 hours, whichever comes first ([`Policy`]).
 //! - Plaintext keys live only in memory, in types that wipe themselves on drop; no `Debug` output
 //!   shows a key, a credential or a plaintext; no log line carries a KMS body.
-//! - Concurrent cache misses for one key make one KMS call.
+//! - Concurrent cache misses for one key make one KMS call; a KMS that fails or hangs costs one
+//!   wait of [`Policy::kms_timeout`], after which callers fail at once for
+//!   [`Policy::refresh_retry`].
+//! - Nonces never repeat across `fork()`: the generator reseeds in the child, and a keyring
+//!   built before the fork refuses to write there ([`Error::ForkedProcess`]): build the keyring
+//!   in each worker after forking.
+//! - A keyring refuses to start on a key table whose keys need master keys its provider does
+//!   not hold ([`Error::MasterKeyMissing`]).
 //!
 //! ## What is not
 //!
 //! - Values reveal their length (plus 47 to 50 bytes) and which key sealed them.
+//! - Values are bound to their column, not to their row: a value copied to another row of the
+//!   same column opens there, unless the read names a scope ([`Keyring::decrypt_scoped`], a
+//!   column's `SCOPE`, a scoped keyring) and the rows belong to different scopes.
 //! - Blind indexes reveal which rows hold equal values ([`blind`]).
 //! - Plaintext handed back to the application, database driver buffers, and swapped memory are
 //!   outside this crate's reach.
@@ -57,6 +67,7 @@
 pub mod blind;
 mod bridge;
 mod cipher;
+mod clock;
 pub mod column;
 mod error;
 pub mod format;

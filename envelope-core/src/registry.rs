@@ -108,3 +108,36 @@ impl Keyring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{KeyMaterial, LocalKms, MemoryKeyStore};
+
+    fn keyring() -> Keyring {
+        let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
+        let cmk = kms.cmk_id().to_owned();
+        Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+            .build()
+            .unwrap()
+    }
+
+    fn current_cmk() -> Option<String> {
+        THREAD_KEYRING.with(|s| s.borrow().last().map(|(_, k)| k.cmk().to_owned()))
+    }
+
+    #[test]
+    fn guards_dropped_out_of_order_remove_their_own_keyring() {
+        let (a, b) = (keyring(), keyring());
+        let guard_a = a.enter();
+        let guard_b = b.enter();
+        assert_eq!(current_cmk().as_deref(), Some(b.cmk()));
+        // Dropping the outer guard first must not take the inner keyring with it.
+        drop(guard_a);
+        assert_eq!(current_cmk().as_deref(), Some(b.cmk()));
+        drop(guard_b);
+        assert_eq!(current_cmk(), None);
+    }
+}

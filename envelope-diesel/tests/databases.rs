@@ -7,7 +7,7 @@
 
 use diesel::prelude::*;
 use envelope_core::{Error, FormatError, Keyring, Label, format};
-use envelope_diesel::{BlindIndex, Encrypted};
+use envelope_diesel::{BlindIndex, Encrypted, Json};
 use envelope_tests::Fixture;
 
 mod common;
@@ -197,6 +197,73 @@ macro_rules! suite {
                 );
                 fx.keyring.close_migration_window(&label);
                 assert!(load(&mut conn, 1).is_err());
+                // Whatever the parser rejects is legacy plaintext inside the window, also a
+                // value whose first byte happens to look like a (future) format version.
+                diesel::update(people::table.find(1))
+                    .set(people::email.eq(Some(b"\tTAB-led legacy".to_vec())))
+                    .execute(&mut conn)
+                    .unwrap();
+                fx.keyring.open_migration_window(&label);
+                assert_eq!(
+                    load(&mut conn, 1)
+                        .unwrap()
+                        .email
+                        .as_deref()
+                        .map(String::as_str),
+                    Some("\tTAB-led legacy")
+                );
+                // But a value that parses as an envelope must open, window or not.
+                insert(&mut conn, &[full(2, "ada@example.com")]);
+                diesel::sql_query("UPDATE people SET email = name WHERE id = 2")
+                    .execute(&mut conn)
+                    .unwrap();
+                let err = load(&mut conn, 2).unwrap_err();
+                assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+                fx.keyring.close_migration_window(&label);
+            }
+
+            #[test]
+            fn json_fails_the_write_when_it_cannot_encode_and_never_leaks_on_read() {
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                insert(&mut conn, &[empty(1)]);
+                // A map with non-string keys has no JSON form: the update fails, nothing written.
+                let mut bad = std::collections::HashMap::new();
+                bad.insert((1, 2), "x".to_owned());
+                let bad: Encrypted<Json<std::collections::HashMap<(i32, i32), String>>, Notes> =
+                    Encrypted::new(Json(bad));
+                let err = diesel::update(people::table.find(1))
+                    .set(people::notes.eq(Some(bad)))
+                    .execute(&mut conn)
+                    .unwrap_err();
+                assert!(
+                    matches!(the_envelope_error(&err), Error::PlaintextEncode { .. }),
+                    "{err}"
+                );
+                assert!(load(&mut conn, 1).unwrap().notes.is_none());
+                // A stored value read as the wrong type: the error says where, never what.
+                let mut p = empty(2);
+                p.notes = Some(Encrypted::new(Json(NoteBody {
+                    text: "078-05-1120".into(),
+                    tags: vec![],
+                })));
+                insert(&mut conn, &[p]);
+                #[derive(Debug, serde::Serialize, serde::Deserialize)]
+                struct Other {
+                    text: i64,
+                }
+                let err = people::table
+                    .find(2)
+                    .select(people::notes)
+                    .first::<Option<Encrypted<Json<Other>, Notes>>>(&mut conn)
+                    .unwrap_err();
+                let cause = the_envelope_error(&err).to_string();
+                assert!(cause.contains("line 1 column"), "{cause}");
+                for shown in [err.to_string(), format!("{err:?}"), cause] {
+                    assert!(!shown.contains("078-05-1120"), "{shown}");
+                }
             }
 
             #[test]

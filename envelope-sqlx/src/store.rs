@@ -237,8 +237,37 @@ pub async fn key_store_for_url(
     }
 }
 
+/// Statements run on one connection around the key table's DDL, so that several processes
+/// creating it at the same moment (replicas of a new deployment) take turns. PostgreSQL needs
+/// it: concurrent `CREATE TABLE IF NOT EXISTS` can fail there with a unique violation on
+/// `pg_type_typname_nsp_index`. Its DDL is transactional, so a transaction-scoped advisory lock
+/// serializes it. MySQL/MariaDB commit DDL implicitly: a named lock held by the connection does
+/// it there. SQLite serializes writers itself (sqlx waits on a busy database for 5 s).
+struct DdlGuard {
+    before: &'static [&'static str],
+    after: &'static [&'static str],
+    on_error: &'static [&'static str],
+}
+
+/// An arbitrary, fixed advisory-lock key shared by every envelope process (`envelope-keys-ddl`).
+const POSTGRES_DDL_GUARD: DdlGuard = DdlGuard {
+    before: &["BEGIN", "SELECT pg_advisory_xact_lock(6573006219848410995)"],
+    after: &["COMMIT"],
+    on_error: &["ROLLBACK"],
+};
+const MYSQL_DDL_GUARD: DdlGuard = DdlGuard {
+    before: &["SELECT GET_LOCK('envelope-keys-ddl', 60)"],
+    after: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
+    on_error: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
+};
+const SQLITE_DDL_GUARD: DdlGuard = DdlGuard {
+    before: &[],
+    after: &[],
+    on_error: &[],
+};
+
 macro_rules! sqlx_key_store {
-    ($db:ty, $ddl:expr) => {
+    ($db:ty, $ddl:expr, $guard:expr) => {
         #[async_trait]
         impl CreateTable for SqlxKeyStore<$db> {
             async fn ensure_table(&self) -> Result<(), StoreError> {
@@ -247,20 +276,48 @@ macro_rules! sqlx_key_store {
         }
 
         impl SqlxKeyStore<$db> {
-            /// Create the key table and its index if they do not exist.
+            /// Create the key table and its index if they do not exist. Safe when several
+            /// processes do it at the same moment: they take turns.
             ///
             /// # Errors
             /// The database's error.
             pub async fn create_table(&self) -> Result<(), StoreError> {
                 let statements = self.ddl_for($ddl);
                 self.on_runtime(move |pool, _| async move {
-                    for statement in statements {
-                        sqlx::query(sqlx::AssertSqlSafe(statement))
-                            .execute(&pool)
+                    let guard: DdlGuard = $guard;
+                    let mut conn = pool.acquire().await.map_err(backend)?;
+                    let mut run = async |sql: &str| {
+                        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                            .execute(&mut *conn)
                             .await
-                            .map_err(backend)?;
+                            .map(|_| ())
+                            .map_err(backend)
+                    };
+                    let mut result = Ok(());
+                    for sql in guard
+                        .before
+                        .iter()
+                        .copied()
+                        .chain(statements.iter().map(String::as_str))
+                    {
+                        result = run(sql).await;
+                        if result.is_err() {
+                            break;
+                        }
                     }
-                    Ok(())
+                    let finish = if result.is_ok() {
+                        guard.after
+                    } else {
+                        guard.on_error
+                    };
+                    for sql in finish {
+                        let done = run(sql).await;
+                        // The first error is the one worth reporting.
+                        if result.is_ok() {
+                            result = done;
+                        }
+                    }
+                    result
                 })
                 .await
             }
@@ -413,6 +470,6 @@ macro_rules! sqlx_key_store {
     };
 }
 
-sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES);
-sqlx_key_store!(sqlx::MySql, ddl::MYSQL);
-sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE);
+sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES, POSTGRES_DDL_GUARD);
+sqlx_key_store!(sqlx::MySql, ddl::MYSQL, MYSQL_DDL_GUARD);
+sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, SQLITE_DDL_GUARD);

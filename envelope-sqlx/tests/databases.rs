@@ -262,6 +262,40 @@ macro_rules! suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn json_fails_the_write_when_it_cannot_encode_and_never_leaks_on_read() {
+                let Some(s) = Setup::new().await else { return };
+                s.keyring.clone().scope(async {
+                    // A map with non-string keys has no JSON form: the insert fails, no row.
+                    let mut bad = std::collections::HashMap::new();
+                    bad.insert((1, 2), "x".to_owned());
+                    let q = sql(&format!("INSERT INTO {} (id, name, notes) VALUES (?, ?, ?)", s.table));
+                    let err = sqlx::query(sqlx::AssertSqlSafe(q))
+                        .bind(1i64)
+                        .bind(Encrypted::<String, Name>::new("n".into()))
+                        .bind(Encrypted::<Json<std::collections::HashMap<(i32, i32), String>>, Notes>::new(Json(bad)))
+                        .execute(&s.pool).await.unwrap_err();
+                    assert!(err.to_string().contains("JSON"), "{err}");
+                    let q = sql(&format!("SELECT COUNT(*) FROM {} WHERE id = ?", s.table));
+                    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(q)).bind(1i64).fetch_one(&s.pool).await.unwrap();
+                    assert_eq!(rows, 0);
+                    // A stored value read as the wrong type: the error says where, never what.
+                    let mut p = empty(2);
+                    p.notes = Some(Encrypted::new(Json(NoteBody { text: "078-05-1120".into(), tags: vec![] })));
+                    s.insert(&p).await;
+                    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+                    struct Other { text: i64 }
+                    let q = sql(&format!("SELECT notes FROM {} WHERE id = ?", s.table));
+                    let err = sqlx::query_scalar::<_, Encrypted<Json<Other>, Notes>>(sqlx::AssertSqlSafe(q))
+                        .bind(2i64).fetch_one(&s.pool).await.unwrap_err();
+                    for shown in [err.to_string(), format!("{err:?}")] {
+                        assert!(!shown.contains("078-05-1120"), "{shown}");
+                        assert!(shown.contains("line 1 column"), "{shown}");
+                    }
+                }).await;
+                s.drop_tables().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn blind_index_finds_rows_by_value() {
                 let Some(s) = Setup::new().await else { return };
                 s.keyring.clone().scope(async {

@@ -34,10 +34,14 @@ fn hung_reader() -> (Fixture, Keyring, Vec<u8>) {
     fx.faults.hang.store(true, Ordering::SeqCst);
     let reader = fx.cold_keyring(Policy {
         kms_timeout: Duration::from_millis(300),
+        refresh_retry: RETRY,
         ..Policy::default()
     });
     (fx, reader, blob)
 }
+
+/// How long a failed load is remembered in these tests.
+const RETRY: Duration = Duration::from_millis(400);
 
 fn assert_timeout(result: Result<Vec<u8>, Error>) {
     match result {
@@ -233,6 +237,12 @@ fn timed_out_load_is_retried_once_the_kms_answers() {
     let (fx, reader, blob) = hung_reader();
     assert_timeout(reader.decrypt_blocking(&label(), &blob));
     fx.faults.hang.store(false, Ordering::SeqCst);
+    // For `refresh_retry` the failure is remembered: readers fail at once, no new KMS call.
+    let decrypts = fx.calls.decrypts();
+    assert_timeout(reader.decrypt_blocking(&label(), &blob));
+    assert_eq!(fx.calls.decrypts(), decrypts);
+    // After it, the key is loaded again.
+    std::thread::sleep(RETRY + Duration::from_millis(200));
     assert_eq!(
         reader.decrypt_blocking(&label(), &blob).unwrap(),
         b"078-05-1120"

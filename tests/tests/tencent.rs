@@ -440,6 +440,9 @@ fn thirty_percent_failures_under_32_writers_lose_nothing() {
         // 0.3^10: a call fails for good about once in 170,000.
         c.max_attempts = 10;
         c.backoff = Duration::from_millis(5);
+        // Ten attempts must still fit inside the keyring's kms_timeout (the emulator answers in
+        // microseconds).
+        c.request_timeout = Duration::from_millis(500);
         c
     });
     let rt = rt();
@@ -897,4 +900,47 @@ fn state_file_is_0600_even_over_a_stale_or_planted_temporary_file() {
         .filter(|n| n.ends_with(".tmp") && n != "kms-state.tmp")
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+// ----- a KMS that accepts connections and never answers ---------------------------------------
+
+#[test]
+fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typed_error() {
+    // A listener that accepts every connection, counts it, and never sends a byte.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn); // keep it open, say nothing
+        }
+    });
+    let kms = client_for(&format!("http://{addr}"), |c| {
+        c.request_timeout = Duration::from_millis(600);
+        c.max_attempts = 1;
+    });
+    let keyring = Keyring::builder(kms, "cmk-never-answers", Arc::new(MemoryKeyStore::new()))
+        .policy(Policy {
+            kms_timeout: Duration::from_secs(3),
+            ..Policy::default()
+        })
+        .build()
+        .unwrap();
+    for write in 0..3 {
+        let err = keyring.encrypt_blocking(&label(), b"v").unwrap_err();
+        // The provider's own timeout surfaces (its budget fits inside kms_timeout), not the
+        // keyring's cut-off.
+        let Error::WriteKeyUnavailable { source, .. } = &err else {
+            panic!("write {write}: {err}");
+        };
+        assert!(
+            matches!(&**source, Error::Kms(k) if k.kind() == KmsErrorKind::Timeout),
+            "write {write}: {err}"
+        );
+    }
+    // Writes 2 and 3 failed at once with the recorded error: no new connection.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
