@@ -1358,10 +1358,9 @@ impl Inner {
     /// runtime itself may be held up), record that as the scope's recent failure, as `rotate`
     /// does for failures it sees itself.
     fn note_write_failure(&self, scope: &Scope, e: Error) -> Error {
-        if matches!(e, Error::KmsTimeout { .. }) {
+        if matches!(e, Error::KmsTimeout { .. }) && self.recent_failure(scope).is_none() {
             self.failures()
-                .entry(scope.clone())
-                .or_insert_with(|| (self.clock.now(), e.clone()));
+                .insert(scope.clone(), (self.clock.now(), e.clone()));
         }
         e
     }
