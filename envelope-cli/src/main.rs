@@ -1,32 +1,166 @@
-//! `envelope`: the operator's command.
-//!
-//! This release has `keygen` (create a local master key file), `inspect` (read a stored value's
-//! header without decrypting it) and `kms-emulator` (a local Tencent-compatible KMS). Migrations
-//! (`encrypt`, `rotate`, `keys rewrap`, `verify`) follow in later releases.
+//! `envelope`: the operator's command. Migrations over live tables (`init`, `encrypt`,
+//! `decrypt`, `rotate`, `verify`, `status`, driven by `envelope.toml`), plus `keygen` (a local
+//! master key file), `inspect` (a stored value's header) and `kms-emulator` (a local
+//! Tencent-compatible KMS). docs/MIGRATING.md is the operator's playbook.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use envelope_cli::commands::{self, Failure, RotateSelection, RunOptions};
+use envelope_cli::config::{self, Overrides};
 use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
-use envelope_core::{LocalKms, SecretString, format};
+use envelope_cli::engine::{Op, Settings};
+use envelope_cli::report::Output;
+use envelope_core::{KeyId, LocalKms, SecretString, format};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    done
+  1    values that fail to open, plaintext left where encryption is declared (verify), or
+       values left untouched because they fail (encrypt, decrypt, rotate)
+  2    bad usage or configuration (nothing was written)
+  3    the database or the KMS cannot be reached
+  130  interrupted by SIGINT or SIGTERM (the current batch was committed; rerun to resume)
+
+The configuration is envelope.toml (or --config PATH, or ENVELOPE_CONFIG); docs/MIGRATING.md is
+the playbook for a live application.";
 
 #[derive(Parser)]
 #[command(
     name = "envelope",
     version,
-    about = "KMS envelope encryption for database columns"
+    about = "KMS envelope encryption for database columns",
+    after_help = EXIT_CODES
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// The configuration file [default: envelope.toml]
+    #[arg(long, global = true, env = "ENVELOPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The database URL (beats the file and DATABASE_URL).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// The key URI: local://PATH or tencent://REGION/CMK_ID (beats the file and ENVELOPE_KMS).
+    #[arg(long, global = true)]
+    kms: Option<String>,
+    /// Print JSON lines (progress events and a summary) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// Flags of the commands that scan tables.
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Only this table.
+    #[arg(long)]
+    table: Option<String>,
+    /// Only this column (its `name` in the config).
+    #[arg(long)]
+    column: Option<String>,
+    /// Rows per batch (one transaction each).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+    /// Adapt the batch size so that a batch's transaction takes about this long (e.g. 0.5s).
+    #[arg(long, value_parser = duration)]
+    chunk_time: Option<Duration>,
+    /// At most this many rows per second, over all workers.
+    #[arg(long)]
+    max_rate: Option<f64>,
+    /// Parallel workers, each on its own primary-key range.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Take only ranges r with r mod N = i, so that N processes share one job: i/N.
+    #[arg(long, value_parser = shard)]
+    shard: Option<(u32, u32)>,
+    /// A range whose worker has not checkpointed for this long is taken over by another.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    lease: Duration,
+    /// Examine at most this many rows per column, then stop (the rest stays for the next run).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Count what would change and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep retrying a failing database or KMS this long before giving up with exit code 3.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    patience: Duration,
+    /// Integer primary keys are split into ranges of about this many keys.
+    #[arg(long, default_value_t = 100_000, hide = true)]
+    range_size: i64,
+    /// Testing aid: sleep this long between a batch's read and its writes.
+    #[arg(long, hide = true, value_parser = duration)]
+    debug_pause_after_read: Option<Duration>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    envelope_cli::parse_duration(s)
+}
+
+fn shard(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("--shard takes i/N with 0 <= i < N, e.g. 0/3, not {s:?}");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (u32, u32) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
 }
 
 // No derived `Debug` here or on `Command`: the arguments hold the emulator's SecretKey and
 // session token (see the hand-written impls below).
 #[derive(Subcommand)]
 enum Command {
+    /// Create the key table and the job table (idempotent), and check that the KMS answers.
+    Init,
+    /// Encrypt every plaintext value of the configured columns (in place, or from `source`),
+    /// with their blind indexes. Resumable; safe beside the application's writes.
+    Encrypt {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Decrypt the configured columns back to plaintext (in place, or into `source`).
+    Decrypt {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Confirm: this removes the encryption of the selected columns.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Re-encrypt values under a new data key; afterwards no value refers to the rotated keys.
+    /// With no selector every key but the new one is rotated.
+    Rotate {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Rotate values under this key id (hex; repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Rotate values under keys created longer ago than this (e.g. 30d).
+        #[arg(long, value_parser = duration)]
+        older_than: Option<Duration>,
+        /// Rotate values under retired keys.
+        #[arg(long)]
+        retired: bool,
+    },
+    /// Scan and report per column: values that open (per key id), plaintext, failures by error
+    /// name. Exit 1 when any value fails or plaintext remains.
+    Verify {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Values per key id per column, and the progress of running, finished or interrupted jobs.
+    Status,
     /// Create a local KMS master key file (mode 0600). Refuses to overwrite an existing file.
     Keygen {
         /// Where to write the key.
@@ -89,6 +223,7 @@ fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
 impl std::fmt::Debug for Cli {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cli")
+            .field("global", &self.global)
             .field("command", &self.command)
             .finish()
     }
@@ -97,6 +232,27 @@ impl std::fmt::Debug for Cli {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Command::Init => f.write_str("Init"),
+            Command::Status => f.write_str("Status"),
+            Command::Encrypt { run } => f.debug_struct("Encrypt").field("run", run).finish(),
+            Command::Decrypt { run, yes } => f
+                .debug_struct("Decrypt")
+                .field("run", run)
+                .field("yes", yes)
+                .finish(),
+            Command::Rotate {
+                run,
+                keys,
+                older_than,
+                retired,
+            } => f
+                .debug_struct("Rotate")
+                .field("run", run)
+                .field("keys", keys)
+                .field("older_than", older_than)
+                .field("retired", retired)
+                .finish(),
+            Command::Verify { run } => f.debug_struct("Verify").field("run", run).finish(),
             Command::Keygen { out } => f.debug_struct("Keygen").field("out", out).finish(),
             Command::Inspect { value } => f.debug_struct("Inspect").field("value", value).finish(),
             Command::KmsEmulator {
@@ -128,16 +284,131 @@ impl std::fmt::Debug for Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    let result = match cli.command {
+        Command::KmsEmulator { .. } | Command::Keygen { .. } | Command::Inspect { .. } => {
+            run_local(cli.command).map_err(Failure::Usage)
+        }
+        command => run_database(cli.global, command),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("envelope: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("envelope: {failure}");
+            ExitCode::from(failure.code())
         }
     }
 }
 
-fn run(command: Command) -> Result<(), String> {
+/// The commands that work on the configured database.
+fn run_database(global: Global, command: Command) -> Result<(), Failure> {
+    let path = config::config_path(global.config.as_deref());
+    let config = config::load(
+        &path,
+        Overrides {
+            database_url: global.database_url,
+            kms: global.kms,
+        },
+    )
+    .map_err(|e| Failure::Usage(e.to_string()))?;
+    let output = if global.json {
+        Output::Json
+    } else {
+        Output::Human
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Unavailable(format!("starting the runtime: {e}")))?;
+    runtime.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_signal_handler(stop.clone(), output);
+        let options = |run: RunArgs| RunOptions {
+            table: run.table,
+            column: run.column,
+            settings: Settings {
+                batch: run.batch_size as usize,
+                chunk_time: run.chunk_time,
+                max_rate: run.max_rate.filter(|r| *r > 0.0),
+                workers: run.workers as usize,
+                shard: run.shard,
+                lease: run.lease,
+                limit: run.limit,
+                dry_run: run.dry_run,
+                patience: run.patience,
+                range_rows: run.range_size.max(1),
+                pause_after_read: run.debug_pause_after_read,
+            },
+            output,
+        };
+        match command {
+            Command::Init => commands::init(&config, &output).await,
+            Command::Status => commands::status(&config, &output).await,
+            Command::Encrypt { run } => commands::migrate(&config, Op::Encrypt, None, options(run), stop).await,
+            Command::Verify { run } => commands::migrate(&config, Op::Verify, None, options(run), stop).await,
+            Command::Decrypt { run, yes } => {
+                if !yes && !run.dry_run {
+                    return Err(Failure::Usage(
+                        "decrypt writes plaintext back into the database: pass --yes to confirm (or --dry-run to count)".into(),
+                    ));
+                }
+                commands::migrate(&config, Op::Decrypt, None, options(run), stop).await
+            }
+            Command::Rotate { run, keys, older_than, retired } => {
+                let keys = keys
+                    .iter()
+                    .map(|k| {
+                        k.parse::<KeyId>()
+                            .map_err(|_| Failure::Usage(format!("--key {k:?} is not a key id (32 hex digits, as `envelope status` shows)")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let selection = RotateSelection { keys, older_than, retired };
+                commands::migrate(&config, Op::Rotate(Arc::default()), Some(selection), options(run), stop).await
+            }
+            Command::KmsEmulator { .. } | Command::Keygen { .. } | Command::Inspect { .. } => Ok(()),
+        }
+    })
+}
+
+/// SIGINT / SIGTERM: finish the current batch, checkpoint, exit 130. A second signal exits at
+/// once (the uncommitted batch rolls back; the checkpoint still holds).
+fn spawn_signal_handler(stop: Arc<AtomicBool>, output: Output) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if stop.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                if output == Output::Human {
+                    eprintln!(
+                        "envelope: stopping after the current batch (signal again to stop at once)"
+                    );
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+}
+
+/// The commands that need no configuration.
+fn run_local(command: Command) -> Result<(), String> {
     match command {
         Command::KmsEmulator {
             listen,
@@ -196,6 +467,7 @@ fn run(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
+        _ => Err("not a local command".into()),
     }
 }
 

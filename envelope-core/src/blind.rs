@@ -211,7 +211,7 @@ mod tests {
         assert!(k.compute(&trimmed, &[0xff]).is_err());
     }
 
-    /// FORMAT.md section 6.2's vectors, computed independently (Python's `hmac` and
+    /// FORMAT.md section 7.2's vectors, computed independently (Python's `hmac` and
     /// `str.lower`, which implements the same default lower-case mapping). U+01C5 is a titlecase
     /// letter: not upper case, yet lower-casing changes it.
     #[test]

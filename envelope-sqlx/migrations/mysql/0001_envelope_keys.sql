@@ -1,4 +1,4 @@
--- envelope's key table (docs/FORMAT.md, section 6) for MySQL 8 and MariaDB 10.5+.
+-- envelope's key table (docs/FORMAT.md, section 7) for MySQL 8 and MariaDB 10.5+.
 -- Timestamps are Unix milliseconds. A stored generated column carries the scope of live index
 -- keys only, and its unique key allows at most one per label (NULLs do not collide).
 CREATE TABLE IF NOT EXISTS envelope_keys (

@@ -1,4 +1,4 @@
--- envelope's key table (docs/FORMAT.md, section 6). Timestamps are Unix milliseconds.
+-- envelope's key table (docs/FORMAT.md, section 7). Timestamps are Unix milliseconds.
 CREATE TABLE IF NOT EXISTS envelope_keys (
     id          BLOB PRIMARY KEY CHECK (length(id) = 16),
     kind        TEXT NOT NULL CHECK (kind IN ('data', 'index')),

@@ -1,0 +1,590 @@
+//! The operator commands over a configured database: `init`, `encrypt`, `decrypt`, `rotate`,
+//! `verify` and `status`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use envelope_core::{KeyFilter, KeyId, KeyKind, KeyStore, Keyring, KmsProvider, LocalKms};
+use envelope_sqlx::SqlxKeyStore;
+use sqlx::Row;
+
+use crate::config::{Config, Form, KmsUri, TableConfig};
+use crate::db::{self, Context, Db, DbError, Dialect, TablePlan};
+use crate::engine::{ColumnJob, Engine, Op, Settings, Stop};
+use crate::job::Jobs;
+use crate::report::{Output, Reporter, Summary};
+
+/// How a command ended, with its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// 1: values that fail, plaintext left, or values left untouched.
+    Found(String),
+    /// 2: bad usage or configuration.
+    Usage(String),
+    /// 3: the database or the KMS cannot be reached.
+    Unavailable(String),
+    /// 130: SIGINT or SIGTERM; the current batch was committed.
+    Interrupted,
+}
+
+impl Failure {
+    /// The process exit code.
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Found(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unavailable(_) => 3,
+            Failure::Interrupted => 130,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Found(m) | Failure::Usage(m) | Failure::Unavailable(m) => f.write_str(m),
+            Failure::Interrupted => f.write_str(
+                "interrupted: the last batch was committed and checkpointed; run the same command again to resume",
+            ),
+        }
+    }
+}
+
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Self {
+        if e.is_unreachable() {
+            Failure::Unavailable(format!(
+                "{e} (is the database running, and is database_url right?)"
+            ))
+        } else {
+            Failure::Usage(e.to_string())
+        }
+    }
+}
+
+impl From<Stop> for Failure {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Interrupted => Failure::Interrupted,
+            Stop::Unavailable(m) => Failure::Unavailable(m),
+        }
+    }
+}
+
+fn core_failure(context: &str, e: envelope_core::Error) -> Failure {
+    use envelope_core::Error as E;
+    match e {
+        E::Config(_) | E::InvalidName { .. } | E::MasterKeyMissing(_) | E::Io { .. } => {
+            Failure::Usage(format!("{context}: {e}"))
+        }
+        _ => Failure::Unavailable(format!("{context}: {e}")),
+    }
+}
+
+/// Options shared by the migration commands.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Only this table.
+    pub table: Option<String>,
+    /// Only this column (its `name`).
+    pub column: Option<String>,
+    /// The engine's settings.
+    pub settings: Settings,
+    /// How progress and the summary are shown.
+    pub output: Output,
+}
+
+/// The selected tables, with only the selected columns.
+fn select(
+    config: &Config,
+    table: Option<&str>,
+    column: Option<&str>,
+) -> Result<Vec<TableConfig>, Failure> {
+    let mut out = Vec::new();
+    for t in &config.tables {
+        if table.is_some_and(|n| n != t.name) {
+            continue;
+        }
+        let mut t = t.clone();
+        t.columns.retain(|c| column.is_none_or(|n| n == c.name));
+        if !t.columns.is_empty() {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err(Failure::Usage(match (table, column) {
+            (None, None) => {
+                "the configuration names no [[table]]: add the tables and columns to encrypt".into()
+            }
+            _ => format!(
+                "no configured column matches --table {} --column {}",
+                table.unwrap_or("*"),
+                column.unwrap_or("*")
+            ),
+        }));
+    }
+    Ok(out)
+}
+
+async fn connect(config: &Config, connections: u32) -> Result<Db, Failure> {
+    Db::connect(&config.database_url, connections)
+        .await
+        .map_err(|e| match e.source {
+            sqlx::Error::Configuration(_) => Failure::Usage(e.to_string()),
+            _ => Failure::Unavailable(format!(
+                "{e} (check database_url, and that the server is running)"
+            )),
+        })
+}
+
+async fn plan(db: &Db, tables: &[TableConfig]) -> Result<Vec<TablePlan>, Failure> {
+    match db::plan(db, tables).await? {
+        Ok(plans) => Ok(plans),
+        Err(problems) => Err(Failure::Usage(format!(
+            "the configuration does not match the database (nothing was written):\n  - {}",
+            problems.join("\n  - ")
+        ))),
+    }
+}
+
+/// The KMS provider and CMK of a key URI. Credentials come from the environment only.
+fn provider(uri: &KmsUri) -> Result<(Arc<dyn KmsProvider>, String), Failure> {
+    match uri {
+        KmsUri::Local(path) => {
+            let kms = LocalKms::open(path).map_err(|e| {
+                Failure::Usage(format!(
+                    "kms = {uri}: {e} (create one with `envelope keygen --out {}`)",
+                    path.display()
+                ))
+            })?;
+            let cmk = kms.cmk_id().to_owned();
+            Ok((Arc::new(kms), cmk))
+        }
+        KmsUri::Tencent { region, cmk } => {
+            use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            let (Some(id), Some(key)) = (
+                var("TENCENTCLOUD_SECRET_ID"),
+                var("TENCENTCLOUD_SECRET_KEY"),
+            ) else {
+                return Err(Failure::Usage(format!(
+                    "kms = {uri}: set TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment (credentials are never read from the config file)"
+                )));
+            };
+            let mut config =
+                TencentConfig::new(id, envelope_core::SecretString::new(key), region.clone());
+            config.session_token =
+                var("TENCENTCLOUD_SESSION_TOKEN").map(envelope_core::SecretString::new);
+            if let Some(endpoint) = var("ENVELOPE_TENCENT_ENDPOINT") {
+                config.endpoint = endpoint;
+            }
+            let kms =
+                TencentKms::new(config).map_err(|e| core_failure(&format!("kms = {uri}"), e))?;
+            Ok((Arc::new(kms), cmk.clone()))
+        }
+    }
+}
+
+/// The key table of the configured database.
+fn key_store(config: &Config) -> Result<(Arc<dyn KeyStore>, KeyTable), Failure> {
+    let url = &config.database_url;
+    let table = &config.key_table;
+    let bad = |e: envelope_core::Error| Failure::Usage(format!("key_table {table}: {e}"));
+    Ok(match Dialect::of_url(url) {
+        Some(Dialect::Postgres) => {
+            let s = Arc::new(
+                SqlxKeyStore::<sqlx::Postgres>::connect_lazy(url)
+                    .and_then(|s| s.with_table(table))
+                    .map_err(bad)?,
+            );
+            (s.clone(), KeyTable::Postgres(s))
+        }
+        Some(Dialect::MySql) => {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let s = Arc::new(
+                SqlxKeyStore::<sqlx::MySql>::connect_lazy(&url)
+                    .and_then(|s| s.with_table(table))
+                    .map_err(bad)?,
+            );
+            (s.clone(), KeyTable::MySql(s))
+        }
+        Some(Dialect::Sqlite) => {
+            let s = Arc::new(
+                SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(url)
+                    .and_then(|s| s.with_table(table))
+                    .map_err(bad)?,
+            );
+            (s.clone(), KeyTable::Sqlite(s))
+        }
+        None => {
+            return Err(Failure::Usage(
+                "database_url must start with postgres://, mysql:// or sqlite:".into(),
+            ));
+        }
+    })
+}
+
+/// The typed store, for creating its table.
+enum KeyTable {
+    Postgres(Arc<SqlxKeyStore<sqlx::Postgres>>),
+    MySql(Arc<SqlxKeyStore<sqlx::MySql>>),
+    Sqlite(Arc<SqlxKeyStore<sqlx::Sqlite>>),
+}
+
+impl KeyTable {
+    async fn create(&self) -> Result<(), envelope_core::StoreError> {
+        match self {
+            KeyTable::Postgres(s) => s.create_table().await,
+            KeyTable::MySql(s) => s.create_table().await,
+            KeyTable::Sqlite(s) => s.create_table().await,
+        }
+    }
+}
+
+async fn keyring(config: &Config) -> Result<Keyring, Failure> {
+    let (kms, cmk) = provider(&config.kms)?;
+    let (store, _) = key_store(config)?;
+    let scope = config.scope.clone();
+    // `build` reads the key table through the keyring's own runtime: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        let mut builder = Keyring::builder(kms, cmk, store);
+        if let Some(scope) = scope {
+            builder = builder.default_scope(scope);
+        }
+        builder.build()
+    })
+    .await
+    .map_err(|e| Failure::Unavailable(format!("starting the keyring: {e}")))?
+    .map_err(|e| core_failure("starting the keyring", e))
+}
+
+async fn require_tables(db: &Db, config: &Config) -> Result<(), Failure> {
+    for (what, name) in [
+        ("key table", &config.key_table),
+        ("job table", &config.job_table),
+    ] {
+        if !db.table_exists(name).await? {
+            return Err(Failure::Usage(format!(
+                "the {what} {name} does not exist: run `envelope init` first"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `envelope init`: create the key table and the job table (idempotent), and check that the
+/// KMS answers by making sure a data key exists.
+///
+/// # Errors
+/// A [`Failure`].
+pub async fn init(config: &Config, output: &Output) -> Result<(), Failure> {
+    let db = connect(config, 2).await?;
+    let (_, table) = key_store(config)?;
+    table.create().await.map_err(|e| {
+        Failure::Unavailable(format!("creating the key table {}: {e}", config.key_table))
+    })?;
+    Jobs::new(db.clone(), &config.job_table)
+        .create_table(&config.job_table)
+        .await?;
+    let keyring = keyring(config).await?;
+    keyring
+        .warm()
+        .await
+        .map_err(|e| core_failure(&format!("making a data key with kms = {}", config.kms), e))?;
+    output.line(
+        &format!(
+            "ready: key table {}, job table {}, KMS {} answers",
+            config.key_table, config.job_table, config.kms
+        ),
+        serde_json::json!({
+            "event": "init",
+            "key_table": config.key_table,
+            "job_table": config.job_table,
+            "kms": config.kms.to_string(),
+        }),
+    );
+    Ok(())
+}
+
+/// What `rotate` selects.
+#[derive(Clone, Debug, Default)]
+pub struct RotateSelection {
+    /// These key ids.
+    pub keys: Vec<KeyId>,
+    /// Keys created longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Keys already retired.
+    pub retired: bool,
+}
+
+/// `envelope encrypt`, `decrypt`, `rotate` and `verify`.
+///
+/// # Errors
+/// A [`Failure`] with its exit code.
+pub async fn migrate(
+    config: &Config,
+    op: Op,
+    rotate: Option<RotateSelection>,
+    opts: RunOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<(), Failure> {
+    let tables = select(config, opts.table.as_deref(), opts.column.as_deref())?;
+    let db = connect(config, opts.settings.workers as u32 + 2).await?;
+    let plans = plan(&db, &tables).await?;
+    let read_only = matches!(op, Op::Verify) || opts.settings.dry_run;
+    if !matches!(op, Op::Verify) {
+        require_tables(&db, config).await?;
+    } else if !db.table_exists(&config.key_table).await? {
+        return Err(Failure::Usage(format!(
+            "the key table {} does not exist: check key_table (or run `envelope init`)",
+            config.key_table
+        )));
+    }
+    let keyring = keyring(config).await?;
+    if matches!(op, Op::Encrypt | Op::Rotate(_)) && !read_only {
+        // The first data key is committed to the key table before any value uses it.
+        keyring.warm().await.map_err(|e| {
+            core_failure(&format!("making a data key with kms = {}", config.kms), e)
+        })?;
+    }
+    let jobs = Jobs::new(db.clone(), &config.job_table);
+
+    // Rotation: which keys, decided once (or taken from the interrupted run being resumed).
+    let (op, params) = match (op, rotate) {
+        (Op::Rotate(_), Some(selection)) => {
+            let (keys, params) =
+                rotation_keys(&keyring, &jobs, &plans, selection, read_only).await?;
+            (Op::Rotate(Arc::new(keys)), Some(params))
+        }
+        (op, _) => (op, None),
+    };
+
+    let mut columns = Vec::new();
+    for t in &plans {
+        for c in &t.columns {
+            columns.push(Arc::new(ColumnJob::new(
+                t.clone(),
+                c.clone(),
+                op.clone(),
+                params.clone(),
+                opts.settings.limit,
+            )));
+        }
+    }
+    for job in &columns {
+        let sql = format!(
+            "SELECT {} FROM {}",
+            db.dialect.int("COUNT(*)"),
+            job.table.table
+        );
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&db.pool)
+            .await
+            .context(|| format!("counting the rows of {}", job.table.name))?;
+        job.stats.total.store(total, Ordering::Relaxed);
+    }
+
+    let engine = Arc::new(Engine::new(db, jobs, keyring, opts.settings.clone(), stop));
+    let reporter = Reporter::start(&opts.output, &op, &columns);
+    let mut outcome = Ok(());
+    for job in &columns {
+        let r = engine.run(job.clone()).await;
+        reporter.column_done(job);
+        if let Err(stop) = r {
+            outcome = Err(stop);
+            break;
+        }
+    }
+    reporter.finish();
+
+    let summary = Summary::of(&op, &columns, opts.settings.dry_run);
+    opts.output.summary(&summary);
+    outcome?;
+    if let Some(problem) = summary.problem(&op) {
+        return Err(Failure::Found(problem));
+    }
+    Ok(())
+}
+
+async fn rotation_keys(
+    keyring: &Keyring,
+    jobs: &Jobs,
+    plans: &[TablePlan],
+    selection: RotateSelection,
+    read_only: bool,
+) -> Result<(HashSet<KeyId>, String), Failure> {
+    let parse = |params: &str| -> Option<HashSet<KeyId>> {
+        let ids: Vec<String> = serde_json::from_str(params).ok()?;
+        ids.iter().map(|s| s.parse().ok()).collect()
+    };
+    if !read_only {
+        for t in plans {
+            for c in &t.columns {
+                let name = format!("rotate:{}.{}", t.name, c.config.name);
+                if let Some(Some(params)) = jobs.unfinished_params(&name).await?
+                    && let Some(keys) = parse(&params)
+                {
+                    return Ok((keys, params));
+                }
+            }
+        }
+    }
+    let scope = keyring.default_scope().as_str().to_owned();
+    let filter = KeyFilter {
+        kind: Some(KeyKind::Data),
+        scope: Some(scope.clone()),
+        include_retired: true,
+        ..KeyFilter::default()
+    };
+    let store = keyring.store().clone();
+    let all = store
+        .list(&filter)
+        .await
+        .map_err(|e| Failure::Unavailable(format!("reading the key table: {e}")))?;
+    for id in &selection.keys {
+        if !all.iter().any(|k| k.id == *id) {
+            return Err(Failure::Usage(format!(
+                "--key {id}: no data key of scope {scope} has this id (see `envelope status`)"
+            )));
+        }
+    }
+    let cutoff = selection
+        .older_than
+        .and_then(|d| SystemTime::now().checked_sub(d));
+    let any_selector =
+        !selection.keys.is_empty() || selection.older_than.is_some() || selection.retired;
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|k| {
+            !any_selector
+                || selection.keys.contains(&k.id)
+                || cutoff.is_some_and(|c| k.created_at < c)
+                || (selection.retired && k.retired_at.is_some())
+        })
+        .collect();
+    // New writes must not go on under a key being rotated away: start a new one first.
+    let mut keys: HashSet<KeyId> = chosen.iter().map(|k| k.id).collect();
+    if !read_only && (!any_selector || chosen.iter().any(|k| k.retired_at.is_none())) {
+        let new = keyring
+            .rotate(keyring.default_scope())
+            .await
+            .map_err(|e| core_failure("making the new data key", e))?;
+        keys.remove(&new);
+    }
+    let mut ids: Vec<String> = keys.iter().map(KeyId::to_hex).collect();
+    ids.sort();
+    let params = serde_json::to_string(&ids).unwrap_or_default();
+    Ok((keys, params))
+}
+
+/// `envelope status`: values per key id per column, and the job table's progress.
+///
+/// # Errors
+/// A [`Failure`].
+pub async fn status(config: &Config, output: &Output) -> Result<(), Failure> {
+    let tables = select(config, None, None)?;
+    let db = connect(config, 2).await?;
+    let plans = plan(&db, &tables).await?;
+    let d = db.dialect;
+    let mut columns = Vec::new();
+    for t in &plans {
+        for c in &t.columns {
+            let what = || format!("counting values of {}.{}", t.name, c.config.name);
+            let per_key: BTreeMap<String, i64> = match c.config.form {
+                Form::Binary => {
+                    // One SQL expression on the key id at offset 2; values whose header is not
+                    // an envelope's are counted apart (`verify` tells which really open).
+                    let col = &c.target;
+                    let header_ok = match d {
+                        Dialect::Postgres => {
+                            format!("get_byte({col}, 0) = 1 AND octet_length({col}) >= 47")
+                        }
+                        Dialect::MySql => format!("ASCII({col}) = 1 AND LENGTH({col}) >= 47"),
+                        Dialect::Sqlite => {
+                            format!("substr({col}, 1, 1) = x'01' AND length({col}) >= 47")
+                        }
+                    };
+                    let sql = format!(
+                        "SELECT CASE WHEN {header_ok} THEN {} ELSE 'not-an-envelope' END AS envelope_key, {} \
+                         FROM {} WHERE {col} IS NOT NULL GROUP BY envelope_key ORDER BY envelope_key",
+                        d.key_id_hex(col),
+                        d.int("COUNT(*)"),
+                        t.table
+                    );
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .fetch_all(&db.pool)
+                        .await
+                        .context(what)?;
+                    rows.iter()
+                        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+                        .collect::<Result<_, sqlx::Error>>()
+                        .context(what)?
+                }
+                Form::Text => text_key_counts(&db, t, &c.target).await?,
+            };
+            columns.push(serde_json::json!({
+                "table": t.name,
+                "column": c.config.name,
+                "label": c.config.label.as_str(),
+                "per_key": per_key,
+            }));
+        }
+    }
+    let jobs = if db.table_exists(&config.job_table).await? {
+        Jobs::new(db.clone(), &config.job_table).summary().await?
+    } else {
+        Vec::new()
+    };
+    output.status(&columns, &jobs);
+    Ok(())
+}
+
+/// Key ids of a text-form column, counted by a keyset scan (the key id sits inside the base64).
+async fn text_key_counts(
+    db: &Db,
+    t: &TablePlan,
+    col: &str,
+) -> Result<BTreeMap<String, i64>, Failure> {
+    let d = db.dialect;
+    let mut counts = BTreeMap::new();
+    let mut last: Option<db::Pk> = None;
+    loop {
+        let sql = format!(
+            "SELECT {}, {col} FROM {} WHERE {col} IS NOT NULL{} ORDER BY {} LIMIT 5000",
+            t.pk_kind.read(d, &t.pk),
+            t.table,
+            if last.is_some() {
+                format!(" AND {} > {}", t.pk, t.pk_kind.bound(&d.param(1)))
+            } else {
+                String::new()
+            },
+            t.pk
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(pk) = &last {
+            q = pk.bind(q);
+        }
+        let rows = q
+            .fetch_all(&db.pool)
+            .await
+            .context(|| format!("scanning {}", t.name))?;
+        for row in &rows {
+            let v: Option<String> = row.try_get(1).ok();
+            let key = v
+                .and_then(|s| envelope_core::format::from_text(&s).ok())
+                .and_then(|b| envelope_core::format::peek_key_id(&b).ok())
+                .map_or_else(|| "not-an-envelope".to_owned(), |k| k.to_hex());
+            *counts.entry(key).or_default() += 1;
+        }
+        if rows.len() < 5000 {
+            return Ok(counts);
+        }
+        last = rows
+            .last()
+            .map(|r| db::Pk::get(r, 0, t.pk_kind))
+            .transpose()
+            .context(|| format!("scanning {}", t.name))?;
+    }
+}

@@ -1,0 +1,588 @@
+//! `envelope.toml`: the database, the KMS, and each table's encrypted columns.
+//!
+//! Every top-level key can also come from the environment (`ENVELOPE_DATABASE_URL` or
+//! `DATABASE_URL`, `ENVELOPE_KMS`, `ENVELOPE_KEY_TABLE`, `ENVELOPE_JOB_TABLE`, `ENVELOPE_SCOPE`);
+//! a command-line flag beats the environment, which beats the file. KMS credentials come only
+//! from the environment: a config file that names one is refused.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use envelope_core::{BlindIndexSpec, Label, Normalizer, Scope};
+use serde::Deserialize;
+
+/// A configuration problem: exit code 2, before anything is written.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the data (and the key and job tables) live.
+    pub database_url: String,
+    /// The key URI: `local://PATH` or `tencent://REGION/CMK_ID`.
+    pub kms: KmsUri,
+    /// The key table's name.
+    pub key_table: String,
+    /// The job (checkpoint) table's name.
+    pub job_table: String,
+    /// The key scope the CLI writes under (the keyring's default scope when unset).
+    pub scope: Option<Scope>,
+    /// The tables with encrypted columns.
+    pub tables: Vec<TableConfig>,
+}
+
+/// One table of the configuration.
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    /// The table's name, optionally schema-qualified (`app.customers`).
+    pub name: String,
+    /// Its primary-key column (one column: integer, text or UUID).
+    pub primary_key: String,
+    /// The encrypted columns.
+    pub columns: Vec<ColumnConfig>,
+}
+
+/// One encrypted column.
+#[derive(Clone, Debug)]
+pub struct ColumnConfig {
+    /// The column holding (or to hold) envelope values.
+    pub name: String,
+    /// The context label, as in `column!(.. = "customers.email")`.
+    pub label: Label,
+    /// The field type: how plaintext values are encoded (docs/FORMAT.md).
+    pub ty: ValueType,
+    /// Binary (BYTEA/BLOB) or text (`ev1:`) form.
+    pub form: Form,
+    /// Read plaintext from this column instead of `name` itself.
+    pub source: Option<String>,
+    /// The blind-index column filled from the plaintext.
+    pub blind_index: Option<BlindIndexConfig>,
+}
+
+impl ColumnConfig {
+    /// Whether the column is migrated in place (no source column).
+    pub fn in_place(&self) -> bool {
+        self.source.is_none()
+    }
+}
+
+/// A blind-index column.
+#[derive(Clone, Debug)]
+pub struct BlindIndexConfig {
+    /// The column that stores the index.
+    pub column: String,
+    /// The index's spec (label, normalizer, length).
+    pub spec: BlindIndexSpec,
+}
+
+/// The field types the CLI knows, with their plaintext encodings of docs/FORMAT.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    /// UTF-8 text.
+    String,
+    /// Raw bytes.
+    Bytes,
+    /// 2-byte big-endian integer.
+    I16,
+    /// 4-byte big-endian integer.
+    I32,
+    /// 8-byte big-endian integer.
+    I64,
+    /// One byte, 0 or 1.
+    Bool,
+    /// The 16 bytes of a UUID.
+    Uuid,
+    /// `YYYY-MM-DD`.
+    Date,
+    /// RFC 3339 in UTC.
+    Timestamp,
+    /// Compact JSON.
+    Json,
+}
+
+impl ValueType {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::String => "string",
+            ValueType::Bytes => "bytes",
+            ValueType::I16 => "i16",
+            ValueType::I32 => "i32",
+            ValueType::I64 => "i64",
+            ValueType::Bool => "bool",
+            ValueType::Uuid => "uuid",
+            ValueType::Date => "date",
+            ValueType::Timestamp => "timestamp",
+            ValueType::Json => "json",
+        }
+    }
+
+    /// Whether the plaintext encoding is UTF-8 text (so an in-place text-form column can hold
+    /// it as legacy plaintext).
+    pub fn is_textual(self) -> bool {
+        matches!(
+            self,
+            ValueType::String | ValueType::Date | ValueType::Timestamp | ValueType::Json
+        )
+    }
+}
+
+/// How envelope values are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Form {
+    /// The binary form, in BYTEA / BLOB / VARBINARY columns.
+    #[default]
+    Binary,
+    /// The text form (`ev1:` + base64), for columns that must stay text.
+    Text,
+}
+
+/// A parsed key URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KmsUri {
+    /// `local://PATH`: a master key file made with `envelope keygen`.
+    Local(PathBuf),
+    /// `tencent://REGION/CMK_ID`.
+    Tencent {
+        /// The region, e.g. `ap-guangzhou`.
+        region: String,
+        /// The CMK id (or `alias/NAME`).
+        cmk: String,
+    },
+}
+
+impl KmsUri {
+    /// Parse `local://PATH` or `tencent://REGION/CMK_ID`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the accepted forms.
+    pub fn parse(uri: &str) -> Result<Self, ConfigError> {
+        let forms = "a key URI is local://PATH (a master key file from `envelope keygen`) or tencent://REGION/CMK_ID";
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| bad(format!("kms = {uri:?}: {forms}")))?;
+        match scheme {
+            "local" if !rest.is_empty() => Ok(KmsUri::Local(PathBuf::from(rest))),
+            "tencent" => {
+                let (region, cmk) = rest
+                    .split_once('/')
+                    .filter(|(r, c)| !r.is_empty() && !c.is_empty())
+                    .ok_or_else(|| bad(format!("kms = {uri:?}: {forms}")))?;
+                if rest.contains('@') || rest.contains('?') {
+                    return Err(bad(format!(
+                        "kms = {uri:?}: a tencent:// URI carries no credentials or options; set TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment"
+                    )));
+                }
+                Ok(KmsUri::Tencent {
+                    region: region.to_owned(),
+                    cmk: cmk.to_owned(),
+                })
+            }
+            "aws" | "vault" | "openbao" => Err(bad(format!(
+                "kms = {uri:?}: the {scheme} provider is not in this release yet; {forms}"
+            ))),
+            _ => Err(bad(format!("kms = {uri:?}: {forms}"))),
+        }
+    }
+}
+
+impl fmt::Display for KmsUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KmsUri::Local(path) => write!(f, "local://{}", path.display()),
+            KmsUri::Tencent { region, cmk } => write!(f, "tencent://{region}/{cmk}"),
+        }
+    }
+}
+
+// ----- the file -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database_url: Option<String>,
+    kms: Option<String>,
+    key_table: Option<String>,
+    job_table: Option<String>,
+    scope: Option<String>,
+    #[serde(default, rename = "table")]
+    tables: Vec<RawTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    name: String,
+    primary_key: String,
+    #[serde(default, rename = "column")]
+    columns: Vec<RawColumn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    name: String,
+    label: String,
+    #[serde(rename = "type")]
+    ty: ValueType,
+    #[serde(default)]
+    form: Form,
+    source: Option<String>,
+    blind_index: Option<RawBlindIndex>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlindIndex {
+    column: String,
+    #[serde(default = "default_normalizer")]
+    normalizer: String,
+    len: Option<usize>,
+}
+
+fn default_normalizer() -> String {
+    "exact".to_owned()
+}
+
+/// Values that beat the file: flags, then the environment.
+#[derive(Default)]
+pub struct Overrides {
+    /// `--database-url`.
+    pub database_url: Option<String>,
+    /// `--kms`.
+    pub kms: Option<String>,
+}
+
+/// Where the configuration comes from: `--config`, else `ENVELOPE_CONFIG`, else `envelope.toml`
+/// in the working directory.
+pub fn config_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("ENVELOPE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("envelope.toml"))
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Read and validate the configuration.
+///
+/// # Errors
+/// A [`ConfigError`] that says which key is wrong and how to fix it.
+pub fn load(path: &Path, overrides: Overrides) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        bad(format!(
+            "cannot read the configuration {}: {e} (pass --config PATH, or set ENVELOPE_CONFIG)",
+            path.display()
+        ))
+    })?;
+    parse(&text, &path.display().to_string(), overrides)
+}
+
+/// Parse and validate configuration text; `origin` names it in messages.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| bad(format!("{origin}: {e}")))?;
+    let database_url = overrides
+        .database_url
+        .or_else(|| env("ENVELOPE_DATABASE_URL"))
+        .or_else(|| env("DATABASE_URL"))
+        .or(raw.database_url)
+        .ok_or_else(|| {
+            bad(format!(
+                "{origin}: no database_url (set it in the file, in DATABASE_URL, or pass --database-url)"
+            ))
+        })?;
+    let kms = overrides
+        .kms
+        .or_else(|| env("ENVELOPE_KMS"))
+        .or(raw.kms)
+        .ok_or_else(|| {
+            bad(format!(
+                "{origin}: no kms key URI (for example kms = \"local://envelope-master.key\"; or set ENVELOPE_KMS)"
+            ))
+        })?;
+    let kms = KmsUri::parse(&kms)?;
+    let key_table = env("ENVELOPE_KEY_TABLE")
+        .or(raw.key_table)
+        .unwrap_or_else(|| "envelope_keys".to_owned());
+    let job_table = env("ENVELOPE_JOB_TABLE")
+        .or(raw.job_table)
+        .unwrap_or_else(|| "envelope_jobs".to_owned());
+    check_ident("key_table", &key_table)?;
+    check_ident("job_table", &job_table)?;
+    let scope = env("ENVELOPE_SCOPE")
+        .or(raw.scope)
+        .map(|s| Scope::new(s).map_err(|e| bad(format!("{origin}: scope: {e}"))))
+        .transpose()?;
+
+    let mut tables = Vec::new();
+    let mut labels = std::collections::HashSet::new();
+    for t in raw.tables {
+        let where_ = format!("{origin}: table {:?}", t.name);
+        check_ident(&where_, &t.name)?;
+        check_ident(&format!("{where_}: primary_key"), &t.primary_key)?;
+        if t.columns.is_empty() {
+            return Err(bad(format!(
+                "{where_} has no [[table.column]] entries: name at least one column to encrypt"
+            )));
+        }
+        let mut columns = Vec::new();
+        let mut written = std::collections::HashSet::new();
+        for c in t.columns {
+            let col = column(&where_, &t.primary_key, c)?;
+            if !labels.insert(col.label.as_str().to_owned()) {
+                return Err(bad(format!(
+                    "{where_}: label {:?} is used twice: each column has its own label",
+                    col.label.as_str()
+                )));
+            }
+            for name in std::iter::once(&col.name)
+                .chain(col.source.iter())
+                .chain(col.blind_index.iter().map(|b| &b.column))
+            {
+                if !written.insert(name.clone()) {
+                    return Err(bad(format!(
+                        "{where_}: column {name:?} appears in two column entries (as a target, source or blind-index column)"
+                    )));
+                }
+            }
+            columns.push(col);
+        }
+        tables.push(TableConfig {
+            name: t.name,
+            primary_key: t.primary_key,
+            columns,
+        });
+    }
+    Ok(Config {
+        database_url,
+        kms,
+        key_table,
+        job_table,
+        scope,
+        tables,
+    })
+}
+
+fn column(where_: &str, pk: &str, c: RawColumn) -> Result<ColumnConfig, ConfigError> {
+    let where_ = format!("{where_}, column {:?}", c.name);
+    check_ident(&where_, &c.name)?;
+    let label = Label::new(c.label).map_err(|e| bad(format!("{where_}: label: {e}")))?;
+    if c.name == pk || c.source.as_deref() == Some(pk) {
+        return Err(bad(format!(
+            "{where_}: the primary key cannot be encrypted (keyset batches need it in the clear)"
+        )));
+    }
+    if let Some(source) = &c.source {
+        check_ident(&format!("{where_}: source"), source)?;
+        if *source == c.name {
+            return Err(bad(format!(
+                "{where_}: source is the column itself; leave source out to migrate in place"
+            )));
+        }
+    }
+    if c.source.is_none() && c.form == Form::Text && !c.ty.is_textual() {
+        return Err(bad(format!(
+            "{where_}: an in-place text-form column can only hold string, date, timestamp or json values ({} plaintext is not text): add the envelope column beside it and name this one as `source`",
+            c.ty.name()
+        )));
+    }
+    let blind_index = c
+        .blind_index
+        .map(|b| {
+            check_ident(&format!("{where_}: blind_index.column"), &b.column)?;
+            if b.column == c.name || Some(&b.column) == c.source.as_ref() || b.column == pk {
+                return Err(bad(format!(
+                    "{where_}: blind_index.column must be a column of its own"
+                )));
+            }
+            let normalizer = match b.normalizer.as_str() {
+                "exact" => Normalizer::Exact,
+                "trimmed" => Normalizer::Trimmed,
+                "case-folded" | "casefolded" => Normalizer::CaseFolded,
+                other => {
+                    return Err(bad(format!(
+                        "{where_}: blind_index.normalizer {other:?} is not one of exact, trimmed, case-folded"
+                    )));
+                }
+            };
+            if normalizer != Normalizer::Exact && !c.ty.is_textual() {
+                return Err(bad(format!(
+                    "{where_}: the {} normalizer works on text; a {} column's index uses exact",
+                    b.normalizer,
+                    c.ty.name()
+                )));
+            }
+            let mut spec = BlindIndexSpec::new(label.clone(), normalizer);
+            if let Some(len) = b.len {
+                spec = spec
+                    .with_len(len)
+                    .map_err(|e| bad(format!("{where_}: blind_index.len: {e}")))?;
+            }
+            Ok(BlindIndexConfig {
+                column: b.column,
+                spec,
+            })
+        })
+        .transpose()?;
+    Ok(ColumnConfig {
+        name: c.name,
+        label,
+        ty: c.ty,
+        form: c.form,
+        source: c.source,
+        blind_index,
+    })
+}
+
+/// Identifiers are interpolated into SQL (quoted), so they are held to a plain shape:
+/// letters, digits and `_`, not starting with a digit, with at most one `.` for a schema.
+fn check_ident(what: &str, name: &str) -> Result<(), ConfigError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| part_ok(p)) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{what}: {name:?} is not a plain SQL name (letters, digits and _, at most 63 characters, optionally schema.name)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+database_url = "sqlite://app.db"
+kms = "local://master.key"
+
+[[table]]
+name = "customers"
+primary_key = "id"
+
+[[table.column]]
+name = "email"
+label = "customers.email"
+type = "string"
+form = "text"
+blind_index = { column = "email_bidx", normalizer = "case-folded" }
+
+[[table.column]]
+name = "ssn_enc"
+label = "customers.ssn"
+type = "i64"
+source = "ssn"
+"#;
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, "test.toml", Overrides::default()).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, "test.toml", Overrides::default())
+            .unwrap_err()
+            .0
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse_ok(GOOD);
+        assert_eq!(c.key_table, "envelope_keys");
+        assert_eq!(c.job_table, "envelope_jobs");
+        assert_eq!(c.kms, KmsUri::Local("master.key".into()));
+        let t = &c.tables[0];
+        assert_eq!(t.columns.len(), 2);
+        assert_eq!(t.columns[0].form, Form::Text);
+        assert!(t.columns[0].in_place());
+        assert_eq!(
+            t.columns[0].blind_index.as_ref().unwrap().spec.normalizer(),
+            Normalizer::CaseFolded
+        );
+        assert_eq!(t.columns[1].source.as_deref(), Some("ssn"));
+        assert_eq!(t.columns[1].form, Form::Binary);
+    }
+
+    #[test]
+    fn key_uris() {
+        assert_eq!(
+            KmsUri::parse("tencent://ap-guangzhou/abc-123").unwrap(),
+            KmsUri::Tencent {
+                region: "ap-guangzhou".into(),
+                cmk: "abc-123".into()
+            }
+        );
+        assert!(KmsUri::parse("tencent://ap-guangzhou").is_err());
+        assert!(KmsUri::parse("tencent://AKID:secret@ap-guangzhou/k").is_err());
+        assert!(KmsUri::parse("local://").is_err());
+        assert!(KmsUri::parse("master.key").is_err());
+        assert!(
+            KmsUri::parse("aws://x")
+                .unwrap_err()
+                .0
+                .contains("not in this release")
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        assert!(parse_err(&GOOD.replace("\"i64\"", "\"int\"")).contains("type"));
+        assert!(parse_err(&GOOD.replace("primary_key", "pk")).contains("pk"));
+        assert!(
+            parse_err(&GOOD.replace("name = \"customers\"", "name = \"x; drop\""))
+                .contains("plain SQL name")
+        );
+        assert!(
+            parse_err(&GOOD.replace("source = \"ssn\"", "source = \"id\"")).contains("primary key")
+        );
+        assert!(
+            parse_err(&GOOD.replace("customers.ssn", "customers.email")).contains("used twice")
+        );
+        assert!(parse_err(&GOOD.replace("case-folded", "upper")).contains("normalizer"));
+        let in_place_text_int = GOOD.replace("source = \"ssn\"", "form = \"text\"");
+        assert!(parse_err(&in_place_text_int).contains("in-place text-form"));
+        assert!(parse_err(&GOOD.replace("email_bidx", "ssn")).contains("two column entries"));
+        assert!(parse_err("kms = \"local://k\"\n").contains("database_url"));
+        assert!(
+            parse_err("database_url = \"sqlite://x\"\nsecret_key = \"s\"\n").contains("secret_key")
+        );
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let c = parse(
+            GOOD,
+            "t",
+            Overrides {
+                database_url: Some("postgres://elsewhere/db".into()),
+                kms: Some("tencent://ap-beijing/k1".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.database_url, "postgres://elsewhere/db");
+        assert!(matches!(c.kms, KmsUri::Tencent { .. }));
+    }
+}

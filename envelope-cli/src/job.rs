@@ -1,0 +1,501 @@
+//! The job table: one row per primary-key range of a job, with its checkpoint (`last_pk`), its
+//! lease and its counters. A batch moves its range's checkpoint in the same transaction as the
+//! rows it changed, so after `kill -9` a rerun redoes at most one uncommitted batch and never
+//! skips one. Ranges are leased: several workers, processes or machines share one job, and a
+//! range whose worker died is taken over when its lease expires.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::AnyConnection;
+use sqlx::Row;
+
+use crate::db::{Context, Db, DbError, Dialect, Pk, PkKind, TablePlan};
+
+/// Milliseconds since the Unix epoch on this machine's clock (leases assume the machines
+/// sharing a job agree on the time to well within the lease).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The job table's DDL.
+pub fn ddl(d: Dialect, table: &str) -> String {
+    let t = d.quote(table);
+    let (text, flag) = match d {
+        Dialect::MySql => ("LONGTEXT", "TINYINT"),
+        _ => ("TEXT", "SMALLINT"),
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (\
+         job VARCHAR(255) NOT NULL, \
+         range_no INTEGER NOT NULL, \
+         range_start {text} NULL, \
+         range_end {text} NULL, \
+         last_pk {text} NULL, \
+         done {flag} NOT NULL DEFAULT 0, \
+         lease_owner VARCHAR(255) NULL, \
+         lease_expires BIGINT NULL, \
+         params {text} NULL, \
+         rows_seen BIGINT NOT NULL DEFAULT 0, \
+         rows_written BIGINT NOT NULL DEFAULT 0, \
+         rows_retried BIGINT NOT NULL DEFAULT 0, \
+         rows_failed BIGINT NOT NULL DEFAULT 0, \
+         started_at BIGINT NOT NULL, \
+         updated_at BIGINT NOT NULL, \
+         PRIMARY KEY (job, range_no))"
+    )
+}
+
+/// One leased range.
+#[derive(Clone, Debug)]
+pub struct Range {
+    /// Its number within the job.
+    pub no: i64,
+    /// Rows with keys greater than this (exclusive); `None` from the first row.
+    pub start: Option<Pk>,
+    /// Up to and including this key; `None` to the last row.
+    pub end: Option<Pk>,
+    /// The last key of the last committed batch.
+    pub last: Option<Pk>,
+}
+
+impl Range {
+    /// Where the next batch starts (exclusive).
+    pub fn resume_after(&self) -> Option<&Pk> {
+        self.last.as_ref().or(self.start.as_ref())
+    }
+}
+
+/// A batch's counters, added to the range's row with its checkpoint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    /// Rows examined.
+    pub seen: i64,
+    /// Rows updated.
+    pub written: i64,
+    /// Rows whose update lost a race with the application and were re-read.
+    pub retried: i64,
+    /// Rows with a value that failed (left untouched).
+    pub failed: i64,
+}
+
+/// The job table of one database.
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    db: Db,
+    table: String,
+}
+
+/// The state of a job's ranges as this process sees them.
+pub enum Claim {
+    /// A range to work on, leased to us.
+    Range(Range),
+    /// Ranges remain but are leased to live workers (or are being planned): try again later.
+    Wait(Duration),
+    /// Every range this process may take is done.
+    Finished,
+}
+
+impl Jobs {
+    /// The job table `table` in `db`.
+    pub fn new(db: Db, table: &str) -> Jobs {
+        Jobs {
+            table: db.dialect.quote(table),
+            db,
+        }
+    }
+
+    /// Create the table if it does not exist.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn create_table(&self, name: &str) -> Result<(), DbError> {
+        sqlx::query(sqlx::AssertSqlSafe(ddl(self.db.dialect, name)))
+            .execute(&self.db.pool)
+            .await
+            .context(|| format!("creating the job table {name}"))?;
+        Ok(())
+    }
+
+    fn p(&self, n: usize) -> String {
+        self.db.dialect.param(n)
+    }
+
+    /// The parameters an unfinished run of `job` was started with (`None`: no unfinished run).
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn unfinished_params(&self, job: &str) -> Result<Option<Option<String>>, DbError> {
+        let sql = format!(
+            "SELECT params FROM {} WHERE job = {} AND done = 0 ORDER BY range_no LIMIT 1",
+            self.table,
+            self.p(1)
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .fetch_optional(&self.db.pool)
+            .await
+            .context(|| format!("reading job {job}"))?;
+        row.map(|r| r.try_get::<Option<String>, _>(0))
+            .transpose()
+            .context(|| format!("reading job {job}"))
+    }
+
+    /// Make sure `job` has ranges to work on: keep an unfinished run's ranges (resume), or plan
+    /// a new pass over the table (first run, or the last run finished). Returns whether it
+    /// resumes.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn prepare(
+        &self,
+        job: &str,
+        table: &TablePlan,
+        range_rows: i64,
+        params: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let what = || format!("planning job {job}");
+        let d = self.db.dialect;
+        let sql = format!(
+            "SELECT {}, {} FROM {} WHERE job = {}",
+            d.int("COUNT(*)"),
+            d.int("SUM(done)"),
+            self.table,
+            self.p(1)
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .fetch_one(&self.db.pool)
+            .await
+            .context(what)?;
+        let (ranges, done): (i64, i64) = (
+            row.try_get::<i64, _>(0).context(what)?,
+            row.try_get::<i64, _>(1).context(what)?,
+        );
+        if ranges > 0 && done < ranges {
+            return Ok(true);
+        }
+        // Integer keys split into ranges of about `range_rows` keys; other keys are one range.
+        let mut bounds: Vec<(Option<Pk>, Option<Pk>)> = vec![(None, None)];
+        if table.pk_kind == PkKind::Int {
+            let sql = format!(
+                "SELECT {lo}, {hi} FROM {t}",
+                lo = format_args!("MIN({})", table.pk_kind.read(d, &table.pk)),
+                hi = format_args!("MAX({})", table.pk_kind.read(d, &table.pk)),
+                t = table.table
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&self.db.pool)
+                .await
+                .context(what)?;
+            let lo: Option<i64> = row.try_get(0).context(what)?;
+            let hi: Option<i64> = row.try_get(1).context(what)?;
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                let span = (hi as i128 - lo as i128 + 1).max(1);
+                let n = (span / range_rows.max(1) as i128).clamp(1, 10_000) as i64;
+                let step = (span / n as i128).max(1);
+                bounds = (0..n)
+                    .map(|i| {
+                        let start =
+                            (i > 0).then(|| Pk::Int((lo as i128 + step * i as i128 - 1) as i64));
+                        let end = (i + 1 < n)
+                            .then(|| Pk::Int((lo as i128 + step * (i as i128 + 1) - 1) as i64));
+                        (start, end)
+                    })
+                    .collect();
+            }
+        }
+        let mut tx = self.db.pool.begin().await.context(what)?;
+        let sql = format!("DELETE FROM {} WHERE job = {}", self.table, self.p(1));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .execute(&mut *tx)
+            .await
+            .context(what)?;
+        let now = now_ms();
+        for (no, (start, end)) in bounds.iter().enumerate() {
+            let sql = format!(
+                "INSERT INTO {} (job, range_no, range_start, range_end, params, started_at, updated_at) \
+                 VALUES ({}, {}, {}, {}, {}, {}, {})",
+                self.table,
+                self.p(1),
+                self.p(2),
+                self.p(3),
+                self.p(4),
+                self.p(5),
+                self.p(6),
+                self.p(7)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(job)
+                .bind(no as i64)
+                .bind(start.as_ref().map(Pk::to_checkpoint))
+                .bind(end.as_ref().map(Pk::to_checkpoint))
+                .bind(params.map(str::to_owned))
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .context(what)?;
+        }
+        tx.commit().await.context(what)?;
+        Ok(false)
+    }
+
+    /// Lease the next free (or expired) range of `job` that this shard may take.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn claim(
+        &self,
+        job: &str,
+        owner: &str,
+        lease: Duration,
+        shard: Option<(u32, u32)>,
+        pk_kind: PkKind,
+    ) -> Result<Claim, DbError> {
+        let what = || format!("leasing a range of job {job}");
+        let d = self.db.dialect;
+        let now = now_ms();
+        let shard_sql = match shard {
+            Some((i, n)) => format!(" AND (range_no % {n}) = {i}"),
+            None => String::new(),
+        };
+        let mut conn = self.db.pool.acquire().await.context(what)?;
+        let begin = if d == Dialect::Sqlite {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN"
+        };
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, begin)
+            .await
+            .context(what)?;
+        let lock = if d == Dialect::Sqlite {
+            ""
+        } else {
+            " FOR UPDATE SKIP LOCKED"
+        };
+        let sql = format!(
+            "SELECT range_no, range_start, range_end, last_pk FROM {t} \
+             WHERE job = {p1} AND done = 0 AND (lease_owner IS NULL OR lease_expires < {p2}){shard_sql} \
+             ORDER BY range_no LIMIT 1{lock}",
+            t = self.table,
+            p1 = self.p(1),
+            p2 = self.p(2),
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .context(what)?;
+        let Some(row) = row else {
+            tx.rollback().await.context(what)?;
+            // Nothing free: are ranges left at all, and when does the first lease run out?
+            let sql = format!(
+                "SELECT {}, {} FROM {} WHERE job = {} AND done = 0{shard_sql}",
+                d.int("COUNT(*)"),
+                d.int_or_null("MIN(lease_expires)"),
+                self.table,
+                self.p(1)
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(job)
+                .fetch_one(&mut *conn)
+                .await
+                .context(what)?;
+            let left: i64 = row.try_get(0).context(what)?;
+            let expires: Option<i64> = row.try_get(1).context(what)?;
+            return Ok(if left == 0 {
+                Claim::Finished
+            } else {
+                let wait = expires.map_or(500, |e| (e - now).clamp(50, 1000));
+                Claim::Wait(Duration::from_millis(wait as u64))
+            });
+        };
+        let no: i64 = row.try_get(0).context(what)?;
+        let pk = |i: usize| -> Result<Option<Pk>, DbError> {
+            let s: Option<String> = row.try_get(i).context(what)?;
+            Ok(s.and_then(|s| Pk::from_checkpoint(pk_kind, &s)))
+        };
+        let range = Range {
+            no,
+            start: pk(1)?,
+            end: pk(2)?,
+            last: pk(3)?,
+        };
+        let sql = format!(
+            "UPDATE {} SET lease_owner = {}, lease_expires = {}, updated_at = {} WHERE job = {} AND range_no = {}",
+            self.table,
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            self.p(5)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(job)
+            .bind(no)
+            .execute(&mut *tx)
+            .await
+            .context(what)?;
+        tx.commit().await.context(what)?;
+        Ok(Claim::Range(range))
+    }
+
+    /// Inside a batch's transaction: move the checkpoint to `last`, add the counters, renew the
+    /// lease, and mark the range done when `done`. Returns false when the lease was lost (another
+    /// worker took the range over): the caller must roll back.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn checkpoint(
+        &self,
+        conn: &mut AnyConnection,
+        job: &str,
+        range: i64,
+        owner: &str,
+        last: Option<&Pk>,
+        counts: Counts,
+        lease: Duration,
+        done: bool,
+    ) -> Result<bool, DbError> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE {t} SET last_pk = COALESCE({p1}, last_pk), rows_seen = rows_seen + {p2}, \
+             rows_written = rows_written + {p3}, rows_retried = rows_retried + {p4}, \
+             rows_failed = rows_failed + {p5}, lease_expires = {p6}, updated_at = {p7}, \
+             done = {p8}, lease_owner = {owner_after} \
+             WHERE job = {p9} AND range_no = {p10} AND lease_owner = {p11}",
+            t = self.table,
+            p1 = self.p(1),
+            p2 = self.p(2),
+            p3 = self.p(3),
+            p4 = self.p(4),
+            p5 = self.p(5),
+            p6 = self.p(6),
+            p7 = self.p(7),
+            p8 = self.p(8),
+            owner_after = if done { "NULL" } else { "lease_owner" },
+            p9 = self.p(9),
+            p10 = self.p(10),
+            p11 = self.p(11),
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(last.map(Pk::to_checkpoint))
+            .bind(counts.seen)
+            .bind(counts.written)
+            .bind(counts.retried)
+            .bind(counts.failed)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(i16::from(done))
+            .bind(job)
+            .bind(range)
+            .bind(owner)
+            .execute(&mut *conn)
+            .await
+            .context(|| format!("checkpointing job {job}"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Give a range's lease back (on interruption), so that a rerun takes it at once.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn release(&self, job: &str, range: i64, owner: &str) -> Result<(), DbError> {
+        let sql = format!(
+            "UPDATE {} SET lease_owner = NULL, lease_expires = NULL WHERE job = {} AND range_no = {} AND lease_owner = {}",
+            self.table,
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .bind(range)
+            .bind(owner)
+            .execute(&self.db.pool)
+            .await
+            .context(|| format!("releasing a range of job {job}"))?;
+        Ok(())
+    }
+
+    /// Every job's progress, for `envelope status`.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn summary(&self) -> Result<Vec<JobSummary>, DbError> {
+        let what = || "reading the job table".to_owned();
+        let d = self.db.dialect;
+        let sql = format!(
+            "SELECT job, {}, {}, {}, {}, {}, {}, {}, {}, {} FROM {} GROUP BY job ORDER BY job",
+            d.int("COUNT(*)"),
+            d.int("SUM(done)"),
+            d.int("SUM(rows_seen)"),
+            d.int("SUM(rows_written)"),
+            d.int("SUM(rows_retried)"),
+            d.int("SUM(rows_failed)"),
+            d.int("MIN(started_at)"),
+            d.int("MAX(updated_at)"),
+            d.int(&format!(
+                "SUM(CASE WHEN lease_owner IS NOT NULL AND lease_expires >= {} THEN 1 ELSE 0 END)",
+                self.p(1)
+            )),
+            self.table
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms())
+            .fetch_all(&self.db.pool)
+            .await
+            .context(what)?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobSummary {
+                    job: r.try_get(0)?,
+                    ranges: r.try_get(1)?,
+                    done: r.try_get(2)?,
+                    seen: r.try_get(3)?,
+                    written: r.try_get(4)?,
+                    retried: r.try_get(5)?,
+                    failed: r.try_get(6)?,
+                    started_at: r.try_get(7)?,
+                    updated_at: r.try_get(8)?,
+                    leased: r.try_get(9)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .context(what)
+    }
+}
+
+/// One job's progress.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct JobSummary {
+    /// `encrypt:customers.email` and so on.
+    pub job: String,
+    /// Ranges in the current pass.
+    pub ranges: i64,
+    /// Ranges finished.
+    pub done: i64,
+    /// Rows examined.
+    pub seen: i64,
+    /// Rows updated.
+    pub written: i64,
+    /// Rows re-read after losing a race with the application.
+    pub retried: i64,
+    /// Rows left untouched because their value failed.
+    pub failed: i64,
+    /// When the pass began (ms since the epoch).
+    pub started_at: i64,
+    /// The last checkpoint (ms since the epoch).
+    pub updated_at: i64,
+    /// Ranges currently leased by a live worker.
+    pub leased: i64,
+}

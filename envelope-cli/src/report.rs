@@ -1,0 +1,372 @@
+//! What the operator sees: progress bars on a terminal (rows done, rows/s, ETA per column),
+//! plain log lines when not on one, JSON lines with `--json`, and a final summary either way.
+//! Nothing here prints a value: only names, counts and key ids.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::engine::{ColumnJob, Op, Stats};
+use crate::job::JobSummary;
+
+/// How output is shaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Human text: bars on a terminal, log lines otherwise.
+    Human,
+    /// One JSON object per line on stdout.
+    Json,
+}
+
+impl Output {
+    /// A one-line message.
+    pub fn line(&self, human: &str, json: serde_json::Value) {
+        match self {
+            Output::Human => println!("{human}"),
+            Output::Json => println!("{json}"),
+        }
+    }
+
+    /// The final summary.
+    pub fn summary(&self, summary: &Summary) {
+        match self {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({"event": "summary", "summary": summary}))
+                    .unwrap_or_default()
+            ),
+            Output::Human => summary.print(),
+        }
+        let _ = std::io::stdout().flush();
+    }
+
+    /// `envelope status`.
+    pub fn status(&self, columns: &[serde_json::Value], jobs: &[JobSummary]) {
+        if *self == Output::Json {
+            for c in columns {
+                println!("{}", serde_json::json!({"event": "column", "column": c}));
+            }
+            for j in jobs {
+                println!("{}", serde_json::json!({"event": "job", "job": j}));
+            }
+            return;
+        }
+        println!("values per key id:");
+        for c in columns {
+            println!(
+                "  {}.{} ({})",
+                c["table"].as_str().unwrap_or(""),
+                c["column"].as_str().unwrap_or(""),
+                c["label"].as_str().unwrap_or("")
+            );
+            match c["per_key"].as_object() {
+                Some(keys) if !keys.is_empty() => {
+                    for (k, n) in keys {
+                        println!("    {k:<34} {n}");
+                    }
+                }
+                _ => println!("    (no values)"),
+            }
+        }
+        if jobs.is_empty() {
+            println!("jobs: none recorded");
+        }
+        for j in jobs {
+            let state = if j.done == j.ranges {
+                "finished"
+            } else if j.leased > 0 {
+                "running"
+            } else {
+                "interrupted (run the same command again to resume)"
+            };
+            println!(
+                "job {}: {state}; ranges {}/{} done; rows seen {}, written {}, retried {}, failed {}",
+                j.job, j.done, j.ranges, j.seen, j.written, j.retried, j.failed
+            );
+        }
+    }
+}
+
+/// The progress display, running on its own thread until [`Reporter::finish`].
+pub struct Reporter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    bars: Vec<(Arc<Stats>, Option<ProgressBar>)>,
+    output: Output,
+    op: &'static str,
+}
+
+impl Reporter {
+    /// Start showing progress of `columns`.
+    pub fn start(output: &Output, op: &Op, columns: &[Arc<ColumnJob>]) -> Reporter {
+        let terminal = *output == Output::Human && std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{prefix:>28} [{bar:30}] {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bars: Vec<_> = columns
+            .iter()
+            .map(|c| {
+                let bar = terminal.then(|| {
+                    let b = multi.add(ProgressBar::new(
+                        c.stats.total.load(Ordering::Relaxed).max(0) as u64,
+                    ));
+                    b.set_style(style.clone());
+                    b.set_prefix(format!("{}.{}", c.table.name, c.column.config.name));
+                    b
+                });
+                (c.stats.clone(), bar)
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+        let shared: Vec<_> = bars.iter().map(|(s, b)| (s.clone(), b.clone())).collect();
+        let output_mode = *output;
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("envelope-progress".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let every = match (terminal, output_mode) {
+                    (true, _) => Duration::from_millis(200),
+                    (false, Output::Json) => Duration::from_secs(5),
+                    (false, Output::Human) => Duration::from_secs(10),
+                };
+                let mut last = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() < every {
+                        continue;
+                    }
+                    last = Instant::now();
+                    for ((stats, bar), name) in shared.iter().zip(&names) {
+                        let seen = stats.seen.load(Ordering::Relaxed);
+                        let written = stats.written.load(Ordering::Relaxed);
+                        let failed = stats.failed.load(Ordering::Relaxed);
+                        match bar {
+                            Some(b) => {
+                                b.set_position(seen.max(0) as u64);
+                                b.set_message(format!("written {written}, failed {failed}"));
+                            }
+                            None if seen > 0 && seen < stats.total.load(Ordering::Relaxed) => {
+                                let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                                match output_mode {
+                                    Output::Json => println!(
+                                        "{}",
+                                        serde_json::json!({
+                                            "event": "progress", "job": name, "seen": seen,
+                                            "total": stats.total.load(Ordering::Relaxed),
+                                            "written": written, "failed": failed,
+                                            "retried": stats.retried.load(Ordering::Relaxed),
+                                            "rows_per_second": rate.round(),
+                                        })
+                                    ),
+                                    Output::Human => eprintln!(
+                                        "{name}: {seen}/{} rows, {written} written, {failed} failed, {:.0} rows/s",
+                                        stats.total.load(Ordering::Relaxed),
+                                        rate
+                                    ),
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            })
+            .ok();
+        Reporter {
+            stop,
+            thread,
+            bars,
+            output: *output,
+            op: op.name(),
+        }
+    }
+
+    /// A column's job ended (done, interrupted or failed).
+    pub fn column_done(&self, job: &ColumnJob) {
+        for (stats, bar) in &self.bars {
+            if Arc::ptr_eq(stats, &job.stats) {
+                if let Some(b) = bar {
+                    b.set_position(stats.seen.load(Ordering::Relaxed).max(0) as u64);
+                    b.finish();
+                } else if self.output == Output::Human {
+                    eprintln!(
+                        "{}: {} finished its pass ({} rows seen)",
+                        job.name,
+                        self.op,
+                        stats.seen.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stop the display.
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One column's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct ColumnSummary {
+    /// The job name (`encrypt:customers.email`).
+    pub job: String,
+    /// The table.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Rows examined.
+    pub seen: i64,
+    /// Rows updated (a dry run: rows that would be).
+    pub written: i64,
+    /// Rows that lost a race with the application, re-read and retried.
+    pub retried: i64,
+    /// Rows still contended after every retry (left for the next run).
+    pub contended: i64,
+    /// Rows whose value failed, left untouched.
+    pub failed: i64,
+    /// Failures by error name.
+    pub failures: BTreeMap<String, i64>,
+    /// Keys of a few failing rows, with their error names.
+    pub failing_rows: Vec<(String, String)>,
+    /// Verify: plaintext values.
+    pub plaintext: i64,
+    /// Verify: rows whose source has a value and whose column has none yet.
+    pub missing: i64,
+    /// Verify: NULL values.
+    pub nulls: i64,
+    /// Verify: values per key id that open.
+    pub per_key: BTreeMap<String, i64>,
+}
+
+/// The whole command's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The command.
+    pub command: &'static str,
+    /// Whether nothing was written.
+    pub dry_run: bool,
+    /// Per column.
+    pub columns: Vec<ColumnSummary>,
+}
+
+impl Summary {
+    /// Collect the counters.
+    pub fn of(op: &Op, columns: &[Arc<ColumnJob>], dry_run: bool) -> Summary {
+        let get = |a: &std::sync::atomic::AtomicI64| a.load(Ordering::Relaxed);
+        Summary {
+            command: op.name(),
+            dry_run,
+            columns: columns
+                .iter()
+                .map(|c| {
+                    let s = &c.stats;
+                    ColumnSummary {
+                        job: c.name.clone(),
+                        table: c.table.name.clone(),
+                        column: c.column.config.name.clone(),
+                        seen: get(&s.seen),
+                        written: get(&s.written),
+                        retried: get(&s.retried),
+                        contended: get(&s.contended),
+                        failed: get(&s.failed),
+                        failures: s.failures.lock().map(|f| f.clone()).unwrap_or_default(),
+                        failing_rows: s.samples.lock().map(|f| f.clone()).unwrap_or_default(),
+                        plaintext: get(&s.plaintext),
+                        missing: get(&s.missing),
+                        nulls: get(&s.nulls),
+                        per_key: s.per_key.lock().map(|f| f.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// What makes the command exit 1, if anything.
+    pub fn problem(&self, op: &Op) -> Option<String> {
+        let failed: i64 = self.columns.iter().map(|c| c.failed).sum();
+        let plaintext: i64 = self.columns.iter().map(|c| c.plaintext + c.missing).sum();
+        let contended: i64 = self.columns.iter().map(|c| c.contended).sum();
+        let mut parts = Vec::new();
+        if failed > 0 {
+            parts.push(format!(
+                "{failed} value(s) failed to open and were left untouched (see the failures by name above)"
+            ));
+        }
+        if matches!(op, Op::Verify) && plaintext > 0 {
+            parts.push(format!(
+                "{plaintext} value(s) are not encrypted yet (run `envelope encrypt`)"
+            ));
+        }
+        if contended > 0 {
+            parts.push(format!(
+                "{contended} row(s) kept changing under the tool and were left as they are: run the command again"
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
+    fn print(&self) {
+        let verb = if self.dry_run {
+            "would write"
+        } else {
+            "written"
+        };
+        println!(
+            "{} summary{}:",
+            self.command,
+            if self.dry_run {
+                " (dry run: nothing was written)"
+            } else {
+                ""
+            }
+        );
+        for c in &self.columns {
+            if self.command == "verify" {
+                println!(
+                    "  {}.{}: {} rows; {} open, {} plaintext, {} not yet encrypted, {} NULL, {} failed",
+                    c.table,
+                    c.column,
+                    c.seen,
+                    c.per_key.values().sum::<i64>(),
+                    c.plaintext,
+                    c.missing,
+                    c.nulls,
+                    c.failed
+                );
+                for (k, n) in &c.per_key {
+                    println!("      key {k}: {n}");
+                }
+            } else {
+                println!(
+                    "  {}.{}: {} rows seen, {} {verb}, {} retried after concurrent writes, {} failed",
+                    c.table, c.column, c.seen, c.written, c.retried, c.failed
+                );
+            }
+            for (name, n) in &c.failures {
+                println!("      failed with {name}: {n}");
+            }
+            for (pk, name) in &c.failing_rows {
+                println!("      e.g. key {pk}: {name}");
+            }
+            if c.contended > 0 {
+                println!(
+                    "      {} rows still contended (left for the next run)",
+                    c.contended
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Plaintext encodings (docs/FORMAT.md, "Plaintext encoding of field types") between the SQL
+//! values the CLI reads and writes and the bytes that are sealed: exactly what the column types
+//! of envelope-sqlx and envelope-diesel seal and open, so that either side reads the other's
+//! values.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use envelope_core::column::Plaintext;
+use zeroize::Zeroizing;
+
+use crate::config::ValueType;
+use crate::db::{Dialect, Raw};
+
+/// Why a value cannot be taken as a value of its declared type. Names no value.
+pub type Invalid = String;
+
+/// The plaintext bytes of a source-column value (in its canonical read shape, see
+/// `db::source_sql`) for field type `ty`.
+///
+/// # Errors
+/// The value is not a `ty` value (out of range, not UTF-8, not a date ...).
+pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Invalid> {
+    let wrong = |what: &str| {
+        Err(format!(
+            "the source value is {what}, not a {} value",
+            ty.name()
+        ))
+    };
+    let text = |raw: &Raw| match raw {
+        Raw::Text(s) => Some(s.clone()),
+        Raw::Bytes(b) => String::from_utf8(b.clone()).ok(),
+        _ => None,
+    };
+    let int = |raw: &Raw| match raw {
+        Raw::Int(i) => Some(*i),
+        Raw::Text(s) => s.parse().ok(),
+        _ => None,
+    };
+    let bytes = match ty {
+        ValueType::Bytes => match raw {
+            Raw::Bytes(b) => b.clone(),
+            Raw::Text(s) => s.clone().into_bytes(),
+            _ => return wrong("not bytes"),
+        },
+        ValueType::String => match text(raw) {
+            Some(s) => s.into_bytes(),
+            None => return wrong("not text"),
+        },
+        ValueType::I16 => match int(raw).map(i16::try_from) {
+            Some(Ok(v)) => v.to_be_bytes().to_vec(),
+            Some(Err(_)) => return wrong("out of the i16 range"),
+            None => return wrong("not an integer"),
+        },
+        ValueType::I32 => match int(raw).map(i32::try_from) {
+            Some(Ok(v)) => v.to_be_bytes().to_vec(),
+            Some(Err(_)) => return wrong("out of the i32 range"),
+            None => return wrong("not an integer"),
+        },
+        ValueType::I64 => match int(raw) {
+            Some(v) => v.to_be_bytes().to_vec(),
+            None => return wrong("not an integer"),
+        },
+        ValueType::Bool => match int(raw) {
+            Some(0) => vec![0],
+            Some(1) => vec![1],
+            _ => return wrong("neither 0 nor 1"),
+        },
+        ValueType::Uuid => match raw {
+            Raw::Bytes(b) if b.len() == 16 => b.clone(),
+            _ => match text(raw).and_then(|s| uuid::Uuid::parse_str(&s).ok()) {
+                Some(u) => u.as_bytes().to_vec(),
+                None => return wrong("not a UUID"),
+            },
+        },
+        ValueType::Date => {
+            match text(raw).and_then(|s| NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok()) {
+                Some(d) => plaintext(&d)?,
+                None => return wrong("not a YYYY-MM-DD date"),
+            }
+        }
+        ValueType::Timestamp => match text(raw).and_then(|s| parse_timestamp(&s)) {
+            Some(t) => plaintext(&t)?,
+            None => return wrong("not a timestamp"),
+        },
+        ValueType::Json => match text(raw) {
+            Some(s) => {
+                compact_json(&s).ok_or_else(|| "the source value is not valid JSON".to_owned())?
+            }
+            None => return wrong("not text"),
+        },
+    };
+    Ok(Zeroizing::new(bytes))
+}
+
+fn plaintext<T: Plaintext>(value: &T) -> Result<Vec<u8>, Invalid> {
+    value
+        .to_plaintext()
+        .map(|b| b.into_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// A timestamp as the databases render it: RFC 3339 with any offset, or a date and time with
+/// no offset (taken as UTC), with `T` or a space between them.
+fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    let naive = s.strip_suffix('Z').unwrap_or(s);
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(naive, f).ok())
+        .map(|n| n.and_utc())
+}
+
+/// Valid JSON with the whitespace between tokens removed; keys, their order and number
+/// spellings stay as they are (no round trip through floating point).
+pub fn compact_json(s: &str) -> Option<Vec<u8>> {
+    serde_json::from_str::<serde::de::IgnoredAny>(s).ok()?;
+    let mut out = Vec::with_capacity(s.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in s.as_bytes() {
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            if b == b'"' {
+                in_string = true;
+            }
+            out.push(b);
+        }
+    }
+    Some(out)
+}
+
+/// Check that opened (or legacy in-place) bytes are a `ty` value, as the column types would
+/// read them.
+///
+/// # Errors
+/// Why they are not.
+pub fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
+    fn check<T: Plaintext>(bytes: &[u8]) -> Result<(), Invalid> {
+        T::from_plaintext(bytes.to_vec())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    match ty {
+        ValueType::Bytes => Ok(()),
+        ValueType::String => check::<String>(bytes),
+        ValueType::I16 => check::<i16>(bytes),
+        ValueType::I32 => check::<i32>(bytes),
+        ValueType::I64 => check::<i64>(bytes),
+        ValueType::Bool => check::<bool>(bytes),
+        ValueType::Uuid => check::<uuid::Uuid>(bytes),
+        ValueType::Date => check::<NaiveDate>(bytes),
+        ValueType::Timestamp => check::<DateTime<Utc>>(bytes),
+        ValueType::Json => serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map(drop)
+            .map_err(|e| format!("not valid JSON ({:?} error)", e.classify())),
+    }
+}
+
+/// The SQL value that writes opened plaintext back into a source column (the inverse of
+/// [`encode_source`]).
+///
+/// # Errors
+/// The bytes are not a `ty` value.
+pub fn decode_to_source(ty: ValueType, dialect: Dialect, bytes: &[u8]) -> Result<Raw, Invalid> {
+    check_plaintext(ty, bytes)?;
+    let utf8 = || String::from_utf8(bytes.to_vec()).map_err(|_| "not UTF-8".to_owned());
+    let be = |n: usize| -> Result<i64, Invalid> {
+        let mut v: i64 = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+            -1
+        } else {
+            0
+        };
+        if bytes.len() != n {
+            return Err(format!("{} bytes", bytes.len()));
+        }
+        for &b in bytes {
+            v = (v << 8) | i64::from(b);
+        }
+        Ok(v)
+    };
+    Ok(match ty {
+        ValueType::Bytes => Raw::Bytes(bytes.to_vec()),
+        ValueType::String | ValueType::Date | ValueType::Json => Raw::Text(utf8()?),
+        ValueType::I16 => Raw::Int(be(2)?),
+        ValueType::I32 => Raw::Int(be(4)?),
+        ValueType::I64 => Raw::Int(be(8)?),
+        ValueType::Bool => Raw::Int(i64::from(bytes == [1])),
+        ValueType::Uuid => Raw::Text(
+            uuid::Uuid::from_slice(bytes)
+                .map_err(|_| "not 16 bytes".to_owned())?
+                .hyphenated()
+                .to_string(),
+        ),
+        ValueType::Timestamp => {
+            let t = DateTime::<Utc>::from_plaintext(bytes.to_vec()).map_err(|e| e.to_string())?;
+            Raw::Text(match dialect {
+                // DATETIME takes neither `T` nor an offset.
+                Dialect::MySql => t.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+                _ => utf8()?,
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_values_encode_as_the_column_types_do() {
+        let enc = |ty, raw: Raw| encode_source(ty, &raw).map(|z| z.to_vec());
+        assert_eq!(
+            enc(ValueType::I64, Raw::Int(-2)).unwrap(),
+            (-2i64).to_be_bytes()
+        );
+        assert_eq!(
+            enc(ValueType::I16, Raw::Int(300)).unwrap(),
+            300i16.to_be_bytes()
+        );
+        assert!(
+            enc(ValueType::I16, Raw::Int(70_000))
+                .unwrap_err()
+                .contains("range")
+        );
+        assert_eq!(enc(ValueType::Bool, Raw::Int(1)).unwrap(), [1]);
+        assert!(enc(ValueType::Bool, Raw::Int(2)).is_err());
+        let u = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        assert_eq!(
+            enc(ValueType::Uuid, Raw::Text(u.into())).unwrap(),
+            uuid::Uuid::parse_str(u).unwrap().as_bytes()
+        );
+        assert_eq!(
+            enc(ValueType::Date, Raw::Text("2024-02-29".into())).unwrap(),
+            b"2024-02-29"
+        );
+        for s in [
+            "2024-02-29T10:11:12.500000Z",
+            "2024-02-29 10:11:12.5",
+            "2024-02-29T12:11:12.5+02:00",
+        ] {
+            assert_eq!(
+                enc(ValueType::Timestamp, Raw::Text(s.into())).unwrap(),
+                b"2024-02-29T10:11:12.500Z",
+                "{s}"
+            );
+        }
+        assert_eq!(
+            enc(
+                ValueType::Json,
+                Raw::Text("{\"b\": [1, 2.50],\n \"a\": \"x y\"}".into())
+            )
+            .unwrap(),
+            b"{\"b\":[1,2.50],\"a\":\"x y\"}"
+        );
+        assert!(enc(ValueType::Json, Raw::Text("{oops".into())).is_err());
+        assert_eq!(
+            enc(
+                ValueType::Json,
+                Raw::Text("123456789012345678901234567890".into())
+            )
+            .unwrap(),
+            b"123456789012345678901234567890"
+        );
+    }
+
+    #[test]
+    fn opened_values_decode_back_to_the_source_shape() {
+        for (ty, raw) in [
+            (ValueType::I64, Raw::Int(i64::MIN)),
+            (ValueType::I32, Raw::Int(-1)),
+            (ValueType::I16, Raw::Int(i64::from(i16::MAX))),
+            (ValueType::Bool, Raw::Int(0)),
+            (ValueType::String, Raw::Text("Zoë".into())),
+            (ValueType::Bytes, Raw::Bytes(vec![0, 255])),
+            (
+                ValueType::Uuid,
+                Raw::Text("67e55044-10b1-426f-9247-bb680e5fe0c8".into()),
+            ),
+            (ValueType::Date, Raw::Text("1999-12-31".into())),
+        ] {
+            let pt = encode_source(ty, &raw).unwrap();
+            assert_eq!(
+                decode_to_source(ty, Dialect::Postgres, &pt).unwrap(),
+                raw,
+                "{ty:?}"
+            );
+        }
+        let pt = encode_source(
+            ValueType::Timestamp,
+            &Raw::Text("2024-01-02T03:04:05Z".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            decode_to_source(ValueType::Timestamp, Dialect::MySql, &pt).unwrap(),
+            Raw::Text("2024-01-02 03:04:05.000000".into())
+        );
+        assert!(decode_to_source(ValueType::I64, Dialect::Sqlite, &[1, 2]).is_err());
+    }
+}
