@@ -848,7 +848,9 @@ impl Engine {
             return Ok(Vec::new());
         }
         match self.db.dialect {
-            Dialect::MySql => {
+            // Per row: no network round trip on SQLite, and its planner may scan the table
+            // for each row of a joined VALUES list; MariaDB has no UPDATE ... RETURNING.
+            Dialect::MySql | Dialect::Sqlite => {
                 let mut missed = Vec::new();
                 for u in updates {
                     let sql = self.cas_single_sql(job);
@@ -862,9 +864,9 @@ impl Engine {
                 }
                 Ok(missed)
             }
-            Dialect::Postgres | Dialect::Sqlite => {
+            Dialect::Postgres => {
                 let mut missed = Vec::new();
-                // Keep well below the parameter limits (SQLite 32,766; PostgreSQL 65,535).
+                // Keep well below PostgreSQL's 65,535 parameters.
                 for chunk in updates.chunks(1000) {
                     let sql = self.cas_batch_sql(job, chunk.len());
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
