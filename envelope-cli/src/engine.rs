@@ -67,6 +67,9 @@ pub struct Settings {
     pub range_rows: i64,
     /// Test hook: sleep between a batch's read and its writes.
     pub pause_after_read: Option<Duration>,
+    /// Benchmark baseline: the same job with the cryptography switched off (values are written
+    /// back as they were read). Never for real data.
+    pub no_crypto: bool,
 }
 
 /// Live counters of one column's job (shared by its workers and the progress display).
@@ -699,6 +702,12 @@ impl Engine {
             // Counted, never written: no key is made or used.
             return Ok(Raw::Null(target_shape(job)));
         }
+        if self.settings.no_crypto {
+            return Ok(match job.column.config.form {
+                Form::Binary => Raw::Bytes(plaintext.to_vec()),
+                Form::Text => Raw::Text(String::from_utf8_lossy(plaintext).into_owned()),
+            });
+        }
         let label = &job.column.config.label;
         let blob = self
             .keyring
@@ -715,7 +724,7 @@ impl Engine {
         let Some(b) = &job.column.config.blind_index else {
             return Ok(None);
         };
-        if self.settings.dry_run {
+        if self.settings.dry_run || self.settings.no_crypto {
             return Ok(None);
         }
         match self.keyring.blind_index(&b.spec, plaintext).await {

@@ -102,6 +102,10 @@ struct RunArgs {
     /// Testing aid: sleep this long between a batch's read and its writes.
     #[arg(long, hide = true, value_parser = duration)]
     debug_pause_after_read: Option<Duration>,
+    /// Benchmark baseline only: run the same job with the cryptography switched off, writing
+    /// every value back as it was read.
+    #[arg(long, hide = true)]
+    debug_no_crypto: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -338,6 +342,7 @@ fn run_database(global: Global, command: Command) -> Result<(), Failure> {
                 patience: run.patience,
                 range_rows: run.range_size.max(1),
                 pause_after_read: run.debug_pause_after_read,
+                no_crypto: run.debug_no_crypto,
             },
             output,
         };

@@ -313,3 +313,60 @@ async fn postgres_no_lost_updates() {
 async fn mysql_no_lost_updates() {
     no_lost_updates(Kind::MySql).await;
 }
+
+/// `--shard i/N`: two processes share one job through the job table, each taking its ranges.
+async fn shards_share_one_job(kind: Kind) {
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    let table = t.table("shard");
+    fill(&t, &table, 3000).await;
+    t.write_config(&config(&table));
+    t.expect(&["init"], 0);
+    let first = [
+        "encrypt",
+        "--column",
+        "email",
+        "--range-size",
+        "500",
+        "--workers",
+        "2",
+        "--json",
+    ];
+    let s = Target::summary(&t.expect(&[&first[..], &["--shard", "0/2"]].concat(), 0));
+    assert_eq!(
+        s["columns"][0]["written"], 1500,
+        "ranges 0, 2 and 4 of 6: {s}"
+    );
+    let v = Target::summary(&t.expect(&["verify", "--column", "email", "--json"], 1));
+    assert_eq!(v["columns"][0]["plaintext"], 1500, "{v}");
+    let s = Target::summary(&t.expect(&[&first[..], &["--shard", "1/2"]].concat(), 0));
+    assert_eq!(s["columns"][0]["written"], 1500, "ranges 1, 3 and 5: {s}");
+    t.expect(&["verify", "--column", "email"], 0);
+    let status = t.expect(&["status", "--json"], 0);
+    let job = status
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "job")
+        .unwrap();
+    assert_eq!(
+        (job["job"]["ranges"].as_i64(), job["job"]["done"].as_i64()),
+        (Some(6), Some(6)),
+        "{job}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_shards_share_one_job() {
+    shards_share_one_job(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_shards_share_one_job() {
+    shards_share_one_job(Kind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_shards_share_one_job() {
+    shards_share_one_job(Kind::MySql).await;
+}

@@ -585,7 +585,17 @@ async fn every_type_round_trips(kind: Kind) {
     );
 
     // Rotation: afterwards no value refers to the old key.
-    t.expect(&["rotate", "--json"], 0);
+    t.expect(
+        &[
+            "rotate",
+            "--json",
+            "--chunk-time",
+            "20ms",
+            "--max-rate",
+            "100000",
+        ],
+        0,
+    );
     let keys_after = per_key(&Target::summary(&t.expect(&["verify", "--json"], 0)));
     assert_eq!(keys_after.len(), 1);
     assert!(keys_after.is_disjoint(&keys_before));
@@ -780,4 +790,85 @@ fn usage_and_unreachable_databases_have_their_exit_codes() {
     for code in ["130", "database or the KMS cannot be reached"] {
         assert!(help.contains(code), "{help}");
     }
+}
+
+/// `kms = "tencent://REGION/CMK_ID"` against our emulator (which checks every TC3 signature),
+/// with a fifth of the KMS calls failing: the provider and the CLI retry, and the job finishes.
+/// Credentials come from the environment only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tencent_key_uri_on_the_emulator() {
+    use envelope_cli::emulator::{Emulator, EmulatorConfig};
+    use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+
+    let Some(t) = Target::new(Kind::Sqlite).await else {
+        return;
+    };
+    let mut config = EmulatorConfig::local("AKIDcli", "cli-secret-key");
+    config.faults.fail_rate = 0.2;
+    let emulator = Emulator::start(config).unwrap();
+    let kms = TencentKms::new(
+        TencentConfig::new(
+            "AKIDcli",
+            envelope_core::SecretString::new("cli-secret-key"),
+            "ap-guangzhou",
+        )
+        .with_endpoint(emulator.endpoint()),
+    )
+    .unwrap();
+    let mut cmk = None;
+    for _ in 0..10 {
+        if let Ok(meta) = kms.create_key("cli-test", "envelope CLI test").await {
+            cmk = Some(meta.key_id);
+            break;
+        }
+    }
+    let cmk = cmk.expect("CreateKey on the emulator");
+
+    let table = t.table("tc");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id INTEGER PRIMARY KEY, secret BLOB)"
+    ))
+    .await;
+    for i in 1..=50 {
+        t.exec(&format!(
+            "INSERT INTO {table} VALUES ({i}, {})",
+            t.bytes_literal(format!("s{i}").as_bytes())
+        ))
+        .await;
+    }
+    t.write_config(&format!(
+        "[[table]]\nname = \"{table}\"\nprimary_key = \"id\"\n[[table.column]]\nname = \"secret\"\nlabel = \"tc.secret\"\ntype = \"string\"\n"
+    ));
+    let uri = format!("tencent://ap-guangzhou/{cmk}");
+    let endpoint = emulator.endpoint();
+    let env = [
+        ("TENCENTCLOUD_SECRET_ID", "AKIDcli"),
+        ("TENCENTCLOUD_SECRET_KEY", "cli-secret-key"),
+        ("ENVELOPE_TENCENT_ENDPOINT", endpoint.as_str()),
+    ];
+    // Without credentials: a usage error, before anything is written.
+    let out = t.envelope(&["--kms", &uri, "init"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TENCENTCLOUD_SECRET_ID"));
+    t.expect_with_env(&["--kms", &uri, "init"], &env, 0);
+    t.expect_with_env(&["--kms", &uri, "encrypt", "--batch-size", "7"], &env, 0);
+    let v = Target::summary(&t.expect_with_env(&["--kms", &uri, "verify", "--json"], &env, 0));
+    assert_eq!(
+        v["columns"][0]["per_key"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap(),
+        50
+    );
+    // The key table says which CMK wraps the data key.
+    let cmk_in_table: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT cmk_id FROM {} LIMIT 1",
+        t.key_table()
+    )))
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(cmk_in_table, cmk);
 }

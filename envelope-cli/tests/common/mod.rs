@@ -117,6 +117,23 @@ impl Target {
         self.command(args).output().unwrap()
     }
 
+    /// Run `envelope ARGS` with extra environment variables; require exit code `code`.
+    pub fn expect_with_env(&self, args: &[&str], env: &[(&str, &str)], code: i32) -> String {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "envelope {args:?}\nstdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// Start `envelope ARGS` (stdout and stderr piped).
     pub fn spawn(&self, args: &[&str]) -> Child {
         self.command(args)
