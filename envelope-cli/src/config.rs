@@ -27,8 +27,8 @@ fn bad(message: impl Into<String>) -> ConfigError {
     ConfigError(message.into())
 }
 
-/// The validated configuration.
-#[derive(Clone, Debug)]
+/// The validated configuration. Its `Debug` hides the password of the database URL.
+#[derive(Clone)]
 pub struct Config {
     /// Where the data (and the key and job tables) live.
     pub database_url: String,
@@ -42,6 +42,33 @@ pub struct Config {
     pub scope: Option<Scope>,
     /// The tables with encrypted columns.
     pub tables: Vec<TableConfig>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("kms", &self.kms)
+            .field("key_table", &self.key_table)
+            .field("job_table", &self.job_table)
+            .field("scope", &self.scope)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+/// A URL with its password (`user:PASSWORD@`) replaced.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:<redacted>@{host}")
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// One table of the configuration.
@@ -568,6 +595,24 @@ source = "ssn"
         assert!(parse_err("kms = \"local://k\"\n").contains("database_url"));
         assert!(
             parse_err("database_url = \"sqlite://x\"\nsecret_key = \"s\"\n").contains("secret_key")
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_database_password() {
+        let c = parse(
+            GOOD,
+            "t",
+            Overrides {
+                database_url: Some("postgres://app:hunter2@db/app".into()),
+                kms: None,
+            },
+        )
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("hunter2") && dbg.contains("app:<redacted>@db/app"),
+            "{dbg}"
         );
     }
 

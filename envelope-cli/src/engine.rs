@@ -91,6 +91,8 @@ pub struct Stats {
     pub missing: AtomicI64,
     /// Verify: NULLs.
     pub nulls: AtomicI64,
+    /// Verify: rows whose envelope value differs from their source column's value.
+    pub differs: AtomicI64,
     /// Rows the table holds (an estimate for the progress display).
     pub total: AtomicI64,
     /// Failures by error name.
@@ -771,6 +773,15 @@ impl Engine {
                 match values::check_plaintext(cfg.ty, &plaintext) {
                     Ok(()) => {
                         *verify.per_key.entry(key.to_hex()).or_default() += 1;
+                        // While the source column exists, say where it no longer agrees (an
+                        // application that writes only one of the two columns).
+                        if let Some(source) = &read.source {
+                            let same = values::encode_source(cfg.ty, source)
+                                .is_ok_and(|pt| normalized_eq(cfg.ty, &pt, &plaintext));
+                            if !same {
+                                verify.differs += 1;
+                            }
+                        }
                         Decision::Skip
                     }
                     Err(_) => Decision::Fail(read.pk, "PlaintextType"),
@@ -1032,6 +1043,16 @@ impl Engine {
     }
 }
 
+/// Whether two plaintexts of type `ty` hold the same value (JSON compared as values: a JSONB
+/// source renders its own key order and spacing).
+fn normalized_eq(ty: crate::config::ValueType, a: &[u8], b: &[u8]) -> bool {
+    if ty == crate::config::ValueType::Json {
+        let parse = |x: &[u8]| serde_json::from_slice::<serde_json::Value>(x).ok();
+        return a == b || (parse(a).is_some() && parse(a) == parse(b));
+    }
+    a == b
+}
+
 fn is_transient(e: &sqlx::Error) -> bool {
     // Deadlocks, serialization failures and lock waits: the batch is simply run again.
     match e {
@@ -1122,6 +1143,7 @@ struct VerifyCounts {
     plaintext: i64,
     missing: i64,
     nulls: i64,
+    differs: i64,
     per_key: HashMap<String, i64>,
 }
 
@@ -1129,6 +1151,7 @@ impl VerifyCounts {
     fn add_to(self, s: &Stats) {
         s.plaintext.fetch_add(self.plaintext, Ordering::Relaxed);
         s.missing.fetch_add(self.missing, Ordering::Relaxed);
+        s.differs.fetch_add(self.differs, Ordering::Relaxed);
         s.nulls.fetch_add(self.nulls, Ordering::Relaxed);
         if let Ok(mut k) = s.per_key.lock() {
             for (id, n) in self.per_key {

@@ -247,6 +247,8 @@ pub struct ColumnSummary {
     pub missing: i64,
     /// Verify: NULL values.
     pub nulls: i64,
+    /// Verify: envelope values that differ from their source column's value.
+    pub differs_from_source: i64,
     /// Verify: values per key id that open.
     pub per_key: BTreeMap<String, i64>,
 }
@@ -287,6 +289,7 @@ impl Summary {
                         plaintext: get(&s.plaintext),
                         missing: get(&s.missing),
                         nulls: get(&s.nulls),
+                        differs_from_source: get(&s.differs),
                         per_key: s.per_key.lock().map(|f| f.clone()).unwrap_or_default(),
                     }
                 })
@@ -348,6 +351,12 @@ impl Summary {
                 );
                 for (k, n) in &c.per_key {
                     println!("      key {k}: {n}");
+                }
+                if c.differs_from_source > 0 {
+                    println!(
+                        "      {} value(s) differ from their source column (does every writer update both columns?)",
+                        c.differs_from_source
+                    );
                 }
             } else {
                 println!(

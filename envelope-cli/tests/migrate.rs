@@ -567,8 +567,23 @@ async fn every_type_round_trips(kind: Kind) {
         );
     }
     let out = t.expect(&["verify", "--json"], 0);
-    let keys_before = per_key(&Target::summary(&out));
+    let s = Target::summary(&out);
+    let keys_before = per_key(&s);
     assert_eq!(keys_before.len(), 1, "{out}");
+    // Every envelope value agrees with its source (JSONB / MySQL JSON render their own way).
+    for c in s["columns"].as_array().unwrap() {
+        assert_eq!(c["differs_from_source"], 0, "{c}");
+    }
+    // A writer that updates only the source column shows up in verify.
+    t.exec(&format!("UPDATE {table} SET src_s_i64 = 42 WHERE id = 1"))
+        .await;
+    let s = Target::summary(&t.expect(&["verify", "--json", "--column", "s_i64"], 0));
+    assert_eq!(s["columns"][0]["differs_from_source"], 1, "{s}");
+    t.exec(&format!(
+        "UPDATE {table} SET src_s_i64 = {} WHERE id = 1",
+        v.i64[0]
+    ))
+    .await;
 
     let keyring = t.keyring().await;
     keyring.scope(check_all(&t, &table, &v)).await;
