@@ -370,3 +370,57 @@ async fn postgres_shards_share_one_job() {
 async fn mysql_shards_share_one_job() {
     shards_share_one_job(Kind::MySql).await;
 }
+
+/// SIGTERM finishes the current batch, checkpoints and exits 130; the next run resumes and
+/// finishes; `--limit` stops early with the rest left for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_and_exits_130() {
+    let Some(t) = Target::new(Kind::Sqlite).await else {
+        return;
+    };
+    let table = t.table("sig");
+    fill(&t, &table, 2000).await;
+    t.write_config(&config(&table));
+    t.expect(&["init"], 0);
+    let s = Target::summary(&t.expect(
+        &[
+            "encrypt",
+            "--column",
+            "email",
+            "--limit",
+            "300",
+            "--batch-size",
+            "100",
+            "--json",
+        ],
+        0,
+    ));
+    assert_eq!(s["columns"][0]["seen"], 300, "{s}");
+    let mut child = t.spawn(&[
+        "encrypt",
+        "--column",
+        "email",
+        "--batch-size",
+        "50",
+        "--debug-pause-after-read",
+        "50ms",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_seen(&t).await < 500 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let done_before = rows_seen(&t).await;
+    assert!(done_before < 2000, "it stopped early");
+    // The interrupted range was handed back: the rerun starts at once and finishes.
+    let started = Instant::now();
+    t.expect(&["encrypt", "--column", "email"], 0);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    t.expect(&["verify", "--column", "email"], 0);
+}

@@ -877,6 +877,13 @@ async fn tencent_key_uri_on_the_emulator() {
             .unwrap(),
         50
     );
+    // A KMS that does not answer: exit 3 once the patience runs out.
+    let dead = [
+        ("TENCENTCLOUD_SECRET_ID", "AKIDcli"),
+        ("TENCENTCLOUD_SECRET_KEY", "cli-secret-key"),
+        ("ENVELOPE_TENCENT_ENDPOINT", "http://127.0.0.1:1"),
+    ];
+    t.expect_with_env(&["--kms", &uri, "rotate", "--patience", "1s"], &dead, 3);
     // The key table says which CMK wraps the data key.
     let cmk_in_table: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT cmk_id FROM {} LIMIT 1",
