@@ -227,45 +227,39 @@ impl Db {
             None => (None, table),
         };
         let what = || format!("reading the type of {table}.{column}");
-        let row = match self.dialect {
-            Dialect::Postgres => {
-                let sql = "SELECT CAST(udt_name AS TEXT), CAST(data_type AS TEXT), \
-                           CAST(character_maximum_length AS BIGINT) \
-                           FROM information_schema.columns \
-                           WHERE table_schema = COALESCE($1, current_schema()) \
-                           AND table_name = $2 AND column_name = $3";
-                sqlx::query(sql)
-                    .bind(schema.map(str::to_owned))
-                    .bind(name)
-                    .bind(column)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .context(what)?
-            }
-            Dialect::MySql => {
-                let sql = "SELECT CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR), \
-                           CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) \
-                           FROM information_schema.COLUMNS \
-                           WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) \
-                           AND TABLE_NAME = ? AND COLUMN_NAME = ?";
-                sqlx::query(sql)
-                    .bind(schema.map(str::to_owned))
-                    .bind(name)
-                    .bind(column)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .context(what)?
-            }
-            Dialect::Sqlite => {
-                let sql = "SELECT lower(type), type, NULL FROM pragma_table_info(?) WHERE name = ?";
-                sqlx::query(sql)
-                    .bind(name)
-                    .bind(column)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .context(what)?
-            }
+        // PostgreSQL and MySQL take the schema (NULL: the connection's own); SQLite has one.
+        let (sql, schema_param) = match self.dialect {
+            Dialect::Postgres => (
+                "SELECT CAST(udt_name AS TEXT), CAST(data_type AS TEXT), \
+                 CAST(character_maximum_length AS BIGINT) \
+                 FROM information_schema.columns \
+                 WHERE table_schema = COALESCE($1, current_schema()) \
+                 AND table_name = $2 AND column_name = $3",
+                true,
+            ),
+            Dialect::MySql => (
+                "SELECT CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR), \
+                 CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) \
+                 FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) \
+                 AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+                true,
+            ),
+            Dialect::Sqlite => (
+                "SELECT lower(type), type, NULL FROM pragma_table_info(?) WHERE name = ?",
+                false,
+            ),
         };
+        let mut q = sqlx::query(sql);
+        if schema_param {
+            q = q.bind(schema.map(str::to_owned));
+        }
+        let row = q
+            .bind(name)
+            .bind(column)
+            .fetch_optional(&self.pool)
+            .await
+            .context(what)?;
         let Some(row) = row else { return Ok(None) };
         let ty: String = row.try_get(0).context(what)?;
         let full: String = row.try_get(1).context(what)?;
