@@ -107,7 +107,7 @@ impl Reporter {
         let terminal = *output == Output::Human && std::io::stderr().is_terminal();
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
-            "{prefix:>28} [{bar:30}] {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
+            "{prefix:>28} [{bar:30}] {pos}/{len} rows  ETA {eta}  {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -140,20 +140,30 @@ impl Reporter {
                     (false, Output::Human) => Duration::from_secs(10),
                 };
                 let mut last = Instant::now();
+                // When each column's job showed its first row, for its rows/s.
+                let mut first_seen: Vec<Option<(Instant, i64)>> = vec![None; shared.len()];
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(100));
                     if last.elapsed() < every {
                         continue;
                     }
                     last = Instant::now();
-                    for ((stats, bar), name) in shared.iter().zip(&names) {
+                    for (((stats, bar), name), first) in shared.iter().zip(&names).zip(&mut first_seen) {
                         let seen = stats.seen.load(Ordering::Relaxed);
+                        if first.is_none() && seen > 0 {
+                            *first = Some((Instant::now(), seen));
+                        }
+                        let column_rate = first.map_or(0.0, |(at, base)| {
+                            (seen - base) as f64 / at.elapsed().as_secs_f64().max(1e-3)
+                        });
                         let written = stats.written.load(Ordering::Relaxed);
                         let failed = stats.failed.load(Ordering::Relaxed);
                         match bar {
                             Some(b) => {
                                 b.set_position(seen.max(0) as u64);
-                                b.set_message(format!("written {written}, failed {failed}"));
+                                b.set_message(format!(
+                                    "{column_rate:.0} rows/s, written {written}, failed {failed}"
+                                ));
                             }
                             None if seen > 0 && seen < stats.total.load(Ordering::Relaxed) => {
                                 let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-3);
