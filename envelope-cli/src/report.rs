@@ -159,6 +159,7 @@ impl Reporter {
                         let written = stats.written.load(Ordering::Relaxed);
                         let failed = stats.failed.load(Ordering::Relaxed);
                         match bar {
+                            Some(b) if b.is_finished() => {}
                             Some(b) => {
                                 b.set_position(seen.max(0) as u64);
                                 b.set_message(format!(
