@@ -894,3 +894,69 @@ async fn tencent_key_uri_on_the_emulator() {
     .unwrap();
     assert_eq!(cmk_in_table, cmk);
 }
+
+/// `rotate --key ID` moves only that key's values; `rotate --retired` only retired keys'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_selects_keys() {
+    let Some(t) = Target::new(Kind::Sqlite).await else {
+        return;
+    };
+    let table = t.table("rot");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id INTEGER PRIMARY KEY, v BLOB)"
+    ))
+    .await;
+    for i in 1..=30 {
+        t.exec(&format!(
+            "INSERT INTO {table} VALUES ({i}, {})",
+            t.bytes_literal(format!("v{i}").as_bytes())
+        ))
+        .await;
+    }
+    t.write_config(&format!(
+        "[[table]]\nname = \"{table}\"\nprimary_key = \"id\"\n[[table.column]]\nname = \"v\"\nlabel = \"rot.v\"\ntype = \"string\"\n"
+    ));
+    let keys = || {
+        let s = Target::summary(
+            &t.envelope(&["verify", "--json"])
+                .stdout
+                .iter()
+                .map(|&b| b as char)
+                .collect::<String>(),
+        );
+        s["columns"][0]["per_key"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_i64().unwrap()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    t.expect(&["init"], 0);
+    t.expect(&["encrypt", "--limit", "10"], 0);
+    t.expect(&["rotate"], 0);
+    let after_rotate = keys();
+    assert_eq!(after_rotate.values().sum::<i64>(), 10, "{after_rotate:?}");
+    let b = after_rotate.keys().next().unwrap().clone();
+    t.expect(&["encrypt"], 0);
+    let before = keys();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let c = before.keys().find(|k| **k != b).unwrap().clone();
+    assert_eq!(before[&c], 20);
+
+    let s = Target::summary(&t.expect(&["rotate", "--key", &b, "--json"], 0));
+    assert_eq!(s["columns"][0]["written"], 10, "{s}");
+    let after = keys();
+    assert!(!after.contains_key(&b), "{after:?}");
+    assert_eq!(
+        after.get(&c),
+        Some(&20),
+        "values under other keys stay: {after:?}"
+    );
+    assert_eq!(after.values().sum::<i64>(), 30);
+
+    // No value is under a retired key any more: nothing to do.
+    let s = Target::summary(&t.expect(&["rotate", "--retired", "--json"], 0));
+    assert_eq!(s["columns"][0]["written"], 0, "{s}");
+    // An id the key table does not hold is refused.
+    t.expect(&["rotate", "--key", "00000000000000000000000000000000"], 2);
+}
