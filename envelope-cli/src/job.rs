@@ -177,7 +177,8 @@ impl Jobs {
         if ranges > 0 && done < ranges {
             return Ok(true);
         }
-        // Integer keys split into ranges of about `range_rows` keys; other keys are one range.
+        // Integer keys split into ranges of about `range_rows` keys by arithmetic; text and
+        // UUID keys at boundaries sampled from the table, about `range_rows` rows apart.
         let mut bounds: Vec<(Option<Pk>, Option<Pk>)> = vec![(None, None)];
         if table.pk_kind == PkKind::Int {
             let sql = format!(
@@ -205,6 +206,15 @@ impl Jobs {
                         (start, end)
                     })
                     .collect();
+            }
+        } else {
+            let cuts = self.sample_boundaries(table, range_rows).await?;
+            if !cuts.is_empty() {
+                let mut starts = vec![None];
+                starts.extend(cuts.iter().cloned().map(Some));
+                let mut ends: Vec<Option<Pk>> = cuts.into_iter().map(Some).collect();
+                ends.push(None);
+                bounds = starts.into_iter().zip(ends).collect();
             }
         }
         let mut tx = self.db.pool.begin().await.context(what)?;
@@ -242,6 +252,48 @@ impl Jobs {
         }
         tx.commit().await.context(what)?;
         Ok(false)
+    }
+
+    /// Keys about `range_rows` rows apart, in key order (`OFFSET` over the primary key's index:
+    /// read once, when a pass is planned).
+    async fn sample_boundaries(
+        &self,
+        table: &TablePlan,
+        range_rows: i64,
+    ) -> Result<Vec<Pk>, DbError> {
+        let d = self.db.dialect;
+        let what = || format!("sampling the keys of {}", table.name);
+        let sql = format!("SELECT {} FROM {}", d.int("COUNT(*)"), table.table);
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.db.pool)
+            .await
+            .context(what)?;
+        let n = (rows / range_rows.max(1)).clamp(1, 1000);
+        let step = rows / n;
+        let mut cuts = Vec::new();
+        for i in 1..n {
+            let sql = format!(
+                "SELECT {} FROM {} ORDER BY {} LIMIT 1 OFFSET {}",
+                table.pk_kind.read(d, &table.pk),
+                table.table,
+                table.pk,
+                i * step - 1
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_optional(&self.db.pool)
+                .await
+                .context(what)?;
+            if let Some(row) = row {
+                let pk = Pk::get(&row, 0, table.pk_kind).context(what)?;
+                // Compared in the database's collation, not here. Rows that move while sampling
+                // can only make two ranges overlap (compare-and-set makes that harmless), never
+                // leave a gap: the ranges still cover every key.
+                if cuts.last() != Some(&pk) {
+                    cuts.push(pk);
+                }
+            }
+        }
+        Ok(cuts)
     }
 
     /// Lease the next free (or expired) range of `job` that this shard may take.

@@ -424,3 +424,65 @@ async fn sigterm_checkpoints_and_exits_130() {
     assert!(started.elapsed() < Duration::from_secs(30));
     t.expect(&["verify", "--column", "email"], 0);
 }
+
+/// Text primary keys are split at sampled boundaries: two shards share the job, and every row
+/// is encrypted exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_keys_split_into_ranges() {
+    for kind in [Kind::Sqlite, Kind::Postgres, Kind::MySql] {
+        let Some(t) = Target::new(kind).await else {
+            continue;
+        };
+        let table = t.table("tk");
+        t.exec(&format!(
+            "CREATE TABLE {table} (code VARCHAR(40) PRIMARY KEY, v {})",
+            t.blob()
+        ))
+        .await;
+        let values: Vec<String> = (0..900)
+            .map(|i| {
+                format!(
+                    "('k-{:04}-{i}', {})",
+                    (i * 7919) % 900,
+                    t.bytes_literal(format!("v{i}").as_bytes())
+                )
+            })
+            .collect();
+        t.exec(&format!(
+            "INSERT INTO {table} (code, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await;
+        t.write_config(&format!(
+            "[[table]]\nname = \"{table}\"\nprimary_key = \"code\"\n[[table.column]]\nname = \"v\"\nlabel = \"tk.v\"\ntype = \"string\"\n"
+        ));
+        t.expect(&["init"], 0);
+        let run = |shard: &str| {
+            let out = t.expect(
+                &[
+                    "encrypt",
+                    "--range-size",
+                    "100",
+                    "--workers",
+                    "2",
+                    "--shard",
+                    shard,
+                    "--json",
+                ],
+                0,
+            );
+            Target::summary(&out)["columns"][0]["written"]
+                .as_i64()
+                .unwrap()
+        };
+        let (a, b) = (run("0/2"), run("1/2"));
+        assert!(
+            a > 0 && b > 0,
+            "both shards had work: {a} + {b} on {kind:?}"
+        );
+        assert_eq!(a + b, 900, "{kind:?}");
+        let status = t.expect(&["status", "--json"], 0);
+        assert!(status.contains("\"ranges\":9"), "{status}");
+        t.expect(&["verify"], 0);
+    }
+}
