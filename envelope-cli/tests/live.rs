@@ -486,3 +486,42 @@ async fn text_keys_split_into_ranges() {
         t.expect(&["verify"], 0);
     }
 }
+
+/// A PostgreSQL `uuid` primary key: keyset batches, sampled ranges and compare-and-set go
+/// through `CAST(.. AS uuid)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_uuid_keys() {
+    let Some(t) = Target::new(Kind::Postgres).await else {
+        return;
+    };
+    let table = t.table("uk");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id uuid PRIMARY KEY, v BYTEA)"
+    ))
+    .await;
+    t.exec(&format!(
+        "INSERT INTO {table} SELECT md5(i::text)::uuid, convert_to('v' || i, 'UTF8') FROM generate_series(1, 700) AS i"
+    ))
+    .await;
+    t.write_config(&format!(
+        "[[table]]\nname = \"{table}\"\nprimary_key = \"id\"\n[[table.column]]\nname = \"v\"\nlabel = \"uk.v\"\ntype = \"string\"\n"
+    ));
+    t.expect(&["init"], 0);
+    let s = Target::summary(&t.expect(
+        &[
+            "encrypt",
+            "--range-size",
+            "100",
+            "--workers",
+            "3",
+            "--batch-size",
+            "30",
+            "--json",
+        ],
+        0,
+    ));
+    assert_eq!(s["columns"][0]["written"], 700, "{s}");
+    t.expect(&["verify"], 0);
+    t.expect(&["rotate"], 0);
+    t.expect(&["verify"], 0);
+}
