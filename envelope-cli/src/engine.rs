@@ -225,7 +225,6 @@ enum Stored {
 enum BatchError {
     Db(DbError),
     Kms(Error),
-    LeaseLost,
 }
 
 impl From<DbError> for BatchError {
@@ -414,7 +413,6 @@ impl Engine {
         loop {
             let message = match f().await {
                 Ok(v) => return Ok(v),
-                Err(BatchError::LeaseLost) => "the range's lease was lost".to_owned(),
                 Err(BatchError::Db(e)) if !e.is_unreachable() && !is_transient(&e.source) => {
                     return Err(Stop::Unavailable(e.to_string()));
                 }
@@ -648,9 +646,18 @@ impl Engine {
                 )
                 .await?;
             if !ok {
-                // Another worker holds the range now: nothing of this batch may land.
+                // Another worker took the range over (this batch outlived the lease): nothing of
+                // it may land, and the range is theirs now.
                 tx.rollback().await.context(what)?;
-                return Err(BatchError::LeaseLost);
+                eprintln!(
+                    "envelope: range {} of {} was taken over by another worker (a batch outlived --lease); moving on",
+                    range.no, job.name
+                );
+                return Ok(BatchOutcome {
+                    rows: 0,
+                    last: None,
+                    done: true,
+                });
             }
         }
         tx.commit().await.context(what)?;

@@ -525,3 +525,56 @@ async fn postgres_uuid_keys() {
     t.expect(&["rotate"], 0);
     t.expect(&["verify"], 0);
 }
+
+/// A worker whose batch outlives its lease loses the range: another process takes it over when
+/// the lease expires, the slow batch is rolled back (its checkpoint is refused), and the job
+/// finishes once, with every row readable.
+async fn a_lost_lease_rolls_back_and_moves_on(kind: Kind) {
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    let table = t.table("lease");
+    fill(&t, &table, 400).await;
+    t.write_config(&config(&table));
+    t.expect(&["init"], 0);
+    let slow = t.spawn(&[
+        "encrypt",
+        "--column",
+        "email",
+        "--lease",
+        "1s",
+        "--debug-pause-after-read",
+        "3s",
+        "--json",
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fast = Target::summary(&t.expect(
+        &["encrypt", "--column", "email", "--lease", "30s", "--json"],
+        0,
+    ));
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("taken over by another worker"));
+    let slow = Target::summary(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        slow["columns"][0]["written"], 0,
+        "the slow batch must not land: {slow}"
+    );
+    assert_eq!(fast["columns"][0]["written"], 400, "{fast}");
+    t.expect(&["verify", "--column", "email"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lost_lease_rolls_back_and_moves_on() {
+    a_lost_lease_rolls_back_and_moves_on(Kind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_a_lost_lease_rolls_back_and_moves_on() {
+    a_lost_lease_rolls_back_and_moves_on(Kind::MySql).await;
+}
