@@ -879,9 +879,9 @@ impl Engine {
             // for each row of a joined VALUES list; MariaDB has no UPDATE ... RETURNING.
             Dialect::MySql | Dialect::Sqlite => {
                 let mut missed = Vec::new();
+                let sql = self.cas_single_sql(job);
                 for u in updates {
-                    let sql = self.cas_single_sql(job);
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
                     q = bind_new(q, job, u);
                     q = u.read.pk.bind(q);
                     q = bind_old(q, job, &u.read);
