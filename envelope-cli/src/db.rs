@@ -189,7 +189,7 @@ impl Db {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     let setup: &[&str] = match dialect {
-                        Dialect::Postgres => &["SET TIME ZONE 'UTC'"],
+                        Dialect::Postgres => &["SET TIME ZONE 'UTC'", "SET DateStyle = 'ISO, YMD'"],
                         Dialect::MySql => &["SET time_zone = '+00:00'"],
                         // A writer waits for another instead of failing at once.
                         Dialect::Sqlite => &["PRAGMA busy_timeout = 10000"],
@@ -840,14 +840,16 @@ fn source_sql(
         (Dialect::Postgres, ValueType::Uuid) if t == "uuid" || pg_text => {
             pg_cast_back(format!("CAST({col} AS TEXT)"))
         }
+        // ISO output (the session's DateStyle): a BC date reads as `0044-03-15 BC`, which the
+        // date parser refuses, rather than as the wrong year.
         (Dialect::Postgres, ValueType::Date) if t == "date" => {
-            pg_cast_back(format!("to_char({col}, 'YYYY-MM-DD')"))
+            pg_cast_back(format!("CAST({col} AS TEXT)"))
         }
         (Dialect::Postgres, ValueType::Timestamp) if t == "timestamptz" => pg_cast_back(format!(
-            "to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            "to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"AD')"
         )),
         (Dialect::Postgres, ValueType::Timestamp) if t == "timestamp" => pg_cast_back(format!(
-            "to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            "to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"AD')"
         )),
         (Dialect::Postgres, ValueType::Json) if matches!(t, "json" | "jsonb") || pg_text => {
             pg_cast_back(format!("CAST({col} AS TEXT)"))

@@ -316,7 +316,7 @@ impl Summary {
         let mut parts = Vec::new();
         if failed > 0 {
             parts.push(format!(
-                "{failed} value(s) failed to open and were left untouched (see the failures by name above)"
+                "{failed} value(s) failed (do not open, or are not valid for their type) and were left untouched: see the failures by name above"
             ));
         }
         if matches!(op, Op::Verify) && plaintext > 0 {

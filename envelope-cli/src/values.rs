@@ -101,6 +101,8 @@ fn plaintext<T: Plaintext>(value: &T) -> Result<Vec<u8>, Invalid> {
 /// A timestamp as the databases render it: RFC 3339 with any offset, or a date and time with
 /// no offset (taken as UTC), with `T` or a space between them.
 fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    // PostgreSQL's reads end in the era (`AD`/`BC`): a BC instant is refused, never shifted.
+    let s = s.strip_suffix("AD").unwrap_or(s);
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
@@ -261,6 +263,23 @@ mod tests {
             b"{\"b\":[1,2.50],\"a\":\"x y\"}"
         );
         assert!(enc(ValueType::Json, Raw::Text("{oops".into())).is_err());
+        // PostgreSQL renders BC dates and instants with an era: refused, never a wrong year.
+        assert!(enc(ValueType::Date, Raw::Text("0044-03-15 BC".into())).is_err());
+        assert!(
+            enc(
+                ValueType::Timestamp,
+                Raw::Text("0044-03-15T00:00:00.000000ZBC".into())
+            )
+            .is_err()
+        );
+        assert_eq!(
+            enc(
+                ValueType::Timestamp,
+                Raw::Text("2024-02-29T10:11:12.500000ZAD".into())
+            )
+            .unwrap(),
+            b"2024-02-29T10:11:12.500Z"
+        );
         assert_eq!(
             enc(
                 ValueType::Json,
