@@ -8,7 +8,7 @@
 //! late, which is nothing against key lifetimes of minutes to days.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the clock thread advances the counter.
@@ -17,43 +17,67 @@ pub(crate) const RESOLUTION: Duration = Duration::from_millis(20);
 struct Coarse {
     base: Instant,
     elapsed_ms: AtomicU64,
+    /// The process whose thread advances `elapsed_ms`. A forked child inherits the counter but
+    /// not the thread: its first keyring starts one of its own (see [`start`]).
+    ticking_in: AtomicU32,
 }
 
 static COARSE: OnceLock<Coarse> = OnceLock::new();
 
 fn coarse() -> &'static Coarse {
     COARSE.get_or_init(|| {
-        let base = Instant::now();
-        let spawned = std::thread::Builder::new()
-            .name("envelope-clock".into())
-            .spawn(|| {
-                loop {
-                    std::thread::sleep(RESOLUTION);
-                    if let Some(c) = COARSE.get() {
-                        let ms = u64::try_from(c.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-                        c.elapsed_ms.store(ms, Ordering::Relaxed);
-                    }
-                }
-            });
-        if let Err(e) = spawned {
+        let coarse = Coarse {
+            base: Instant::now(),
+            elapsed_ms: AtomicU64::new(0),
+            ticking_in: AtomicU32::new(0),
+        };
+        if let Err(e) = spawn_ticker() {
             // Without the thread the clock would stand still: fall back to reading the OS
             // clock on every call (see `now`), slower but correct.
             tracing::warn!(target: "envelope::keyring", error = %e, "cannot start the coarse clock thread; reading the system clock on every write");
-            return Coarse {
-                base,
-                elapsed_ms: AtomicU64::new(u64::MAX),
-            };
+            coarse.elapsed_ms.store(u64::MAX, Ordering::Relaxed);
+        } else {
+            coarse
+                .ticking_in
+                .store(std::process::id(), Ordering::Relaxed);
         }
-        Coarse {
-            base,
-            elapsed_ms: AtomicU64::new(0),
-        }
+        coarse
     })
 }
 
-/// Start the clock thread now (the keyring builder calls it), so the first write does not.
+fn spawn_ticker() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("envelope-clock".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(RESOLUTION);
+                if let Some(c) = COARSE.get() {
+                    let ms = u64::try_from(c.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+                    c.elapsed_ms.store(ms, Ordering::Relaxed);
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// Start the clock thread now (the keyring builder calls it), so the first write does not. In a
+/// forked child of a process whose clock was running, start the child's own thread: the
+/// inherited counter would otherwise stand still, and key ages with it.
 pub(crate) fn start() {
-    coarse();
+    let c = coarse();
+    let me = std::process::id();
+    let ticking_in = c.ticking_in.load(Ordering::Relaxed);
+    if ticking_in == 0 || ticking_in == me {
+        return;
+    }
+    if c.ticking_in
+        .compare_exchange(ticking_in, me, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
+        && let Err(e) = spawn_ticker()
+    {
+        tracing::warn!(target: "envelope::keyring", error = %e, "cannot start the coarse clock thread in this forked process; reading the system clock on every write");
+        c.elapsed_ms.store(u64::MAX, Ordering::Relaxed);
+    }
 }
 
 /// The current time, at most about one [`RESOLUTION`] behind `Instant::now()`.

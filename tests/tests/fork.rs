@@ -16,6 +16,14 @@ use envelope_core::{
     format,
 };
 
+/// The tests of this file one at a time: a fork while another thread is in the middle of a
+/// one-time initialization (a `OnceLock`, a runtime starting) leaves the child waiting for a
+/// thread it does not have. Real programs fork before they start threads, or from one thread.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static FORKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FORKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Run `child` in a forked child; returns its exit code. The child is killed if it has not
 /// finished within 30 s (a deadlock after fork must fail the test, not hang it).
 fn in_forked_child(child: impl FnOnce() -> i32) -> i32 {
@@ -50,6 +58,7 @@ fn in_forked_child(child: impl FnOnce() -> i32) -> i32 {
 
 #[test]
 fn parent_and_child_never_share_nonces_or_data_keys() {
+    let _serial = serial();
     let label = Label::new("users.ssn").unwrap();
     let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
     let cmk = kms.cmk_id().to_owned();
@@ -107,18 +116,35 @@ fn parent_and_child_never_share_nonces_or_data_keys() {
 
 #[test]
 fn a_keyring_built_after_the_fork_works_in_the_child() {
+    let _serial = serial();
     let label = Label::new("users.ssn").unwrap();
+    // A keyring in the parent first: its clock thread is not inherited by the child.
+    let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
+    let parent = Keyring::builder(kms.clone(), kms.cmk_id(), Arc::new(MemoryKeyStore::new()))
+        .build()
+        .unwrap();
+    parent.encrypt_blocking(&label, b"parent").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("child");
     let code = in_forked_child(|| {
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
         let cmk = kms.cmk_id().to_owned();
         let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+            .policy(envelope_core::Policy {
+                dek_max_age: Duration::from_millis(200),
+                ..envelope_core::Policy::default()
+            })
             .build()
             .unwrap();
         let blob = keyring.encrypt_blocking(&label, b"in the child").unwrap();
         if keyring.decrypt_blocking(&label, &blob).unwrap() != b"in the child" {
             return 4;
+        }
+        // Key ages advance in the child: its keyring started a clock of its own.
+        std::thread::sleep(Duration::from_millis(500));
+        let later = keyring.encrypt_blocking(&label, b"later").unwrap();
+        if format::peek_key_id(&later).unwrap() == format::peek_key_id(&blob).unwrap() {
+            return 5;
         }
         std::fs::write(&out, &blob).unwrap();
         0
