@@ -73,7 +73,7 @@ impl From<Stop> for Failure {
     }
 }
 
-fn core_failure(context: &str, e: envelope_core::Error) -> Failure {
+pub(crate) fn core_failure(context: &str, e: envelope_core::Error) -> Failure {
     use envelope_core::Error as E;
     match e {
         E::Config(_) | E::InvalidName { .. } | E::MasterKeyMissing(_) | E::Io { .. } => {
@@ -97,7 +97,7 @@ pub struct RunOptions {
 }
 
 /// The selected tables, with only the selected columns.
-fn select(
+pub(crate) fn select(
     config: &Config,
     table: Option<&str>,
     column: Option<&str>,
@@ -128,7 +128,7 @@ fn select(
     Ok(out)
 }
 
-async fn connect(config: &Config, connections: u32) -> Result<Db, Failure> {
+pub(crate) async fn connect(config: &Config, connections: u32) -> Result<Db, Failure> {
     Db::connect(&config.database_url, connections)
         .await
         .map_err(|e| match e.source {
@@ -139,7 +139,7 @@ async fn connect(config: &Config, connections: u32) -> Result<Db, Failure> {
         })
 }
 
-async fn plan(db: &Db, tables: &[TableConfig]) -> Result<Vec<TablePlan>, Failure> {
+pub(crate) async fn plan(db: &Db, tables: &[TableConfig]) -> Result<Vec<TablePlan>, Failure> {
     match db::plan(db, tables).await? {
         Ok(plans) => Ok(plans),
         Err(problems) => Err(Failure::Usage(format!(
@@ -150,7 +150,7 @@ async fn plan(db: &Db, tables: &[TableConfig]) -> Result<Vec<TablePlan>, Failure
 }
 
 /// The KMS provider and CMK of a key URI. Credentials come from the environment only.
-fn provider(uri: &KmsUri) -> Result<(Arc<dyn KmsProvider>, String), Failure> {
+pub(crate) fn provider(uri: &KmsUri) -> Result<(Arc<dyn KmsProvider>, String), Failure> {
     match uri {
         KmsUri::Local(path) => {
             let kms = LocalKms::open(path).map_err(|e| {
@@ -188,7 +188,7 @@ fn provider(uri: &KmsUri) -> Result<(Arc<dyn KmsProvider>, String), Failure> {
 }
 
 /// The key table of the configured database.
-fn key_store(config: &Config) -> Result<(Arc<dyn KeyStore>, KeyTable), Failure> {
+pub(crate) fn key_store(config: &Config) -> Result<(Arc<dyn KeyStore>, KeyTable), Failure> {
     let url = &config.database_url;
     let table = &config.key_table;
     let bad = |e: envelope_core::Error| Failure::Usage(format!("key_table {table}: {e}"));
@@ -227,7 +227,7 @@ fn key_store(config: &Config) -> Result<(Arc<dyn KeyStore>, KeyTable), Failure> 
 }
 
 /// The typed store, for creating its table.
-enum KeyTable {
+pub(crate) enum KeyTable {
     Postgres(Arc<SqlxKeyStore<sqlx::Postgres>>),
     MySql(Arc<SqlxKeyStore<sqlx::MySql>>),
     Sqlite(Arc<SqlxKeyStore<sqlx::Sqlite>>),
@@ -243,7 +243,7 @@ impl KeyTable {
     }
 }
 
-async fn keyring(config: &Config) -> Result<Keyring, Failure> {
+pub(crate) async fn keyring(config: &Config) -> Result<Keyring, Failure> {
     let (kms, cmk) = provider(&config.kms)?;
     let (store, _) = key_store(config)?;
     let scope = config.scope.clone();
@@ -260,7 +260,7 @@ async fn keyring(config: &Config) -> Result<Keyring, Failure> {
     .map_err(|e| core_failure("starting the keyring", e))
 }
 
-async fn require_tables(db: &Db, config: &Config) -> Result<(), Failure> {
+pub(crate) async fn require_tables(db: &Db, config: &Config) -> Result<(), Failure> {
     for (what, name) in [
         ("key table", &config.key_table),
         ("job table", &config.job_table),
@@ -487,43 +487,10 @@ pub async fn status(config: &Config, output: &Output) -> Result<(), Failure> {
     let tables = select(config, None, None)?;
     let db = connect(config, 2).await?;
     let plans = plan(&db, &tables).await?;
-    let d = db.dialect;
     let mut columns = Vec::new();
     for t in &plans {
         for c in &t.columns {
-            let what = || format!("counting values of {}.{}", t.name, c.config.name);
-            let per_key: BTreeMap<String, i64> = match c.config.form {
-                Form::Binary => {
-                    // One SQL expression on the key id at offset 2; values whose header is not
-                    // an envelope's are counted apart (`verify` tells which really open).
-                    let col = &c.target;
-                    let header_ok = match d {
-                        Dialect::Postgres => {
-                            format!("get_byte({col}, 0) = 1 AND octet_length({col}) >= 47")
-                        }
-                        Dialect::MySql => format!("ASCII({col}) = 1 AND LENGTH({col}) >= 47"),
-                        Dialect::Sqlite => {
-                            format!("substr({col}, 1, 1) = x'01' AND length({col}) >= 47")
-                        }
-                    };
-                    let sql = format!(
-                        "SELECT CASE WHEN {header_ok} THEN {} ELSE 'not-an-envelope' END AS envelope_key, {} \
-                         FROM {} WHERE {col} IS NOT NULL GROUP BY envelope_key ORDER BY envelope_key",
-                        d.key_id_hex(col),
-                        d.int("COUNT(*)"),
-                        t.table
-                    );
-                    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .fetch_all(&db.pool)
-                        .await
-                        .context(what)?;
-                    rows.iter()
-                        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-                        .collect::<Result<_, sqlx::Error>>()
-                        .context(what)?
-                }
-                Form::Text => text_key_counts(&db, t, &c.target).await?,
-            };
+            let per_key = values_per_key(&db, t, c).await?;
             columns.push(serde_json::json!({
                 "table": t.name,
                 "column": c.config.name,
@@ -539,6 +506,47 @@ pub async fn status(config: &Config, output: &Output) -> Result<(), Failure> {
     };
     output.status(&columns, &jobs);
     Ok(())
+}
+
+/// How many values of a column each key id holds (`not-an-envelope` for values whose header is
+/// not an envelope's; `verify` tells which really open).
+pub(crate) async fn values_per_key(
+    db: &Db,
+    t: &TablePlan,
+    c: &db::ColumnPlan,
+) -> Result<BTreeMap<String, i64>, Failure> {
+    let d = db.dialect;
+    let what = || format!("counting values of {}.{}", t.name, c.config.name);
+    match c.config.form {
+        Form::Binary => {
+            // One SQL expression on the key id at offset 2.
+            let col = &c.target;
+            let header_ok = match d {
+                Dialect::Postgres => {
+                    format!("get_byte({col}, 0) = 1 AND octet_length({col}) >= 47")
+                }
+                Dialect::MySql => format!("ASCII({col}) = 1 AND LENGTH({col}) >= 47"),
+                Dialect::Sqlite => format!("substr({col}, 1, 1) = x'01' AND length({col}) >= 47"),
+            };
+            let sql = format!(
+                "SELECT CASE WHEN {header_ok} THEN {} ELSE 'not-an-envelope' END AS envelope_key, {} \
+                 FROM {} WHERE {col} IS NOT NULL GROUP BY envelope_key ORDER BY envelope_key",
+                d.key_id_hex(col),
+                d.int("COUNT(*)"),
+                t.table
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&db.pool)
+                .await
+                .context(what)?;
+            Ok(rows
+                .iter()
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .context(what)?)
+        }
+        Form::Text => text_key_counts(db, t, &c.target).await,
+    }
 }
 
 /// Key ids of a text-form column, counted by a keyset scan (the key id sits inside the base64).

@@ -28,6 +28,9 @@ pub enum Op {
     Rotate(Arc<HashSet<KeyId>>),
     /// Read-only: classify and count.
     Verify,
+    /// Blind indexes are recomputed from the decrypted values under the label's live index key
+    /// (`rotate --index`); the encrypted column is compared, never changed.
+    Reindex,
 }
 
 impl Op {
@@ -38,6 +41,7 @@ impl Op {
             Op::Decrypt => "decrypt",
             Op::Rotate(_) => "rotate",
             Op::Verify => "verify",
+            Op::Reindex => "reindex",
         }
     }
 }
@@ -189,7 +193,7 @@ impl ColumnJob {
 
     /// Whether the job reads (and so compares) the blind-index column.
     fn reads_index(&self) -> bool {
-        self.column.index.is_some() && matches!(self.op, Op::Encrypt)
+        self.column.index.is_some() && matches!(self.op, Op::Encrypt | Op::Reindex)
     }
 }
 
@@ -389,11 +393,13 @@ impl Engine {
     /// Make sure the keys a batch needs exist in the key table: the scope's active data key,
     /// and the column's blind-index key.
     async fn prepare_keys(&self, job: &ColumnJob) -> Result<(), BatchError> {
-        if !matches!(job.op, Op::Encrypt | Op::Rotate(_)) {
+        if !matches!(job.op, Op::Encrypt | Op::Rotate(_) | Op::Reindex) {
             return Ok(());
         }
-        self.keyring.warm().await.map_err(BatchError::Kms)?;
-        if let (Op::Encrypt, Some(b)) = (&job.op, &job.column.config.blind_index) {
+        if !matches!(job.op, Op::Reindex) {
+            self.keyring.warm().await.map_err(BatchError::Kms)?;
+        }
+        if let (Op::Encrypt | Op::Reindex, Some(b)) = (&job.op, &job.column.config.blind_index) {
             self.keyring
                 .blind_index(&b.spec, b"")
                 .await
@@ -733,7 +739,8 @@ impl Engine {
         let Some(b) = &job.column.config.blind_index else {
             return Ok(None);
         };
-        if self.settings.dry_run || self.settings.no_crypto {
+        // A dry run of encrypt makes no key; reindex's key exists already.
+        if (self.settings.dry_run && !matches!(job.op, Op::Reindex)) || self.settings.no_crypto {
             return Ok(None);
         }
         match self.keyring.blind_index(&b.spec, plaintext).await {
@@ -860,6 +867,18 @@ impl Engine {
                 write(target, None, None, read)
             }
             (Op::Rotate(_), _) => Decision::Skip,
+
+            // The index under the live key, wherever it differs (made under an older key, or
+            // missing); the value itself is written back as it was read.
+            (Op::Reindex, Stored::Sealed { plaintext, .. }) => {
+                match self.index_of(job, &plaintext).await? {
+                    Some(index) if read.index.as_ref() != Some(&index) => {
+                        write(read.target.clone(), None, Some(index), read)
+                    }
+                    _ => Decision::Skip,
+                }
+            }
+            (Op::Reindex, _) => Decision::Skip,
         })
     }
 

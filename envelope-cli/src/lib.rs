@@ -9,6 +9,7 @@ pub mod db;
 pub mod emulator;
 pub mod engine;
 pub mod job;
+pub mod keys;
 pub mod report;
 pub mod values;
 

@@ -15,6 +15,7 @@ use envelope_cli::commands::{self, Failure, RotateSelection, RunOptions};
 use envelope_cli::config::{self, Overrides};
 use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
 use envelope_cli::engine::{Op, Settings};
+use envelope_cli::keys;
 use envelope_cli::report::Output;
 use envelope_core::{KeyId, LocalKms, SecretString, format};
 
@@ -122,6 +123,67 @@ fn shard(s: &str) -> Result<(u32, u32), String> {
     Ok((i, n))
 }
 
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Every key row: id, kind, scope, provider, CMK, created, retired.
+    List {
+        /// Only keys of this scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Also count the values of each configured column under each key.
+        #[arg(long)]
+        count: bool,
+    },
+    /// Rewrap every key under a new master key (no data row is read or written). Resumable.
+    Rewrap {
+        /// The new key URI: local://PATH or tencent://REGION/CMK_ID.
+        #[arg(long)]
+        to: String,
+        /// Keep retrying a failing database or KMS this long before giving up with exit code 3.
+        #[arg(long, default_value = "5m", value_parser = duration)]
+        patience: Duration,
+    },
+    /// Stop new writes under keys (their values stay readable).
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    Retire {
+        /// This key id (hex; repeatable).
+        #[arg(long = "key", group = "which")]
+        keys: Vec<String>,
+        /// Every key of this scope.
+        #[arg(long, group = "which")]
+        scope: Option<String>,
+        /// Data keys created longer ago than this (e.g. 90d).
+        #[arg(long, value_parser = duration, group = "which")]
+        older_than: Option<Duration>,
+    },
+    /// Delete keys, making every value under them unreadable for good (crypto-shredding).
+    /// Counts the values first; asks on a terminal, needs --yes elsewhere.
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    Shred {
+        /// This key id (hex; repeatable).
+        #[arg(long = "key", group = "which")]
+        keys: Vec<String>,
+        /// Every key of this scope (a tenant).
+        #[arg(long, group = "which")]
+        scope: Option<String>,
+        /// Confirm without asking.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn key_ids(keys: &[String]) -> Result<Vec<KeyId>, Failure> {
+    keys.iter()
+        .map(|k| {
+            k.parse::<KeyId>().map_err(|_| {
+                Failure::Usage(format!(
+                    "--key {k:?} is not a key id (32 hex digits, as `envelope keys list` shows)"
+                ))
+            })
+        })
+        .collect()
+}
+
 // No derived `Debug` here or on `Command`: the arguments hold the emulator's SecretKey and
 // session token (see the hand-written impls below).
 #[derive(Subcommand)]
@@ -143,19 +205,34 @@ enum Command {
         yes: bool,
     },
     /// Re-encrypt values under a new data key; afterwards no value refers to the rotated keys.
-    /// With no selector every key but the new one is rotated.
+    /// With no selector every key but the new one is rotated. With --index, rotate a blind
+    /// index's key instead, without a moment where lookups miss.
     Rotate {
         #[command(flatten)]
         run: RunArgs,
         /// Rotate values under this key id (hex; repeatable).
-        #[arg(long = "key")]
+        #[arg(long = "key", conflicts_with = "index")]
         keys: Vec<String>,
         /// Rotate values under keys created longer ago than this (e.g. 30d).
-        #[arg(long, value_parser = duration)]
+        #[arg(long, value_parser = duration, conflicts_with = "index")]
         older_than: Option<Duration>,
         /// Rotate values under retired keys.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "index")]
         retired: bool,
+        /// Rotate the blind-index key of this column (TABLE.COLUMN): make a new index key,
+        /// recompute every row's index, delete the old key. Lookups must use
+        /// `BlindIndex::probes` (every live index key) to find rows throughout.
+        #[arg(long, value_name = "TABLE.COLUMN")]
+        index: Option<String>,
+        /// With --index: how long running applications take to notice key-table changes (their
+        /// Policy::key_refresh); rows are recomputed only after this has passed.
+        #[arg(long, default_value = "60s", value_parser = duration, requires = "index")]
+        key_refresh: Duration,
+    },
+    /// The key table: list keys, rewrap them under a new master key, retire or shred them.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Scan and report per column: values that open (per key id), plaintext, failures by error
     /// name. Exit 1 when any value fails or plaintext remains.
@@ -249,13 +326,18 @@ impl std::fmt::Debug for Command {
                 keys,
                 older_than,
                 retired,
+                index,
+                key_refresh,
             } => f
                 .debug_struct("Rotate")
                 .field("run", run)
                 .field("keys", keys)
                 .field("older_than", older_than)
                 .field("retired", retired)
+                .field("index", index)
+                .field("key_refresh", key_refresh)
                 .finish(),
+            Command::Keys { command } => f.debug_struct("Keys").field("command", command).finish(),
             Command::Verify { run } => f.debug_struct("Verify").field("run", run).finish(),
             Command::Keygen { out } => f.debug_struct("Keygen").field("out", out).finish(),
             Command::Inspect { value } => f.debug_struct("Inspect").field("value", value).finish(),
@@ -359,17 +441,30 @@ fn run_database(global: Global, command: Command) -> Result<(), Failure> {
                 }
                 commands::migrate(&config, Op::Decrypt, None, options(run), stop).await
             }
-            Command::Rotate { run, keys, older_than, retired } => {
-                let keys = keys
-                    .iter()
-                    .map(|k| {
-                        k.parse::<KeyId>()
-                            .map_err(|_| Failure::Usage(format!("--key {k:?} is not a key id (32 hex digits, as `envelope status` shows)")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+            Command::Rotate { run, index: Some(index), key_refresh, .. } => {
+                keys::rotate_index(&config, &index, key_refresh, options(run), stop).await
+            }
+            Command::Rotate { run, keys, older_than, retired, .. } => {
+                let keys = key_ids(&keys)?;
                 let selection = RotateSelection { keys, older_than, retired };
                 commands::migrate(&config, Op::Rotate(Arc::default()), Some(selection), options(run), stop).await
             }
+            Command::Keys { command } => match command {
+                KeysCommand::List { scope, count } => {
+                    keys::list(&config, scope.as_deref(), count, &output).await
+                }
+                KeysCommand::Rewrap { to, patience } => {
+                    keys::rewrap(&config, &to, patience, &output, stop).await
+                }
+                KeysCommand::Retire { keys, scope, older_than } => {
+                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, older_than };
+                    keys::retire(&config, &selection, &output).await
+                }
+                KeysCommand::Shred { keys, scope, yes } => {
+                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, older_than: None };
+                    keys::shred(&config, &selection, yes, &output).await
+                }
+            },
             Command::KmsEmulator { .. } | Command::Keygen { .. } | Command::Inspect { .. } => Ok(()),
         }
     })

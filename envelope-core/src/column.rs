@@ -158,6 +158,27 @@ macro_rules! __blind_index_wrapper {
                 })
             }
 
+            /// The probes that find `value` in the index column, one per index key `I`'s label
+            /// has: bind them all in `WHERE index_column IN (...)`. There is one except while
+            /// `envelope rotate --index` recomputes the column, when rows indexed under the old
+            /// key and under the new one are both found.
+            ///
+            /// # Errors
+            /// As [`Self::of`].
+            pub fn probes(
+                value: impl ::core::convert::AsRef<[u8]>,
+            ) -> ::core::result::Result<::std::vec::Vec<Self>, $crate::Error> {
+                ::core::result::Result::Ok(
+                    $crate::column::blind_index_probes::<I>(value.as_ref())?
+                        .into_iter()
+                        .map(|digest| $ty {
+                            digest,
+                            index: ::core::marker::PhantomData,
+                        })
+                        .collect(),
+                )
+            }
+
             /// The stored bytes.
             pub fn as_bytes(&self) -> &[u8] {
                 &self.digest
@@ -451,8 +472,21 @@ pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
 /// [`Error::NoKeyring`], or any error of [`crate::Keyring::blind_index_blocking`].
 pub fn blind_index<I: IndexColumn>(value: &[u8]) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
-    let spec = BlindIndexSpec::new(Label::new(I::LABEL)?, I::NORMALIZER).with_len(I::LEN)?;
-    keyring.blind_index_blocking(&spec, value)
+    keyring.blind_index_blocking(&index_spec::<I>()?, value)
+}
+
+/// The lookup probes of `value` for index column `I` (one per index key), with the current
+/// keyring.
+///
+/// # Errors
+/// [`Error::NoKeyring`], or any error of [`crate::Keyring::blind_index_probes_blocking`].
+pub fn blind_index_probes<I: IndexColumn>(value: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let keyring = crate::current()?;
+    keyring.blind_index_probes_blocking(&index_spec::<I>()?, value)
+}
+
+fn index_spec<I: IndexColumn>() -> Result<BlindIndexSpec> {
+    BlindIndexSpec::new(Label::new(I::LABEL)?, I::NORMALIZER).with_len(I::LEN)
 }
 
 #[cfg(test)]

@@ -63,6 +63,12 @@ pub struct Policy {
     /// answer within `kms_timeout`), callers that need the same key fail at once with the same
     /// error for this long before it is tried again (default 5 s).
     pub refresh_retry: Duration,
+    /// How often the keyring reads the key table for changes an operator made (default 60 s, at
+    /// most one hour): within this bound plus about a second, it stops writing under a data key
+    /// retired with `envelope keys retire`, drops a key deleted with `envelope keys shred` from
+    /// every cache (reads of its values then fail with [`Error::UnknownKey`]), and learns a blind
+    /// index's new key during `envelope rotate --index`. [`Keyring::refresh_keys`] does it at once.
+    pub key_refresh: Duration,
 }
 
 impl Default for Policy {
@@ -75,6 +81,7 @@ impl Default for Policy {
             cache_ttl: Duration::from_secs(3600),
             kms_timeout: Duration::from_secs(10),
             refresh_retry: Duration::from_secs(5),
+            key_refresh: Duration::from_secs(60),
         }
     }
 }
@@ -111,6 +118,9 @@ impl Policy {
         if self.refresh_retry > MAX_WAIT_LIMIT {
             return bad("Policy::refresh_retry must be at most one hour");
         }
+        if self.key_refresh.is_zero() || self.key_refresh > MAX_WAIT_LIMIT {
+            return bad("Policy::key_refresh must be positive and at most one hour");
+        }
         Ok(())
     }
 
@@ -130,6 +140,11 @@ impl Policy {
 pub(crate) struct OpenedKey {
     scope: Scope,
     body: KeyBody,
+    /// A moment at which the key's row was known to be in the key table: before the read that
+    /// loaded it, or after the insert that made it. A key-table read that starts later and does
+    /// not find the row means the row was deleted (shredded). The precise clock, not the
+    /// keyring's coarse one: the order of two moments a millisecond apart matters here.
+    stamp: Instant,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -139,12 +154,18 @@ enum KeyBody {
 }
 
 impl OpenedKey {
-    fn new(kind: KeyKind, id: KeyId, scope: Scope, material: &KeyMaterial) -> Result<Self> {
+    fn new(
+        kind: KeyKind,
+        id: KeyId,
+        scope: Scope,
+        material: &KeyMaterial,
+        stamp: Instant,
+    ) -> Result<Self> {
         let body = match kind {
             KeyKind::Data => KeyBody::Data(DataCipher::new(id, material)?),
             KeyKind::Index => KeyBody::Index(IndexKey::new(id, material)),
         };
-        Ok(OpenedKey { scope, body })
+        Ok(OpenedKey { scope, body, stamp })
     }
 
     fn id(&self) -> KeyId {
@@ -236,6 +257,40 @@ impl ActiveSet {
     }
 }
 
+/// A blind-index label's keys, as the key table last showed them.
+#[derive(Debug, PartialEq, Eq)]
+struct IndexSet {
+    /// The live (not retired) key: new indexes are made with it.
+    write: KeyId,
+    /// Every key of the label, `write` first, then the others newest first: a lookup probes
+    /// them all, so rows indexed under an older key are found while `envelope rotate --index`
+    /// recomputes them.
+    probes: Vec<KeyId>,
+}
+
+impl IndexSet {
+    /// The set of `label`'s index keys among `records`; `None` when none of them is live.
+    fn of(records: &[KeyRecord], label: &Label) -> Option<IndexSet> {
+        Self::of_refs(records.iter(), label)
+    }
+
+    fn of_refs<'a>(
+        records: impl Iterator<Item = &'a KeyRecord>,
+        label: &Label,
+    ) -> Option<IndexSet> {
+        let mut keys: Vec<&KeyRecord> = records
+            .filter(|r| r.kind == KeyKind::Index && r.scope == label.as_str())
+            .collect();
+        keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        let write = keys.iter().find(|r| r.retired_at.is_none())?.id;
+        let mut probes = vec![write];
+        probes.extend(keys.iter().map(|r| r.id).filter(|id| *id != write));
+        Some(IndexSet { write, probes })
+    }
+}
+
+type KeyIdSet = std::collections::HashSet<KeyId, KeyIdHash>;
+
 static NEXT_KEYRING_ID: AtomicU64 = AtomicU64::new(0);
 
 /// One thread's view of one keyring's active keys.
@@ -314,7 +369,15 @@ struct Inner {
     /// One index-key lookup or creation at a time per label: concurrent first users of a blind
     /// index wait for the one KMS call instead of each making a key.
     index_locks: Mutex<HashMap<Label, Arc<tokio::sync::Mutex<()>>>>,
-    index_ids: RwLock<HashMap<Label, KeyId>>,
+    /// Per blind-index label: the key new indexes are made with, and every key a lookup probes.
+    index_sets: RwLock<HashMap<Label, Arc<IndexSet>>>,
+    /// The ids the last key-table read found, and when that read started: a load that began
+    /// before it and finishes after it must not bring back a key the read found deleted.
+    presence: Mutex<Option<(Instant, Arc<KeyIdSet>)>>,
+    /// Set while a key-table refresh runs.
+    key_refresh_running: AtomicBool,
+    /// Milliseconds since the keyring's epoch at which the next key-table refresh is due.
+    next_key_refresh_ms: AtomicU64,
     /// Recent failures to load a key (KMS or key store unavailable, or too slow): readers of that
     /// key fail at once with the same error for `refresh_retry` instead of each waiting again.
     load_failures: Mutex<HashMap<KeyId, (Instant, Error), KeyIdHash>>,
@@ -403,6 +466,7 @@ impl KeyringBuilder {
             ));
         }
         let read_scope = self.scoped.then(|| self.default_scope.clone());
+        let first_key_refresh = crate::clock::ms(self.policy.key_refresh);
         crate::clock::start();
         let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
         let cache = moka::sync::Cache::builder()
@@ -426,7 +490,10 @@ impl KeyringBuilder {
             id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
             rotate_locks: Mutex::default(),
             index_locks: Mutex::default(),
-            index_ids: RwLock::default(),
+            index_sets: RwLock::default(),
+            presence: Mutex::default(),
+            key_refresh_running: AtomicBool::new(false),
+            next_key_refresh_ms: AtomicU64::new(first_key_refresh),
             load_failures: Mutex::default(),
             read_scope,
             pid: std::process::id(),
@@ -714,21 +781,65 @@ impl Keyring {
     /// A KMS or key-store error while loading or creating the index key; a non-UTF-8 value with a
     /// text normalizer.
     pub async fn blind_index(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
-        let id = match self.inner.cached_index_id(spec.label()) {
-            Some(id) => id,
-            None => {
-                let inner = self.inner.clone();
-                let label = spec.label().clone();
-                self.inner
-                    .bridge
-                    .run("resolving an index key", async move {
-                        inner.resolve_index_id(label).await
-                    })
-                    .await?
-            }
-        };
-        let key = self.key_async(id).await?;
+        let set = self.index_set_async(spec.label()).await?;
+        let key = self.key_async(set.write).await?;
         key.index()?.compute(spec, value)
+    }
+
+    /// The blind index of `value` under every index key the label has, the one new rows get
+    /// first: look a row up with `WHERE index_column IN (...)` over all of them, and it is found
+    /// whichever key its index was made with. A label has more than one key only while
+    /// `envelope rotate --index` recomputes its column; otherwise this is one probe.
+    ///
+    /// # Errors
+    /// As [`Keyring::blind_index`].
+    pub async fn blind_index_probes(
+        &self,
+        spec: &BlindIndexSpec,
+        value: &[u8],
+    ) -> Result<Vec<Vec<u8>>> {
+        let set = self.index_set_async(spec.label()).await?;
+        let mut probes = Vec::with_capacity(set.probes.len());
+        for &id in &set.probes {
+            match self.key_async(id).await {
+                Ok(key) => probes.push(key.index()?.compute(spec, value)?),
+                // An older key deleted since the last key-table read (the rotation finished):
+                // no row's index uses it any more.
+                Err(Error::UnknownKey { .. }) if id != set.write => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(probes)
+    }
+
+    async fn index_set_async(&self, label: &Label) -> Result<Arc<IndexSet>> {
+        if let Some(set) = self.inner.cached_index_set(label) {
+            return Ok(set);
+        }
+        let inner = self.inner.clone();
+        let label = label.clone();
+        self.inner
+            .bridge
+            .run("resolving an index key", async move {
+                inner.resolve_index_set(label).await
+            })
+            .await
+    }
+
+    /// Read the key table now for keys retired or deleted elsewhere (see
+    /// [`Policy::key_refresh`], which does this in the background): stop writing under retired
+    /// data keys, drop deleted keys from every cache, and pick up blind-index key changes.
+    ///
+    /// # Errors
+    /// A key-store error.
+    pub async fn refresh_keys(&self) -> Result<()> {
+        let inner = self.inner.clone();
+        self.inner
+            .bridge
+            .run("reading the key table", async move {
+                inner.refresh_key_states().await
+            })
+            .await
     }
 
     // ----- blocking API (for synchronous column codecs) --------------------------------------
@@ -853,24 +964,47 @@ impl Keyring {
     /// # Errors
     /// As [`Keyring::blind_index`], plus [`Error::KmsTimeout`].
     pub fn blind_index_blocking(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
-        let id = match self.inner.cached_index_id(spec.label()) {
-            Some(id) => id,
-            None => {
-                bump(&self.inner.metrics.bridge_waits);
-                let inner = self.inner.clone();
-                let label = spec.label().clone();
-                Bridge::blocking_section(|| {
-                    self.inner
-                        .bridge
-                        .wait("resolving an index key", async move {
-                            inner.resolve_index_id(label).await
-                        })
-                })
-                .map_err(|e| self.inner.note_timeout(e))?
-            }
-        };
-        let key = self.inner.key_blocking(id)?;
+        let set = self.index_set_blocking(spec.label())?;
+        let key = self.inner.key_blocking(set.write)?;
         key.index()?.compute(spec, value)
+    }
+
+    /// [`Keyring::blind_index_probes`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Keyring::blind_index_blocking`].
+    pub fn blind_index_probes_blocking(
+        &self,
+        spec: &BlindIndexSpec,
+        value: &[u8],
+    ) -> Result<Vec<Vec<u8>>> {
+        let set = self.index_set_blocking(spec.label())?;
+        let mut probes = Vec::with_capacity(set.probes.len());
+        for &id in &set.probes {
+            match self.inner.key_blocking(id) {
+                Ok(key) => probes.push(key.index()?.compute(spec, value)?),
+                Err(Error::UnknownKey { .. }) if id != set.write => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(probes)
+    }
+
+    fn index_set_blocking(&self, label: &Label) -> Result<Arc<IndexSet>> {
+        if let Some(set) = self.inner.cached_index_set(label) {
+            return Ok(set);
+        }
+        bump(&self.inner.metrics.bridge_waits);
+        let inner = self.inner.clone();
+        let label = label.clone();
+        Bridge::blocking_section(|| {
+            self.inner
+                .bridge
+                .wait("resolving an index key", async move {
+                    inner.resolve_index_set(label).await
+                })
+        })
+        .map_err(|e| self.inner.note_timeout(e))
     }
 
     async fn key_async(&self, id: KeyId) -> Result<Arc<OpenedKey>> {
@@ -1241,14 +1375,16 @@ impl Inner {
             created_at: SystemTime::now(),
             retired_at: None,
         };
+        let scope = Scope::new(scope.to_owned())?;
+        // Persist before first use: a value must never exist under a key the table lacks.
+        self.store.insert(&record).await?;
         let key = Arc::new(OpenedKey::new(
             kind,
             id,
-            Scope::new(scope.to_owned())?,
+            scope,
             &generated.plaintext,
+            Instant::now(),
         )?);
-        // Persist before first use: a value must never exist under a key the table lacks.
-        self.store.insert(&record).await?;
         self.cache.insert(id, key.clone());
         Ok((record, key))
     }
@@ -1276,6 +1412,7 @@ impl Inner {
 
     /// Load a key from the store and unwrap it with the KMS.
     async fn load(self: Arc<Self>, id: KeyId) -> Result<Arc<OpenedKey>> {
+        let stamp = Instant::now();
         let record = self
             .store
             .get(&id)
@@ -1298,8 +1435,22 @@ impl Inner {
                 self.kms.decrypt(&record.cmk_id, &record.wrapped, &context),
             )
             .await?;
+        // A key-table refresh that started after this load's read and did not find the row:
+        // the key was deleted meanwhile, and must not come back into the cache.
+        if let Some((at, ids)) = &*self.presence.lock().unwrap_or_else(|p| p.into_inner())
+            && *at > stamp
+            && !ids.contains(&id)
+        {
+            return Err(Error::UnknownKey { key_id: id });
+        }
         tracing::debug!(target: "envelope::keyring", key_id = %id, kind = %record.kind, "loaded key");
-        Ok(Arc::new(OpenedKey::new(record.kind, id, scope, &material)?))
+        Ok(Arc::new(OpenedKey::new(
+            record.kind,
+            id,
+            scope,
+            &material,
+            stamp,
+        )?))
     }
 
     /// The opened key for `id`, from the cache or loaded once for all concurrent callers.
@@ -1430,18 +1581,19 @@ impl Inner {
         e
     }
 
-    fn cached_index_id(&self, label: &Label) -> Option<KeyId> {
-        self.index_ids
+    fn cached_index_set(&self, label: &Label) -> Option<Arc<IndexSet>> {
+        self.index_sets
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(label)
-            .copied()
+            .cloned()
     }
 
-    /// Find the live index key for `label` in the key table, creating it if there is none. One
-    /// lookup per label at a time in this process, so concurrent first users make one KMS call;
-    /// when two processes race to create it, the store lets one insert win and the other reads it.
-    async fn resolve_index_id(self: Arc<Self>, label: Label) -> Result<KeyId> {
+    /// Find `label`'s index keys in the key table, creating the first (or, after the live one
+    /// was retired, the next) if there is no live one. One lookup per label at a time in this
+    /// process, so concurrent first users make one KMS call; when two processes race to create
+    /// it, the store lets one insert win and the other reads it.
+    async fn resolve_index_set(self: Arc<Self>, label: Label) -> Result<Arc<IndexSet>> {
         let lock = self
             .index_locks
             .lock()
@@ -1450,38 +1602,142 @@ impl Inner {
             .or_default()
             .clone();
         let _serial = lock.lock().await;
-        if let Some(id) = self.cached_index_id(&label) {
-            return Ok(id);
+        if let Some(set) = self.cached_index_set(&label) {
+            return Ok(set);
         }
         let filter = KeyFilter {
             kind: Some(KeyKind::Index),
             scope: Some(label.to_string()),
+            include_retired: true,
             ..KeyFilter::default()
         };
-        let id = match self.store.list(&filter).await?.first() {
-            Some(record) => record.id,
+        let set = match IndexSet::of(&self.store.list(&filter).await?, &label) {
+            Some(set) => set,
             None => match self.create_key(KeyKind::Index, label.as_str()).await {
-                Ok((record, _)) => record.id,
-                Err(Error::Store(StoreError::Conflict(_))) => {
-                    self.store
-                        .list(&filter)
-                        .await?
-                        .first()
-                        .ok_or_else(|| {
-                            Error::Store(StoreError::Conflict(format!(
-                                "index key for '{label}' was created and then vanished"
-                            )))
-                        })?
-                        .id
+                Ok(_) | Err(Error::Store(StoreError::Conflict(_))) => {
+                    IndexSet::of(&self.store.list(&filter).await?, &label).ok_or_else(|| {
+                        Error::Store(StoreError::Conflict(format!(
+                            "index key for '{label}' was created and then vanished (retired or deleted at once by another process?)"
+                        )))
+                    })?
                 }
                 Err(e) => return Err(e),
             },
         };
-        self.index_ids
+        let set = Arc::new(set);
+        self.index_sets
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(label, id);
-        Ok(id)
+            .insert(label, set.clone());
+        Ok(set)
+    }
+
+    /// Read the key table and bring this keyring in line with it: a data key an operator
+    /// retired takes no more writes (the next write makes a new key), a deleted key leaves every
+    /// cache, and each blind-index label's keys are read again.
+    async fn refresh_key_states(self: Arc<Self>) -> Result<()> {
+        let started = Instant::now();
+        let records = self.store.list(&KeyFilter::all()).await?;
+        let rows: HashMap<KeyId, &KeyRecord, KeyIdHash> =
+            records.iter().map(|r| (r.id, r)).collect();
+        let ids: KeyIdSet = rows.keys().copied().collect();
+        *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = Some((started, Arc::new(ids)));
+        // Only a key known to exist before the read started can be missing from it.
+        let deleted = |key: &OpenedKey| key.stamp < started && !rows.contains_key(&key.id());
+        let retired = |key: &OpenedKey| rows.get(&key.id()).is_some_and(|r| r.retired_at.is_some());
+
+        for (scope, active) in self.active.load().iter(&self.default_scope) {
+            let gone = deleted(&active.key);
+            if gone || retired(&active.key) {
+                self.deactivate(&scope, &active.key, gone);
+            }
+        }
+        self.pending_keys()
+            .retain(|_, key| !deleted(key) && !retired(key));
+        let stale: Vec<KeyId> = self
+            .cache
+            .iter()
+            .filter(|(_, key)| deleted(key))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            self.cache.invalidate(id);
+            tracing::info!(target: "envelope::keyring", key_id = %id, "key deleted from the key table; dropped from the cache");
+        }
+
+        let mut sets = self.index_sets.write().unwrap_or_else(|p| p.into_inner());
+        let labels: Vec<Label> = sets.keys().cloned().collect();
+        for label in labels {
+            match IndexSet::of_refs(records.iter(), &label) {
+                Some(set) => {
+                    sets.insert(label, Arc::new(set));
+                }
+                // No live key: the next use makes one (or finds the one another process made).
+                None => {
+                    sets.remove(&label);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Take `key` out of service as `scope`'s write key, because an operator retired it
+    /// (`deleted` false: it stays readable) or deleted it.
+    fn deactivate(self: &Arc<Self>, scope: &Scope, key: &Arc<OpenedKey>, deleted: bool) {
+        let id = key.id();
+        let mut removed = false;
+        self.active.rcu(|current| {
+            let mut next = ActiveSet::clone(current);
+            let holds = |a: Option<&Arc<ActiveKey>>| a.is_some_and(|a| a.key.id() == id);
+            removed = if *scope == self.default_scope {
+                holds(next.default.as_ref()) && next.default.take().is_some()
+            } else {
+                holds(next.scoped.get(scope)) && next.scoped.remove(scope).is_some()
+            };
+            if removed {
+                next.by_id.remove(&id);
+            }
+            next
+        });
+        if !removed {
+            return;
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        if deleted {
+            self.cache.invalidate(&id);
+            tracing::warn!(target: "envelope::keyring", scope = %scope, key_id = %id, "the active data key was deleted from the key table; the next write makes a new one");
+        } else {
+            self.cache.insert(id, key.clone());
+            tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %id, "the active data key was retired in the key table; the next write makes a new one");
+        }
+    }
+
+    /// Start a key-table refresh in the background if one is due.
+    fn schedule_key_refresh(self: &Arc<Self>) {
+        let now = self.millis_since_epoch();
+        if now < self.next_key_refresh_ms.load(Ordering::Relaxed)
+            || self.key_refresh_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.clone();
+        self.bridge.handle().spawn(async move {
+            let timeout = inner.policy.kms_timeout;
+            let result = tokio::time::timeout(timeout, inner.clone().refresh_key_states()).await;
+            if let Err(e) = result.unwrap_or_else(|_| {
+                Err(Error::KmsTimeout {
+                    waited: timeout,
+                    what: "reading the key table".into(),
+                })
+            }) {
+                tracing::warn!(target: "envelope::keyring", error = %e, "could not read the key table for retired and deleted keys; trying again at the next interval");
+            }
+            inner.next_key_refresh_ms.store(
+                now.saturating_add(crate::clock::ms(inner.policy.key_refresh)),
+                Ordering::Relaxed,
+            );
+            inner.key_refresh_running.store(false, Ordering::Release);
+        });
     }
 
     /// Once a second: expire cache entries for real (moka expires lazily), have every thread
@@ -1496,6 +1752,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (at, _)| now.duration_since(*at) < self.policy.refresh_retry);
+        self.schedule_key_refresh();
         let now_ms = self.clock.now_ms();
         let active = self.active.load().iter(&self.default_scope);
         for (scope, key) in active {
@@ -2081,5 +2338,152 @@ mod tests {
             reader.decrypt_blocking(&label(), &blob)
         });
         assert_eq!(opened.unwrap(), b"v");
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn key_of(blob: &[u8]) -> KeyId {
+        format::peek_key_id(blob).unwrap()
+    }
+
+    #[test]
+    fn a_data_key_retired_in_the_key_table_takes_no_more_writes_after_a_refresh() {
+        let (k, store) = keyring_with(Policy::default(), Clock::default());
+        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        let old = key_of(&first);
+        block_on(store.retire(&old, SystemTime::now())).unwrap();
+        // Until the keyring reads the table it keeps writing under its key...
+        assert_eq!(key_of(&k.encrypt_blocking(&label(), b"x").unwrap()), old);
+        block_on(k.refresh_keys()).unwrap();
+        // ...then the next write makes a new key, and the old one stays readable.
+        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        assert_ne!(key_of(&second), old);
+        assert_eq!(k.decrypt_blocking(&label(), &first).unwrap(), b"one");
+        let live = block_on(store.list(&KeyFilter::default())).unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, key_of(&second));
+    }
+
+    #[test]
+    fn a_key_deleted_from_the_key_table_leaves_every_cache() {
+        let (k, store) = keyring_with(Policy::default(), Clock::default());
+        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        block_on(k.rotate(&Scope::default())).unwrap();
+        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        // Both keys are in memory: the old one in the cache, the new one active.
+        for blob in [&first, &second] {
+            assert!(block_on(store.delete(&key_of(blob))).unwrap());
+            assert!(k.decrypt_blocking(&label(), blob).is_ok());
+        }
+        block_on(k.refresh_keys()).unwrap();
+        for blob in [&first, &second] {
+            let err = k.decrypt_blocking(&label(), blob).unwrap_err();
+            assert!(
+                matches!(err, Error::UnknownKey { key_id } if key_id == key_of(blob)),
+                "{err:?}"
+            );
+        }
+        // Writes go on under a new key.
+        let third = k.encrypt_blocking(&label(), b"three").unwrap();
+        assert_ne!(key_of(&third), key_of(&second));
+        assert_eq!(k.decrypt_blocking(&label(), &third).unwrap(), b"three");
+    }
+
+    #[test]
+    fn the_maintenance_task_reads_the_key_table_within_key_refresh() {
+        let policy = Policy {
+            key_refresh: Duration::from_secs(1),
+            ..Policy::default()
+        };
+        let (k, store) = keyring_with(policy, Clock::default());
+        let blob = k.encrypt_blocking(&label(), b"one").unwrap();
+        block_on(store.delete(&key_of(&blob))).unwrap();
+        let deleted = std::time::Instant::now();
+        wait_until("the deleted key to be forgotten", || {
+            matches!(
+                k.decrypt_blocking(&label(), &blob),
+                Err(Error::UnknownKey { .. })
+            )
+        });
+        assert!(
+            deleted.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            deleted.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_blind_index_probes_every_key_of_its_label_while_it_is_rotated() {
+        let (k, store) = keyring_with(Policy::default(), Clock::default());
+        let spec = BlindIndexSpec::new(
+            Label::new("customers.email").unwrap(),
+            crate::Normalizer::CaseFolded,
+        );
+        let before = k.blind_index_blocking(&spec, b"a@example.com").unwrap();
+        assert_eq!(
+            k.blind_index_probes_blocking(&spec, b"A@example.com ")
+                .unwrap(),
+            vec![before.clone()]
+        );
+        let index_keys = |store: &MemoryKeyStore| {
+            block_on(store.list(&KeyFilter {
+                kind: Some(KeyKind::Index),
+                include_retired: true,
+                ..KeyFilter::default()
+            }))
+            .unwrap()
+        };
+        let old = index_keys(&store)[0].id;
+        // The rotation starts: the live key is retired, and the next user makes the next key.
+        block_on(store.retire(&old, SystemTime::now())).unwrap();
+        block_on(k.refresh_keys()).unwrap();
+        let after = k.blind_index_blocking(&spec, b"a@example.com").unwrap();
+        assert_ne!(after, before);
+        assert_eq!(
+            k.blind_index_probes_blocking(&spec, b"a@example.com")
+                .unwrap(),
+            vec![after.clone(), before.clone()]
+        );
+        assert_eq!(index_keys(&store).len(), 2);
+        // Another keyring on the same table agrees on both keys.
+        let other = Keyring::builder(k.kms().clone(), k.cmk(), store.clone())
+            .build()
+            .unwrap();
+        assert_eq!(
+            other
+                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .unwrap(),
+            vec![after.clone(), before]
+        );
+        // The rotation ends: the old key is deleted, and lookups probe the new key only.
+        block_on(store.delete(&old)).unwrap();
+        block_on(k.refresh_keys()).unwrap();
+        assert_eq!(
+            k.blind_index_probes_blocking(&spec, b"a@example.com")
+                .unwrap(),
+            vec![after.clone()]
+        );
+        // A keyring that has not read the table yet still probes the old key (harmless: no row
+        // uses it), until it does.
+        assert_eq!(
+            other
+                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .unwrap()
+                .len(),
+            2
+        );
+        block_on(other.refresh_keys()).unwrap();
+        assert_eq!(
+            other
+                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .unwrap(),
+            vec![after]
+        );
     }
 }

@@ -67,6 +67,17 @@ impl LocalKms {
         self
     }
 
+    /// Also hold every master key of `other` (for example a new key file, while
+    /// `envelope keys rewrap` moves the key table under it). This KMS's primary key stays first.
+    pub fn with_keys_of(mut self, other: LocalKms) -> Self {
+        for key in other.keys {
+            if !self.keys.iter().any(|k| k.cmk_id == key.cmk_id) {
+                self.keys.push(key);
+            }
+        }
+        self
+    }
+
     /// **Development only.** Read the master key from `path`, or create the file with a fresh
     /// key (mode 0600) if it does not exist. Creation is atomic: concurrent starters all end up
     /// with the same key.

@@ -78,6 +78,8 @@ pub struct Config {
     pub customers_table: String,
     /// The key table's name.
     pub keys_table: String,
+    /// The keyring's policy (key lifetimes, cache, how often the key table is re-read).
+    pub policy: envelope_core::Policy,
 }
 
 impl Config {
@@ -125,6 +127,7 @@ impl Config {
             kms,
             customers_table: "customers".to_owned(),
             keys_table: envelope_sqlx::DEFAULT_TABLE.to_owned(),
+            policy: envelope_core::Policy::default(),
         })
     }
 }
@@ -255,6 +258,7 @@ impl App {
                 .map_err(|e| format!("cannot create the customers table: {e}"))?;
         }
         let keyring = Keyring::builder(kms, cmk, store)
+            .policy(config.policy.clone())
             .build()
             .map_err(|e| e.to_string())?;
         keyring
@@ -443,13 +447,21 @@ fn bind_fields(
 }
 
 fn email_index(email: &str) -> Result<BlindIndex<CustomerEmailIndex>, ApiError> {
-    BlindIndex::of(email).map_err(|e| {
-        tracing::error!(error = %e, "blind index");
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the key service is unavailable; try again shortly".into(),
-        )
-    })
+    BlindIndex::of(email).map_err(key_service_unavailable)
+}
+
+/// The probes of a lookup: one per live index key, so rows are found throughout
+/// `envelope rotate --index customers.email`.
+fn email_probes(email: &str) -> Result<Vec<BlindIndex<CustomerEmailIndex>>, ApiError> {
+    BlindIndex::probes(email).map_err(key_service_unavailable)
+}
+
+fn key_service_unavailable(e: envelope_core::Error) -> ApiError {
+    tracing::error!(error = %e, "blind index");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the key service is unavailable; try again shortly".into(),
+    )
 }
 
 async fn create(
@@ -502,15 +514,17 @@ async fn find_by_email(
         .filter(|e| !e.trim().is_empty())
         .ok_or_else(|| bad_request("the query parameter `email` is required"))?;
     let a = &app.inner;
+    let probes = email_probes(&email)?;
+    let placeholders = vec!["?"; probes.len()].join(", ");
     let sql = a.backend.sql(&format!(
-        "SELECT {COLUMNS} FROM {} WHERE email_bidx = ?",
+        "SELECT {COLUMNS} FROM {} WHERE email_bidx IN ({placeholders})",
         a.table
     ));
-    let rows: Vec<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(email_index(&email)?)
-        .fetch_all(&a.pool)
-        .await
-        .map_err(|e| internal(&e))?;
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+    for probe in probes {
+        query = query.bind(probe);
+    }
+    let rows: Vec<CustomerRow> = query.fetch_all(&a.pool).await.map_err(|e| internal(&e))?;
     // A truncated index can match an unrelated value now and then: confirm on the plaintext.
     let wanted = Normalizer::CaseFolded.apply(&email).into_owned();
     Ok(Json(

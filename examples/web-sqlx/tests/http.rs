@@ -26,6 +26,7 @@ async fn start(database_url: Option<String>, kms: Option<KmsChoice>) -> Running 
         kms: kms.unwrap_or_else(|| KmsChoice::LocalFile(dir.path().join("master.key"))),
         customers_table: format!("customers_{tag}"),
         keys_table: format!("keys_{tag}"),
+        policy: envelope_core::Policy::default(),
     };
     if let KmsChoice::LocalFile(path) = &config.kms
         && !config.database_url.starts_with("sqlite:")
