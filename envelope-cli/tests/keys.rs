@@ -13,13 +13,14 @@
 //!   exactly one `ReEncrypt` per key and no other KMS call.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Kind, Target};
+use common::{Kind, Lookups, Target};
 use envelope_core::{
     BlindIndexSpec, Error, KeyFilter, KeyId, KeyKind, KeyRecord, Keyring, Label, LocalKms,
     Normalizer, Policy,
@@ -357,7 +358,7 @@ async fn rotate_index_under_a_reader(kind: Kind) {
 
     let app = app_keyring(&t, master(&t, "master.key")).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (lookups, misses) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let lookups = Arc::new(Lookups::default());
     let written = Arc::new(AtomicU64::new(0));
     let select = |n: usize| {
         let params: Vec<String> = (1..=n).map(|i| t.p(i)).collect();
@@ -369,12 +370,11 @@ async fn rotate_index_under_a_reader(kind: Kind) {
     let select = Arc::new((1..=4).map(select).collect::<Vec<_>>());
     // The reader: lookups by e-mail, through every live index key, of old and new rows.
     let reader = {
-        let (app, pool, stop, lookups, misses, written, select) = (
+        let (app, pool, stop, lookups, written, select) = (
             app.clone(),
             t.pool.clone(),
             stop.clone(),
             lookups.clone(),
-            misses.clone(),
             written.clone(),
             select.clone(),
         );
@@ -395,11 +395,7 @@ async fn rotate_index_under_a_reader(kind: Kind) {
                     q = q.bind(p);
                 }
                 let found: Vec<i64> = q.fetch_all(&pool).await.unwrap();
-                lookups.fetch_add(1, Ordering::Relaxed);
-                if !found.contains(&n) {
-                    misses.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("miss: row {n}");
-                }
+                lookups.record(found.contains(&n), || format!("row {n}"));
             }
         })
     };
@@ -473,15 +469,7 @@ async fn rotate_index_under_a_reader(kind: Kind) {
     reader.await.unwrap();
     writer.await.unwrap();
 
-    assert!(
-        lookups.load(Ordering::Relaxed) > 50,
-        "too few lookups to mean anything"
-    );
-    assert_eq!(
-        misses.load(Ordering::Relaxed),
-        0,
-        "lookups missed during the rotation"
-    );
+    lookups.assert_none_missed(50);
     // One index key left, a new one; every row (old and new) indexed under it.
     let index_keys: Vec<KeyId> = keys(&t)
         .await
@@ -657,14 +645,6 @@ async fn rewrap_tencent_cmk_a_to_b_on_the_emulator(kind: Kind) {
     }
     assert_eq!(under(&a).await, total);
     assert_eq!(snapshot(&t, &table).await, before);
-}
-
-macro_rules! per_database {
-    ($($test:ident),*) => {
-        mod sqlite { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Sqlite).await })* }
-        mod postgres { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Postgres).await })* }
-        mod mysql { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::MySql).await })* }
-    };
 }
 
 per_database!(

@@ -4,6 +4,7 @@
 //! back through envelope-sqlx's column types; bad configurations refused before any write.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -747,14 +748,6 @@ async fn failures_are_reported_and_never_overwritten(kind: Kind) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-macro_rules! per_database {
-    ($($test:ident),*) => {
-        mod sqlite { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Sqlite).await })* }
-        mod postgres { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Postgres).await })* }
-        mod mysql { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::MySql).await })* }
-    };
 }
 
 per_database!(

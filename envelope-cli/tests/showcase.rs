@@ -4,13 +4,14 @@
 //! the new index key alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Kind, Target};
+use common::{Kind, Lookups, Target};
 use envelope_core::{KeyKind, Policy};
 use tokio::sync::Mutex;
 use web_sqlx::{App, Config, KmsChoice};
@@ -95,15 +96,14 @@ async fn lookups_never_miss_during_an_index_rotation(kind: Kind) {
     assert_eq!(before.len(), 1);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (lookups, misses) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let lookups = Arc::new(Lookups::default());
     let reader = {
-        let (client, base, customers, stop, lookups, misses) = (
+        let (client, base, customers, stop, lookups) = (
             client.clone(),
             base.clone(),
             customers.clone(),
             stop.clone(),
             lookups.clone(),
-            misses.clone(),
         );
         tokio::spawn(async move {
             let mut i = 0usize;
@@ -116,11 +116,9 @@ async fn lookups_never_miss_during_an_index_rotation(kind: Kind) {
                 // Another case and spaces: the index is case-folded.
                 let found =
                     get_by_email(&client, &base, &format!(" {} ", email.to_uppercase())).await;
-                lookups.fetch_add(1, Ordering::Relaxed);
-                if found != [id.clone()] {
-                    misses.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("lookup of {email} found {found:?}, not [{id}]");
-                }
+                lookups.record(found == [id.clone()], || {
+                    format!("{email} found {found:?}, not [{id}]")
+                });
             }
         })
     };
@@ -164,15 +162,7 @@ async fn lookups_never_miss_during_an_index_rotation(kind: Kind) {
     stop.store(true, Ordering::Relaxed);
     reader.await.unwrap();
     writer.await.unwrap();
-    assert!(
-        lookups.load(Ordering::Relaxed) > 30,
-        "too few lookups to mean anything"
-    );
-    assert_eq!(
-        misses.load(Ordering::Relaxed),
-        0,
-        "lookups missed during the rotation"
-    );
+    lookups.assert_none_missed(30);
 
     let after = index_keys().await;
     assert_eq!(after.len(), 1);
@@ -185,14 +175,6 @@ async fn lookups_never_miss_during_an_index_rotation(kind: Kind) {
         );
     }
     server.abort();
-}
-
-macro_rules! per_database {
-    ($($test:ident),*) => {
-        mod sqlite { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Sqlite).await })* }
-        mod postgres { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Postgres).await })* }
-        mod mysql { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::MySql).await })* }
-    };
 }
 
 per_database!(lookups_never_miss_during_an_index_rotation);

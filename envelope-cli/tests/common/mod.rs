@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use envelope_core::{Keyring, LocalKms};
 use sqlx::AnyPool;
@@ -225,7 +226,50 @@ impl Target {
     }
 }
 
+/// What a reader loop saw while something changed under it (a blind-index rotation).
+#[derive(Debug, Default)]
+pub struct Lookups {
+    made: AtomicU64,
+    missed: AtomicU64,
+}
+
+impl Lookups {
+    /// Count one lookup; `what` describes a miss.
+    pub fn record(&self, hit: bool, what: impl FnOnce() -> String) {
+        self.made.fetch_add(1, Ordering::Relaxed);
+        if !hit {
+            self.missed.fetch_add(1, Ordering::Relaxed);
+            eprintln!("miss: {}", what());
+        }
+    }
+
+    /// Enough lookups were made to mean something, and none missed.
+    pub fn assert_none_missed(&self, at_least: u64) {
+        let made = self.made.load(Ordering::Relaxed);
+        assert!(
+            made >= at_least,
+            "only {made} lookups: too few to mean anything"
+        );
+        assert_eq!(
+            self.missed.load(Ordering::Relaxed),
+            0,
+            "lookups missed ({made} made)"
+        );
+    }
+}
+
 /// A string literal.
 pub fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// One `#[tokio::test]` per database for each `async fn NAME(kind: Kind)`: modules `sqlite`,
+/// `postgres` and `mysql` (the last two skip loudly when their URL variable is unset).
+#[allow(unused_macros)]
+macro_rules! per_database {
+    ($($test:ident),*) => {
+        mod sqlite { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Sqlite).await })* }
+        mod postgres { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::Postgres).await })* }
+        mod mysql { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(Kind::MySql).await })* }
+    };
 }
