@@ -156,6 +156,48 @@ macro_rules! suite {
             }
 
             #[test]
+            fn probes_find_rows_indexed_under_the_old_and_the_new_index_key() {
+                use envelope_core::{KeyFilter, KeyKind, KeyStore};
+                let Some((mut conn, fx)) = setup() else {
+                    return;
+                };
+                let _guard = fx.keyring.enter();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                insert(&mut conn, &[full(1, "ada@example.com")]);
+                // A rotation starts: the index key is retired, the next row gets a new one.
+                let index_keys = KeyFilter {
+                    kind: Some(KeyKind::Index),
+                    ..KeyFilter::default()
+                };
+                let old = rt.block_on(fx.store.list(&index_keys)).unwrap()[0].id;
+                rt.block_on(fx.store.retire(&old, std::time::SystemTime::now()))
+                    .unwrap();
+                rt.block_on(fx.keyring.refresh_keys()).unwrap();
+                insert(&mut conn, &[full(2, "bob@example.com")]);
+                for (id, email) in [(1, "ADA@example.com"), (2, "Bob@example.com")] {
+                    let probes = BlindIndex::<EmailIndex>::probes(email).unwrap();
+                    assert_eq!(probes.len(), 2);
+                    let found: Vec<i64> = people::table
+                        .filter(people::email_bidx.eq_any(&probes))
+                        .select(people::id)
+                        .load(&mut conn)
+                        .unwrap();
+                    assert_eq!(found, [id], "{email}");
+                }
+                // The write key alone finds only the row indexed under it.
+                let only_new = BlindIndex::<EmailIndex>::of("ada@example.com").unwrap();
+                let found: Vec<i64> = people::table
+                    .filter(people::email_bidx.eq(&only_new))
+                    .select(people::id)
+                    .load(&mut conn)
+                    .unwrap();
+                assert!(found.is_empty());
+            }
+
+            #[test]
             fn a_value_copied_into_another_column_fails_to_open() {
                 let Some((mut conn, fx)) = setup() else {
                     return;
