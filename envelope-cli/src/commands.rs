@@ -275,7 +275,7 @@ pub(crate) async fn require_tables(db: &Db, config: &Config) -> Result<(), Failu
 }
 
 /// `envelope init`: create the key table and the job table (idempotent), and check that the
-/// KMS answers by making sure a data key exists.
+/// KMS answers by making a data key (retired at once: it is never used).
 ///
 /// # Errors
 /// A [`Failure`].
@@ -293,6 +293,11 @@ pub async fn init(config: &Config, output: &Output) -> Result<(), Failure> {
         .warm()
         .await
         .map_err(|e| core_failure(&format!("making a data key with kms = {}", config.kms), e))?;
+    // That key was made only to show that the KMS answers: it takes no writes.
+    keyring
+        .retire_active_keys()
+        .await
+        .map_err(|e| core_failure("retiring the test data key", e))?;
     output.line(
         &format!(
             "ready: key table {}, job table {}, KMS {} answers",

@@ -826,6 +826,37 @@ impl Keyring {
             .await
     }
 
+    /// Retire this keyring's active data keys in the key table and stop writing under them
+    /// (a later write makes a new key): for a process that is done writing, such as a
+    /// migration command at its end or a service shutting down, so that `envelope keys list`
+    /// shows only keys that may still take writes. Their values stay readable. Returns how many
+    /// keys were retired.
+    ///
+    /// # Errors
+    /// A key-store error; keys retired before it stay retired.
+    pub async fn retire_active_keys(&self) -> Result<usize> {
+        let inner = self.inner.clone();
+        self.inner
+            .bridge
+            .run("retiring the active data keys", async move {
+                let now = SystemTime::now();
+                let mut retired = 0;
+                for (scope, active) in inner.active.load().iter(&inner.default_scope) {
+                    inner.store.retire(&active.key.id(), now).await?;
+                    inner.deactivate(&scope, &active.key, false);
+                    retired += 1;
+                }
+                let pending: Vec<Arc<OpenedKey>> =
+                    inner.pending_keys().drain().map(|(_, k)| k).collect();
+                for key in pending {
+                    inner.store.retire(&key.id(), now).await?;
+                    retired += 1;
+                }
+                Ok(retired)
+            })
+            .await
+    }
+
     /// Read the key table now for keys retired or deleted elsewhere (see
     /// [`Policy::key_refresh`], which does this in the background): stop writing under retired
     /// data keys, drop deleted keys from every cache, and pick up blind-index key changes.
@@ -2368,6 +2399,21 @@ mod tests {
         let live = block_on(store.list(&KeyFilter::default())).unwrap();
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].id, key_of(&second));
+    }
+
+    #[test]
+    fn retiring_the_active_keys_closes_them_and_keeps_them_readable() {
+        let (k, store) = keyring_with(Policy::default(), Clock::default());
+        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        assert_eq!(block_on(k.retire_active_keys()).unwrap(), 1);
+        assert!(
+            block_on(store.list(&KeyFilter::default()))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(k.decrypt_blocking(&label(), &first).unwrap(), b"one");
+        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        assert_ne!(key_of(&second), key_of(&first));
     }
 
     #[test]
