@@ -305,7 +305,12 @@ pub async fn shred(
     for k in &chosen {
         let columns = counts.get(&k.id.to_hex()).cloned().unwrap_or_default();
         total += columns.values().sum::<i64>();
-        let human = if columns.is_empty() {
+        let human = if k.kind == KeyKind::Index {
+            format!(
+                "key {} (index {}): lookups through this blind index stop finding rows indexed under it, and new rows get a new index key; no value becomes unreadable",
+                k.id, k.scope
+            )
+        } else if columns.is_empty() {
             format!(
                 "key {} ({} {}): no values in the configured columns",
                 k.id,
