@@ -271,14 +271,8 @@ struct IndexSet {
 impl IndexSet {
     /// The set of `label`'s index keys among `records`; `None` when none of them is live.
     fn of(records: &[KeyRecord], label: &Label) -> Option<IndexSet> {
-        Self::of_refs(records.iter(), label)
-    }
-
-    fn of_refs<'a>(
-        records: impl Iterator<Item = &'a KeyRecord>,
-        label: &Label,
-    ) -> Option<IndexSet> {
         let mut keys: Vec<&KeyRecord> = records
+            .iter()
             .filter(|r| r.kind == KeyKind::Index && r.scope == label.as_str())
             .collect();
         keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
@@ -827,10 +821,10 @@ impl Keyring {
     }
 
     /// Retire this keyring's active data keys in the key table and stop writing under them
-    /// (a later write makes a new key): for a process that is done writing, such as a
-    /// migration command at its end or a service shutting down, so that `envelope keys list`
-    /// shows only keys that may still take writes. Their values stay readable. Returns how many
-    /// keys were retired.
+    /// (a later write makes a new key): for a process that is done writing, such as a service
+    /// shutting down, so that `envelope keys list` shows only keys that may still take writes.
+    /// Their values stay readable (and are selected by `envelope rotate --retired`). Returns
+    /// how many keys were retired.
     ///
     /// # Errors
     /// A key-store error; keys retired before it stay retired.
@@ -1699,7 +1693,7 @@ impl Inner {
         let mut sets = self.index_sets.write().unwrap_or_else(|p| p.into_inner());
         let labels: Vec<Label> = sets.keys().cloned().collect();
         for label in labels {
-            match IndexSet::of_refs(records.iter(), &label) {
+            match IndexSet::of(&records, &label) {
                 Some(set) => {
                     sets.insert(label, Arc::new(set));
                 }
