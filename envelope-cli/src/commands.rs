@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use envelope_core::{KeyFilter, KeyId, KeyKind, KeyStore, Keyring, KmsProvider, LocalKms};
+use envelope_core::kms::Connected;
+use envelope_core::{KeyFilter, KeyId, KeyKind, KeyStore, Keyring, KmsProvider};
 use envelope_sqlx::SqlxKeyStore;
 use sqlx::Row;
 
-use crate::config::{Config, Form, KmsUri, TableConfig};
+use crate::config::{Config, Form, KeyUri, TableConfig};
 use crate::db::{self, Context, Db, DbError, Dialect, TablePlan};
 use crate::engine::{ColumnJob, Engine, Op, Settings, Stop};
 use crate::job::Jobs;
@@ -150,41 +151,27 @@ pub(crate) async fn plan(db: &Db, tables: &[TableConfig]) -> Result<Vec<TablePla
 }
 
 /// The KMS provider and CMK of a key URI. Credentials come from the environment only.
-pub(crate) fn provider(uri: &KmsUri) -> Result<(Arc<dyn KmsProvider>, String), Failure> {
-    match uri {
-        KmsUri::Local(path) => {
-            let kms = LocalKms::open(path).map_err(|e| {
-                Failure::Usage(format!(
-                    "kms = {uri}: {e} (create one with `envelope keygen --out {}`)",
-                    path.display()
-                ))
-            })?;
-            let cmk = kms.cmk_id().to_owned();
-            Ok((Arc::new(kms), cmk))
+pub(crate) async fn provider(uri: &KeyUri) -> Result<Connected, Failure> {
+    uri.connect().await.map_err(|e| match (uri, &e) {
+        (KeyUri::Local { path }, _) => Failure::Usage(format!(
+            "kms = {uri}: {e} (create one with `envelope keygen --out {}`)",
+            path.display()
+        )),
+        (_, envelope_core::Error::Config(_)) => Failure::Usage(format!("kms = {uri}: {e}")),
+        _ => core_failure(&format!("kms = {uri}"), e),
+    })
+}
+
+/// The providers of the configured `also_read` URIs.
+pub(crate) async fn readers(config: &Config) -> Result<Vec<Arc<dyn KmsProvider>>, Failure> {
+    let mut readers = Vec::new();
+    for uri in &config.also_read {
+        if uri.same_kms(&config.kms) {
+            continue; // `kms`'s own provider reads its keys
         }
-        KmsUri::Tencent { region, cmk } => {
-            use envelope_core::kms::tencent::{TencentConfig, TencentKms};
-            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-            let (Some(id), Some(key)) = (
-                var("TENCENTCLOUD_SECRET_ID"),
-                var("TENCENTCLOUD_SECRET_KEY"),
-            ) else {
-                return Err(Failure::Usage(format!(
-                    "kms = {uri}: set TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment (credentials are never read from the config file)"
-                )));
-            };
-            let mut config =
-                TencentConfig::new(id, envelope_core::SecretString::new(key), region.clone());
-            config.session_token =
-                var("TENCENTCLOUD_SESSION_TOKEN").map(envelope_core::SecretString::new);
-            if let Some(endpoint) = var("ENVELOPE_TENCENT_ENDPOINT") {
-                config.endpoint = endpoint;
-            }
-            let kms =
-                TencentKms::new(config).map_err(|e| core_failure(&format!("kms = {uri}"), e))?;
-            Ok((Arc::new(kms), cmk.clone()))
-        }
+        readers.push(provider(uri).await?.kms);
     }
+    Ok(readers)
 }
 
 /// The key table of the configured database.
@@ -244,12 +231,16 @@ impl KeyTable {
 }
 
 pub(crate) async fn keyring(config: &Config) -> Result<Keyring, Failure> {
-    let (kms, cmk) = provider(&config.kms)?;
+    let Connected { kms, cmk } = provider(&config.kms).await?;
+    let readers = readers(config).await?;
     let (store, _) = key_store(config)?;
     let scope = config.scope.clone();
     // `build` reads the key table through the keyring's own runtime: off the async threads.
     tokio::task::spawn_blocking(move || {
         let mut builder = Keyring::builder(kms, cmk, store);
+        for reader in readers {
+            builder = builder.also_read_with(reader);
+        }
         if let Some(scope) = scope {
             builder = builder.default_scope(scope);
         }

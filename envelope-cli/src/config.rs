@@ -1,13 +1,15 @@
 //! `envelope.toml`: the database, the KMS, and each table's encrypted columns.
 //!
 //! Every top-level key can also come from the environment (`ENVELOPE_DATABASE_URL` or
-//! `DATABASE_URL`, `ENVELOPE_KMS`, `ENVELOPE_KEY_TABLE`, `ENVELOPE_JOB_TABLE`, `ENVELOPE_SCOPE`);
+//! `DATABASE_URL`, `ENVELOPE_KMS`, `ENVELOPE_ALSO_READ` (comma-separated), `ENVELOPE_KEY_TABLE`,
+//! `ENVELOPE_JOB_TABLE`, `ENVELOPE_SCOPE`);
 //! a command-line flag beats the environment, which beats the file. KMS credentials come only
 //! from the environment: a config file that names one is refused.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use envelope_core::kms::KeyUri;
 use envelope_core::{BlindIndexSpec, Label, Normalizer, Scope};
 use serde::Deserialize;
 
@@ -32,8 +34,12 @@ fn bad(message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Where the data (and the key and job tables) live.
     pub database_url: String,
-    /// The key URI: `local://PATH` or `tencent://REGION/CMK_ID`.
-    pub kms: KmsUri,
+    /// The key URI new keys are made under (`local://PATH`, `tencent://REGION/CMK_ID`,
+    /// `aws://REGION/KEY`, `vault://HOST[:PORT]/MOUNT/KEY`).
+    pub kms: KeyUri,
+    /// Other KMSs whose keys the CLI may unwrap (`also_read`): while keys move from one KMS
+    /// to another, and for `keys rewrap` away from a KMS that `kms` no longer names.
+    pub also_read: Vec<KeyUri>,
     /// The key table's name.
     pub key_table: String,
     /// The job (checkpoint) table's name.
@@ -49,6 +55,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
             .field("kms", &self.kms)
+            .field("also_read", &self.also_read)
             .field("key_table", &self.key_table)
             .field("job_table", &self.job_table)
             .field("scope", &self.scope)
@@ -179,64 +186,6 @@ pub enum Form {
     Text,
 }
 
-/// A parsed key URI.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KmsUri {
-    /// `local://PATH`: a master key file made with `envelope keygen`.
-    Local(PathBuf),
-    /// `tencent://REGION/CMK_ID`.
-    Tencent {
-        /// The region, e.g. `ap-guangzhou`.
-        region: String,
-        /// The CMK id (or `alias/NAME`).
-        cmk: String,
-    },
-}
-
-impl KmsUri {
-    /// Parse `local://PATH` or `tencent://REGION/CMK_ID`.
-    ///
-    /// # Errors
-    /// A [`ConfigError`] naming the accepted forms.
-    pub fn parse(uri: &str) -> Result<Self, ConfigError> {
-        let forms = "a key URI is local://PATH (a master key file from `envelope keygen`) or tencent://REGION/CMK_ID";
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| bad(format!("kms = {uri:?}: {forms}")))?;
-        match scheme {
-            "local" if !rest.is_empty() => Ok(KmsUri::Local(PathBuf::from(rest))),
-            "tencent" => {
-                let (region, cmk) = rest
-                    .split_once('/')
-                    .filter(|(r, c)| !r.is_empty() && !c.is_empty())
-                    .ok_or_else(|| bad(format!("kms = {uri:?}: {forms}")))?;
-                if rest.contains('@') || rest.contains('?') {
-                    return Err(bad(format!(
-                        "kms = {uri:?}: a tencent:// URI carries no credentials or options; set TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment"
-                    )));
-                }
-                Ok(KmsUri::Tencent {
-                    region: region.to_owned(),
-                    cmk: cmk.to_owned(),
-                })
-            }
-            "aws" | "vault" | "openbao" => Err(bad(format!(
-                "kms = {uri:?}: the {scheme} provider is not in this release yet; {forms}"
-            ))),
-            _ => Err(bad(format!("kms = {uri:?}: {forms}"))),
-        }
-    }
-}
-
-impl fmt::Display for KmsUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KmsUri::Local(path) => write!(f, "local://{}", path.display()),
-            KmsUri::Tencent { region, cmk } => write!(f, "tencent://{region}/{cmk}"),
-        }
-    }
-}
-
 // ----- the file -------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -244,6 +193,7 @@ impl fmt::Display for KmsUri {
 struct RawConfig {
     database_url: Option<String>,
     kms: Option<String>,
+    also_read: Option<Vec<String>>,
     key_table: Option<String>,
     job_table: Option<String>,
     scope: Option<String>,
@@ -346,7 +296,33 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
                 "{origin}: no kms key URI (for example kms = \"local://envelope-master.key\"; or set ENVELOPE_KMS)"
             ))
         })?;
-    let kms = KmsUri::parse(&kms)?;
+    let key_uri = |what: &str, uri: &str| {
+        KeyUri::parse(uri).map_err(|e| bad(format!("{origin}: {what}: {e}")))
+    };
+    let kms = key_uri("kms", &kms)?;
+    let also_read = env("ENVELOPE_ALSO_READ")
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .or(raw.also_read)
+        .unwrap_or_default()
+        .iter()
+        .map(|u| key_uri("also_read", u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut providers = vec![kms.provider_name()];
+    for uri in &also_read {
+        if providers.contains(&uri.provider_name()) && !uri.same_kms(&kms) {
+            return Err(bad(format!(
+                "{origin}: also_read names {uri}, but another '{}' KMS is already configured: a key records its provider by name only, so one KMS of each kind can be read at a time",
+                uri.provider_name()
+            )));
+        }
+        providers.push(uri.provider_name());
+    }
     let key_table = env("ENVELOPE_KEY_TABLE")
         .or(raw.key_table)
         .unwrap_or_else(|| "envelope_keys".to_owned());
@@ -402,6 +378,7 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
     Ok(Config {
         database_url,
         kms,
+        also_read,
         key_table,
         job_table,
         scope,
@@ -540,7 +517,13 @@ source = "ssn"
         let c = parse_ok(GOOD);
         assert_eq!(c.key_table, "envelope_keys");
         assert_eq!(c.job_table, "envelope_jobs");
-        assert_eq!(c.kms, KmsUri::Local("master.key".into()));
+        assert_eq!(
+            c.kms,
+            KeyUri::Local {
+                path: "master.key".into()
+            }
+        );
+        assert!(c.also_read.is_empty());
         let t = &c.tables[0];
         assert_eq!(t.columns.len(), 2);
         assert_eq!(t.columns[0].form, Form::Text);
@@ -554,24 +537,24 @@ source = "ssn"
     }
 
     #[test]
-    fn key_uris() {
-        assert_eq!(
-            KmsUri::parse("tencent://ap-guangzhou/abc-123").unwrap(),
-            KmsUri::Tencent {
-                region: "ap-guangzhou".into(),
-                cmk: "abc-123".into()
-            }
-        );
-        assert!(KmsUri::parse("tencent://ap-guangzhou").is_err());
-        assert!(KmsUri::parse("tencent://AKID:secret@ap-guangzhou/k").is_err());
-        assert!(KmsUri::parse("local://").is_err());
-        assert!(KmsUri::parse("master.key").is_err());
+    fn key_uris_and_also_read() {
+        let c = parse_ok(&GOOD.replace(
+            "kms = \"local://master.key\"",
+            "kms = \"aws://us-east-1/alias/app\"\nalso_read = [\"tencent://ap-guangzhou/k\", \"vault://v:8200/transit/k\"]",
+        ));
+        assert_eq!(c.kms.provider_name(), "aws");
+        let names: Vec<_> = c.also_read.iter().map(KeyUri::provider_name).collect();
+        assert_eq!(names, ["tencent", "vault"]);
+        let e = parse_err(&GOOD.replace("local://master.key", "aws://x"));
         assert!(
-            KmsUri::parse("aws://x")
-                .unwrap_err()
-                .0
-                .contains("not in this release")
+            e.contains("kms") && e.contains("REGION/KEY_ID_OR_ARN"),
+            "{e}"
         );
+        let e = parse_err(&GOOD.replace(
+            "kms = \"local://master.key\"",
+            "kms = \"vault://a:1/transit/k\"\nalso_read = [\"vault://b:1/transit/k\"]",
+        ));
+        assert!(e.contains("one KMS of each kind"), "{e}");
     }
 
     #[test]
@@ -628,6 +611,6 @@ source = "ssn"
         )
         .unwrap();
         assert_eq!(c.database_url, "postgres://elsewhere/db");
-        assert!(matches!(c.kms, KmsUri::Tencent { .. }));
+        assert!(matches!(c.kms, KeyUri::Tencent { .. }));
     }
 }

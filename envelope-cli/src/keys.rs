@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use envelope_core::kms::Connected;
 use envelope_core::{
-    EncryptionContext, KeyFilter, KeyId, KeyKind, KeyRecord, KeyStore, KmsProvider, LocalKms,
-    StoreError,
+    EncryptionContext, KeyFilter, KeyId, KeyKind, KeyRecord, KeyStore, KmsProvider, StoreError,
 };
 
 use crate::commands::{self, Failure, RunOptions};
-use crate::config::{Config, KmsUri};
+use crate::config::{Config, KeyUri};
 use crate::db::Db;
 use crate::engine::Op;
 use crate::report::Output;
@@ -379,29 +379,79 @@ pub async fn shred(
     Ok(())
 }
 
-/// The provider that can unwrap under the configured master key and wrap under `to`, and the
-/// destination's provider name and CMK.
-fn rewrap_provider(
-    from: &KmsUri,
-    to: &KmsUri,
-) -> Result<(Arc<dyn KmsProvider>, String, String), Failure> {
-    match (from, to) {
-        (KmsUri::Local(old), KmsUri::Local(new)) => {
-            let open = |p: &std::path::Path, uri: &KmsUri| {
-                LocalKms::open(p).map_err(|e| Failure::Usage(format!("{uri}: {e}")))
+/// Where `keys rewrap` moves keys, and the providers that can unwrap them where they are now.
+struct Rewrapper {
+    destination: KeyUri,
+    to: Connected,
+    /// The configured `kms` and `also_read` KMSs, by URI.
+    sources: Vec<(KeyUri, Arc<dyn KmsProvider>)>,
+}
+
+impl Rewrapper {
+    async fn new(config: &Config, destination: KeyUri) -> Result<Self, Failure> {
+        let to = commands::provider(&destination).await?;
+        let mut sources = Vec::new();
+        for uri in std::iter::once(&config.kms).chain(&config.also_read) {
+            if sources.iter().any(|(u, _): &(KeyUri, _)| u.same_kms(uri)) {
+                continue;
+            }
+            let kms = if uri.same_kms(&destination) {
+                to.kms.clone()
+            } else {
+                commands::provider(uri).await?.kms
             };
-            let destination = open(new, to)?;
-            let cmk = destination.cmk_id().to_owned();
-            let kms = open(old, from)?.with_keys_of(destination);
-            Ok((Arc::new(kms), "local".to_owned(), cmk))
+            sources.push((uri.clone(), kms));
         }
-        (KmsUri::Tencent { region: a, .. }, KmsUri::Tencent { region: b, cmk }) if a == b => {
-            let (kms, _) = commands::provider(from)?;
-            Ok((kms, "tencent".to_owned(), cmk.clone()))
+        Ok(Rewrapper {
+            destination,
+            to,
+            sources,
+        })
+    }
+
+    fn provider(&self) -> &str {
+        self.to.kms.name()
+    }
+
+    fn done(&self, k: &KeyRecord) -> bool {
+        k.provider == self.provider() && k.cmk_id == self.to.cmk
+    }
+
+    /// The key wrapped under the destination, from its row as it is now. Within one KMS the KMS
+    /// rewraps it (ReEncrypt: the key never leaves Tencent or AWS); across KMSs the source
+    /// unwraps it and the destination wraps it (the key passes through this process's memory
+    /// only, as on every read).
+    async fn rewrap(
+        &self,
+        record: &KeyRecord,
+        context: &EncryptionContext,
+    ) -> Result<Vec<u8>, envelope_core::Error> {
+        let Some((uri, source)) = self
+            .sources
+            .iter()
+            .find(|(_, kms)| kms.name() == record.provider)
+        else {
+            let configured: Vec<String> = self.sources.iter().map(|(u, _)| u.to_string()).collect();
+            return Err(envelope_core::Error::Config(
+                format!(
+                    "it is wrapped by the '{}' KMS, which neither kms nor also_read names ({}): add that KMS's key URI to also_read",
+                    record.provider,
+                    configured.join(", ")
+                )
+                .into(),
+            ));
+        };
+        let to = &self.to;
+        if uri.same_kms(&self.destination) {
+            return Ok(to
+                .kms
+                .re_encrypt(&record.wrapped, &record.cmk_id, context, &to.cmk, context)
+                .await?);
         }
-        _ => Err(Failure::Usage(format!(
-            "keys rewrap moves keys to another master key of the same KMS (local -> local, or Tencent CMK -> CMK in one region); {from} -> {to} is not supported yet"
-        ))),
+        let key = source
+            .decrypt(&record.cmk_id, &record.wrapped, context)
+            .await?;
+        Ok(to.kms.encrypt(&to.cmk, &key, context).await?)
     }
 }
 
@@ -452,14 +502,12 @@ pub async fn rewrap(
     output: &Output,
     stop: Arc<AtomicBool>,
 ) -> Result<(), Failure> {
-    let destination = KmsUri::parse(to).map_err(|e| Failure::Usage(format!("--to: {e}")))?;
-    let (kms, provider, cmk) = rewrap_provider(&config.kms, &destination)?;
+    let destination = KeyUri::parse(to).map_err(|e| Failure::Usage(format!("--to: {e}")))?;
+    let rewrapper = Rewrapper::new(config, destination.clone()).await?;
+    let cmk = rewrapper.to.cmk.clone();
     let (_, store) = open_key_table(config).await?;
     let keys = all_keys(&store).await?;
-    let todo: Vec<&KeyRecord> = keys
-        .iter()
-        .filter(|k| !(k.provider == provider && k.cmk_id == cmk))
-        .collect();
+    let todo: Vec<&KeyRecord> = keys.iter().filter(|k| !rewrapper.done(k)).collect();
     let total = todo.len();
     output.line(
         &format!(
@@ -474,7 +522,7 @@ pub async fn rewrap(
         if stop.load(Ordering::Relaxed) {
             return Err(Failure::Interrupted);
         }
-        match rewrap_one(&*kms, &store, k, &provider, &cmk, patience).await {
+        match rewrap_one(&rewrapper, &store, k, patience).await {
             Ok(true) => rewrapped += 1,
             Ok(false) => gone += 1,
             Err(RewrapError::Unavailable(m)) => {
@@ -529,13 +577,12 @@ enum RewrapError {
 
 /// Rewrap one key row; `Ok(false)` when the row was deleted meanwhile.
 async fn rewrap_one(
-    kms: &dyn KmsProvider,
+    rewrapper: &Rewrapper,
     store: &Arc<dyn KeyStore>,
     record: &KeyRecord,
-    provider: &str,
-    cmk: &str,
     patience: Duration,
 ) -> Result<bool, RewrapError> {
+    let (provider, cmk) = (rewrapper.provider(), rewrapper.to.cmk.as_str());
     let classify = |e: envelope_core::Error| {
         if transient(&e) {
             RewrapError::Unavailable(e.to_string())
@@ -547,10 +594,8 @@ async fn rewrap_one(
     for _ in 0..3 {
         let context = EncryptionContext::from_json(&record.kms_context)
             .map_err(|e| RewrapError::Key(format!("kms_context is not a JSON object: {e}")))?;
-        let wrapped = retrying("rewrapping", patience, || async {
-            kms.re_encrypt(&record.wrapped, &record.cmk_id, &context, cmk, &context)
-                .await
-                .map_err(envelope_core::Error::from)
+        let wrapped = retrying("rewrapping", patience, || {
+            rewrapper.rewrap(&record, &context)
         })
         .await
         .map_err(classify)?;

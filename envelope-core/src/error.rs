@@ -319,6 +319,9 @@ pub enum KmsErrorKind {
     KeyNotFound,
     /// The master key is scheduled for deletion.
     KeyPendingDeletion,
+    /// The master key version that wrapped this key may no longer decrypt (Vault/OpenBao's
+    /// `min_decryption_version` was raised past it).
+    KeyVersionDisallowed,
     /// The wrapped key cannot be decrypted: wrong master key, wrong encryption context, or corrupt.
     InvalidCiphertext,
     /// The request was malformed or had a bad parameter.
@@ -353,6 +356,9 @@ impl KmsErrorKind {
             KmsErrorKind::KeyNotFound => "master key not found (check the CMK id and region)",
             KmsErrorKind::KeyPendingDeletion => {
                 "master key is pending deletion (cancel the deletion in the KMS)"
+            }
+            KmsErrorKind::KeyVersionDisallowed => {
+                "the master key version that wrapped this key may no longer decrypt (lower the key's min_decryption_version, then run `envelope keys rewrap` before raising it again)"
             }
             KmsErrorKind::InvalidCiphertext => {
                 "wrapped key cannot be decrypted (wrong master key, wrong encryption context, or corrupt)"

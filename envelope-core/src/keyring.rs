@@ -344,6 +344,9 @@ impl Clock {
 
 struct Inner {
     kms: Arc<dyn KmsProvider>,
+    /// Providers that only unwrap: keys whose record names one of them (by
+    /// [`KmsProvider::name`]), while the keys move from one KMS to another.
+    readers: Vec<Arc<dyn KmsProvider>>,
     store: Arc<dyn KeyStore>,
     cmk: String,
     policy: Policy,
@@ -397,6 +400,7 @@ struct Inner {
 /// Builds a [`Keyring`].
 pub struct KeyringBuilder {
     kms: Arc<dyn KmsProvider>,
+    readers: Vec<Arc<dyn KmsProvider>>,
     cmk: String,
     store: Arc<dyn KeyStore>,
     policy: Policy,
@@ -420,6 +424,19 @@ impl KeyringBuilder {
     pub fn default_scope(mut self, scope: Scope) -> Self {
         self.default_scope = scope;
         self.scoped = true;
+        self
+    }
+
+    /// Also unwrap keys made by `kms`: a key record names the provider that wrapped it, and
+    /// the keyring unwraps each key with the provider of that name. New keys are always made
+    /// with the provider given to [`Keyring::builder`].
+    ///
+    /// This is how an application keeps reading while `envelope keys rewrap` moves its keys
+    /// from one KMS to another (Tencent to AWS, local to Vault): give it both providers for
+    /// the time of the move. One provider per name: two Vault servers cannot be read side by
+    /// side.
+    pub fn also_read_with(mut self, kms: Arc<dyn KmsProvider>) -> Self {
+        self.readers.push(kms);
         self
     }
 
@@ -447,17 +464,29 @@ impl KeyringBuilder {
         if self.cmk.is_empty() {
             return Err(Error::Config("the CMK id must not be empty".into()));
         }
-        if let Some(budget) = self.kms.call_budget()
-            && budget > self.policy.kms_timeout
-        {
-            return Err(Error::Config(
-                format!(
-                    "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
-                    self.kms.name(),
-                    self.policy.kms_timeout
-                )
-                .into(),
-            ));
+        let mut names = std::collections::HashSet::new();
+        for kms in std::iter::once(&self.kms).chain(&self.readers) {
+            if !names.insert(kms.name().to_owned()) {
+                return Err(Error::Config(
+                    format!(
+                        "two KMS providers named '{}' were given to one keyring: a key record names its provider only by name, so only one of each can be read",
+                        kms.name()
+                    )
+                    .into(),
+                ));
+            }
+            if let Some(budget) = kms.call_budget()
+                && budget > self.policy.kms_timeout
+            {
+                return Err(Error::Config(
+                    format!(
+                        "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
+                        kms.name(),
+                        self.policy.kms_timeout
+                    )
+                    .into(),
+                ));
+            }
         }
         let read_scope = self.scoped.then(|| self.default_scope.clone());
         let first_key_refresh = crate::clock::ms(self.policy.key_refresh);
@@ -473,6 +502,7 @@ impl KeyringBuilder {
             .build_with_hasher(KeyIdHash::default());
         let inner = Arc::new(Inner {
             kms: self.kms,
+            readers: self.readers,
             store: self.store,
             cmk: self.cmk,
             soft_uses: self.policy.soft_uses(),
@@ -543,6 +573,7 @@ impl Keyring {
     ) -> KeyringBuilder {
         KeyringBuilder {
             kms,
+            readers: Vec::new(),
             cmk: cmk.into(),
             store,
             policy: Policy::default(),
@@ -577,9 +608,15 @@ impl Keyring {
         &self.inner.store
     }
 
-    /// The KMS provider.
+    /// The KMS provider new keys are made with.
     pub fn kms(&self) -> &Arc<dyn KmsProvider> {
         &self.inner.kms
+    }
+
+    /// The provider named `name` ([`KmsProvider::name`]): the one new keys are made with, or
+    /// one given to [`KeyringBuilder::also_read_with`].
+    pub fn provider_named(&self, name: &str) -> Option<&Arc<dyn KmsProvider>> {
+        self.inner.provider_named(name)
     }
 
     /// Let the column `label` read legacy plaintext: a stored value that is not an envelope at
@@ -1386,6 +1423,7 @@ impl Inner {
         let generated = self
             .kms_call(
                 &self.metrics.kms_generate_data_key,
+                self.kms.name(),
                 self.kms.generate_data_key(&self.cmk, &context),
             )
             .await?;
@@ -1414,9 +1452,16 @@ impl Inner {
         Ok((record, key))
     }
 
+    fn provider_named(&self, name: &str) -> Option<&Arc<dyn KmsProvider>> {
+        std::iter::once(&self.kms)
+            .chain(&self.readers)
+            .find(|k| k.name() == name)
+    }
+
     async fn kms_call<T>(
         &self,
         counter: &AtomicU64,
+        provider: &str,
         call: impl std::future::Future<Output = std::result::Result<T, KmsError>>,
     ) -> Result<T> {
         bump(counter);
@@ -1425,11 +1470,11 @@ impl Inner {
         let elapsed = started.elapsed();
         match &result {
             Ok(_) => {
-                tracing::debug!(target: "envelope::kms", provider = self.kms.name(), ?elapsed, "kms call")
+                tracing::debug!(target: "envelope::kms", provider, ?elapsed, "kms call")
             }
             Err(e) => {
                 bump(&self.metrics.kms_errors);
-                tracing::warn!(target: "envelope::kms", provider = self.kms.name(), ?elapsed, error = %e, "kms call failed");
+                tracing::warn!(target: "envelope::kms", provider, ?elapsed, error = %e, "kms call failed");
             }
         }
         Ok(result?)
@@ -1444,20 +1489,26 @@ impl Inner {
             .await?
             .ok_or(Error::UnknownKey { key_id: id })?;
         let (context, scope) = checked_context(&record)?;
-        if record.provider != self.kms.name() {
+        let Some(kms) = self.provider_named(&record.provider) else {
+            let mut given: Vec<&str> = std::iter::once(&self.kms)
+                .chain(&self.readers)
+                .map(|k| k.name())
+                .collect();
+            given.sort_unstable();
             return Err(Error::Config(
                 format!(
-                    "key {id} was wrapped by the '{}' KMS provider, but this keyring uses '{}'",
+                    "key {id} was wrapped by the '{}' KMS provider, but this keyring has only {}: give it that provider too (KeyringBuilder::also_read_with, or the CLI's also_read setting) while keys move between KMSs",
                     record.provider,
-                    self.kms.name()
+                    given.join(", ")
                 )
                 .into(),
             ));
-        }
+        };
         let material = self
             .kms_call(
                 &self.metrics.kms_decrypt,
-                self.kms.decrypt(&record.cmk_id, &record.wrapped, &context),
+                kms.name(),
+                kms.decrypt(&record.cmk_id, &record.wrapped, &context),
             )
             .await?;
         // A key-table refresh that started after this load's read and did not find the row:

@@ -181,7 +181,10 @@ impl Default for Fixture {
 }
 
 pub mod contract;
+pub mod proxy;
 pub mod rows_bench;
+pub mod scenarios;
+pub mod servers;
 pub mod store_contract;
 
 /// The local provider as a contract target: master keys are made on demand; it has no disabled

@@ -131,9 +131,11 @@ fn kms_outage_keeps_the_current_key_until_its_hard_limit() {
             [i as u8]
         );
     }
-    // The KMS comes back: after the retry back-off, writes resume on a new key.
+    // The KMS comes back: after the retry back-off, writes resume on a new key. The keyring
+    // times the back-off on its coarse clock (20 ms resolution), so both the failure's time and
+    // "now" may each read up to one tick late: wait the back-off plus two ticks and a margin.
     fx.faults.fail.store(false, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(60));
+    std::thread::sleep(Duration::from_millis(50 + 2 * 20 + 100));
     let blob = fx.keyring.encrypt_blocking(&label(), b"back").unwrap();
     assert_ne!(
         format::peek_key_id(&blob).unwrap(),

@@ -13,10 +13,32 @@ use async_trait::async_trait;
 use crate::error::KmsError;
 use crate::keys::KeyMaterial;
 
+#[cfg(feature = "kms-aws")]
+pub mod aws;
+#[cfg(any(feature = "kms-tencent", feature = "kms-vault"))]
+mod http;
 #[cfg(feature = "kms-local")]
 pub mod local;
 #[cfg(feature = "kms-tencent")]
 pub mod tencent;
+pub mod uri;
+#[cfg(feature = "kms-vault")]
+pub mod vault;
+
+pub use uri::{Connected, KeyUri};
+
+/// Whether `host` (a URL's host, IPv6 without brackets) is a loopback address: `127.0.0.0/8`,
+/// `::1` or `localhost`. Plain http is allowed only to such hosts.
+#[cfg_attr(
+    not(any(feature = "kms-tencent", feature = "kms-vault", feature = "kms-aws")),
+    allow(dead_code)
+)]
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
 
 /// Key/value pairs a wrapped key is bound to. The KMS refuses to unwrap under any other context.
 ///

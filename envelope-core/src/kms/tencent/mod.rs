@@ -44,19 +44,18 @@ pub mod sign;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use rand::RngExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, KmsError, KmsErrorKind, Result};
 use crate::keys::KeyMaterial;
+use crate::kms::http::{self, Retry};
 use crate::kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
 use crate::secret::SecretString;
 
@@ -163,23 +162,40 @@ impl TencentConfig {
     /// # Errors
     /// [`Error::Config`] naming the missing variable.
     pub fn from_env() -> Result<Self> {
+        let region = std::env::var("TENCENTCLOUD_REGION").map_err(|_| {
+            Error::Config(
+                "TENCENTCLOUD_REGION is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY and TENCENTCLOUD_REGION)".into(),
+            )
+        })?;
+        Self::for_region_from_env(region)
+    }
+
+    /// A configuration for `region` whose credentials come from `TENCENTCLOUD_SECRET_ID`,
+    /// `TENCENTCLOUD_SECRET_KEY` and, if set, `TENCENTCLOUD_SESSION_TOKEN`; the endpoint from
+    /// `ENVELOPE_TENCENT_ENDPOINT` if set.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the missing variable.
+    pub fn for_region_from_env(region: impl Into<String>) -> Result<Self> {
         let var = |name: &'static str| {
-            std::env::var(name).map_err(|_| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).ok_or_else(|| {
                 Error::Config(Cow::Owned(format!(
-                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY and TENCENTCLOUD_REGION)"
+                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment; credentials are never read from a config file)"
                 )))
             })
         };
         let mut config = TencentConfig::new(
             var("TENCENTCLOUD_SECRET_ID")?,
             SecretString::new(var("TENCENTCLOUD_SECRET_KEY")?),
-            var("TENCENTCLOUD_REGION")?,
+            region,
         );
         config.session_token = std::env::var("TENCENTCLOUD_SESSION_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
             .map(SecretString::new);
-        if let Ok(endpoint) = std::env::var("ENVELOPE_TENCENT_ENDPOINT") {
+        if let Ok(endpoint) = std::env::var("ENVELOPE_TENCENT_ENDPOINT")
+            && !endpoint.is_empty()
+        {
             config.endpoint = endpoint;
         }
         Ok(config)
@@ -195,6 +211,7 @@ impl TencentConfig {
 /// A Tencent Cloud KMS client. Cheap to share; reuses connections.
 pub struct TencentKms {
     config: TencentConfig,
+    retry: Retry,
     url: reqwest::Url,
     host: String,
     client: reqwest::Client,
@@ -238,46 +255,26 @@ impl TencentKms {
         if config.region.is_empty() {
             return Err(Error::Config("Tencent region must not be empty".into()));
         }
-        let url = reqwest::Url::parse(&config.endpoint).map_err(|e| {
-            Error::Config(Cow::Owned(format!(
-                "Tencent endpoint {:?} is not a URL: {e}",
-                config.endpoint
-            )))
-        })?;
-        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-            return Err(Error::Config(Cow::Owned(format!(
-                "Tencent endpoint {:?} must be an http(s) URL with a host",
-                config.endpoint
-            ))));
-        }
-        if url.scheme() == "http" && !is_loopback(&url) && !config.danger_allow_insecure_http {
-            return Err(Error::Config(Cow::Owned(format!(
-                "Tencent endpoint {:?} is plain http to a host that is not a loopback address: KMS responses carry plaintext data keys, so use https (or set TencentConfig::danger_allow_insecure_http on a network you control)",
-                config.endpoint
-            ))));
-        }
+        let url = http::endpoint(
+            "Tencent",
+            "TencentConfig::danger_allow_insecure_http",
+            &config.endpoint,
+            config.danger_allow_insecure_http,
+        )?;
         // The Host header hyper sends: the host, plus the port when it is not the scheme's.
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
             (Some(h), None) => h.to_owned(),
             (None, _) => unreachable!("checked above"),
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            // A redirect would send the signed request (and its session token) elsewhere and take
-            // a data key from whoever answers there: a 3xx is an error (see `attempt`).
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| Error::Config(Cow::Owned(format!("cannot build the HTTP client: {e}"))))?;
+        // A 3xx is an error (see `attempt`).
+        let client = http::client(config.connect_timeout, config.request_timeout, Vec::new())?;
         Ok(TencentKms {
             host,
             url,
             client,
-            config: TencentConfig {
-                max_attempts: config.max_attempts.max(1),
-                ..config
-            },
+            retry: Retry::new(config.request_timeout, config.max_attempts, config.backoff),
+            config,
         })
     }
 
@@ -288,27 +285,9 @@ impl TencentKms {
             KmsError::new(PROVIDER, KmsErrorKind::InvalidRequest).with_message(e.to_string())
         })?);
         drop(params);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.attempt(action, &body).await;
-            match result {
-                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
-                    let wait = self.backoff(attempt);
-                    tracing::debug!(target: "envelope::kms::tencent", action, attempt, ?wait, error = %e, "retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        // Jitter between 50 % and 150 %, so synchronized clients spread out.
-        scale(
-            backoff_base(self.config.backoff, attempt),
-            0.5 + rand::rng().random::<f64>(),
-        )
+        self.retry
+            .run(PROVIDER, action, || self.attempt(action, &body))
+            .await
     }
 
     /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
@@ -369,13 +348,16 @@ impl TencentKms {
         if let Some(token) = &self.config.session_token {
             request = request.header("X-TC-Token", token.expose());
         }
-        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| http::transport_error(PROVIDER, &e))?;
         let status = response.status();
         let bytes = Zeroizing::new(
             response
                 .bytes()
                 .await
-                .map_err(|e| transport_error(&e))?
+                .map_err(|e| http::transport_error(PROVIDER, &e))?
                 .to_vec(),
         );
         if status.is_server_error() {
@@ -453,45 +435,6 @@ impl TencentKms {
         .await?;
         Ok(())
     }
-}
-
-/// Whether the URL's host is a loopback address: `127.0.0.0/8`, `::1` or `localhost`.
-fn is_loopback(url: &reqwest::Url) -> bool {
-    // The URL parser has already normalized the host: IPv4 in dotted decimal, IPv6 in brackets.
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    match bare.parse::<IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => host.eq_ignore_ascii_case("localhost"),
-    }
-}
-
-/// The back-off before retry number `attempt` (1 for the first retry), before jitter.
-fn backoff_base(backoff: Duration, attempt: u32) -> Duration {
-    backoff.saturating_mul(1 << attempt.saturating_sub(1).min(BACKOFF_DOUBLINGS))
-}
-
-/// The back-off doubles this many times at most (to 1024 times [`TencentConfig::backoff`]).
-const BACKOFF_DOUBLINGS: u32 = 10;
-
-/// `d * factor`, saturating instead of panicking on overflow.
-fn scale(d: Duration, factor: f64) -> Duration {
-    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
-}
-
-fn transport_error(e: &reqwest::Error) -> KmsError {
-    let kind = if e.is_timeout() {
-        KmsErrorKind::Timeout
-    } else {
-        KmsErrorKind::Network
-    };
-    // reqwest's Display names the URL and the failure, never a body.
-    KmsError::new(PROVIDER, kind).with_message(e.to_string())
 }
 
 fn invalid_response(what: &str) -> KmsError {
@@ -611,16 +554,7 @@ impl KmsProvider for TencentKms {
     /// Every attempt at its full `request_timeout` (which includes connecting), plus every
     /// back-off at its longest jitter (150 %).
     fn call_budget(&self) -> Option<Duration> {
-        let c = &self.config;
-        let attempts = c.request_timeout.saturating_mul(c.max_attempts);
-        let retries = c.max_attempts - 1; // `new` made it at least 1
-        // The back-off doubles up to retry BACKOFF_DOUBLINGS + 1 and stays flat after it.
-        let doubling = retries.min(BACKOFF_DOUBLINGS + 1);
-        let growing = (1..=doubling).fold(Duration::ZERO, |sum, retry| {
-            sum.saturating_add(scale(backoff_base(c.backoff, retry), 1.5))
-        });
-        let flat = scale(backoff_base(c.backoff, retries), 1.5).saturating_mul(retries - doubling);
-        Some(attempts.saturating_add(growing).saturating_add(flat))
+        Some(self.retry.budget())
     }
 
     async fn generate_data_key(
@@ -786,49 +720,28 @@ mod tests {
 
     #[test]
     fn plain_http_is_for_loopback_hosts_only() {
-        for ok in [
-            "http://127.0.0.1:9190",
-            "http://127.8.9.10",
-            "http://[::1]:9190",
-            "http://localhost:9190",
-            "http://LocalHost",
-            "https://10.0.0.1:1",
-            "https://kms.ap-guangzhou.tencentcloudapi.com",
-        ] {
-            assert!(TencentKms::new(config().with_endpoint(ok)).is_ok(), "{ok}");
-        }
-        for bad in [
-            "http://10.0.0.1:1",
-            "http://kms.tencentcloudapi.com",
-            "http://localhost.example.com",
-            "http://[::ffff:10.0.0.1]",
-            "http://0.0.0.0:9190",
-        ] {
-            let err = TencentKms::new(config().with_endpoint(bad)).unwrap_err();
-            let msg = err.to_string();
-            assert!(matches!(err, Error::Config(_)), "{bad}: {msg}");
-            assert!(
-                msg.contains(bad)
-                    && msg.contains("not a loopback address")
-                    && msg.contains("https"),
-                "{msg}"
-            );
-            let mut opted_in = config().with_endpoint(bad);
-            opted_in.danger_allow_insecure_http = true;
-            assert!(TencentKms::new(opted_in).is_ok(), "{bad} with the opt-in");
-        }
+        assert!(TencentKms::new(config().with_endpoint("http://127.0.0.1:9190")).is_ok());
+        let bad = "http://10.0.0.1:1";
+        let err = TencentKms::new(config().with_endpoint(bad)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{msg}");
+        assert!(
+            msg.contains(bad)
+                && msg.contains("not a loopback address")
+                && msg.contains("TencentConfig::danger_allow_insecure_http"),
+            "{msg}"
+        );
+        let mut opted_in = config().with_endpoint(bad);
+        opted_in.danger_allow_insecure_http = true;
+        assert!(TencentKms::new(opted_in).is_ok());
     }
 
     #[test]
-    fn call_budget_counts_every_attempt_and_the_longest_backoffs() {
+    fn call_budget_fits_the_default_kms_timeout() {
         let defaults = TencentKms::new(config()).unwrap();
         // 3 attempts x 2.5 s, plus back-offs of 100 ms and 200 ms at 150 % jitter.
         assert_eq!(defaults.call_budget(), Some(Duration::from_millis(7950)));
-        assert!(
-            defaults.call_budget().unwrap() < crate::Policy::default().kms_timeout,
-            "the defaults fit inside the keyring's default kms_timeout"
-        );
-
+        assert!(defaults.call_budget().unwrap() < crate::Policy::default().kms_timeout);
         let mut c = config();
         c.max_attempts = 0; // clamped to one attempt, no back-off
         c.request_timeout = Duration::from_secs(4);
@@ -836,36 +749,6 @@ mod tests {
             TencentKms::new(c).unwrap().call_budget(),
             Some(Duration::from_secs(4))
         );
-
-        let mut c = config();
-        c.max_attempts = 5;
-        c.request_timeout = Duration::from_secs(1);
-        c.backoff = Duration::from_millis(10);
-        // 5 s + (10 + 20 + 40 + 80) ms x 1.5
-        assert_eq!(
-            TencentKms::new(c).unwrap().call_budget(),
-            Some(Duration::from_millis(5225))
-        );
-
-        // Past ten doublings the back-off stays at 1024 x backoff.
-        let mut c = config();
-        c.max_attempts = 14;
-        c.request_timeout = Duration::ZERO;
-        c.backoff = Duration::from_millis(2);
-        // (2 + 4 + ... + 2048) + 2 x 2048 ms, all x 1.5
-        assert_eq!(
-            TencentKms::new(c).unwrap().call_budget(),
-            Some(Duration::from_millis((4094 + 4096) * 3 / 2))
-        );
-
-        // Absurd settings saturate instead of panicking.
-        let mut c = config();
-        c.max_attempts = u32::MAX;
-        c.request_timeout = Duration::MAX;
-        c.backoff = Duration::MAX;
-        let kms = TencentKms::new(c).unwrap();
-        assert_eq!(kms.call_budget(), Some(Duration::MAX));
-        assert!(kms.backoff(40) >= Duration::from_secs(1));
     }
 
     #[test]
