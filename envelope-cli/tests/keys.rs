@@ -10,7 +10,10 @@
 //! - `rotate --index` under a reader looping over lookups (zero misses) and a writer, killed
 //!   with SIGKILL midway and run again;
 //! - Tencent CMK A -> B on the emulator: killed with SIGKILL midway, rerun, then back to A with
-//!   exactly one `ReEncrypt` per key and no other KMS call.
+//!   exactly one `ReEncrypt` per key and no other KMS call;
+//! - across KMSs, local -> OpenBao and Tencent emulator -> moto, while an application with both
+//!   providers keeps reading (warm, and cold keyrings made throughout): every key moves, no data
+//!   row changes, the destination alone reads everything, `verify` passes with it.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 #[macro_use]
@@ -22,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use common::{Kind, Lookups, Target};
 use envelope_core::{
-    BlindIndexSpec, Error, KeyFilter, KeyId, KeyKind, KeyRecord, Keyring, Label, LocalKms,
-    Normalizer, Policy,
+    BlindIndexSpec, Error, KeyFilter, KeyId, KeyKind, KeyRecord, Keyring, KmsProvider, Label,
+    LocalKms, Normalizer, Policy,
 };
 use sqlx::Row;
 
@@ -212,9 +215,11 @@ async fn rewrap_local_to_local(kind: Kind) {
         .sum();
     assert_eq!(counted, 200, "{list}");
     assert!(listed.iter().all(|k| k["cmk_id"] == new_cmk.as_str()));
-    // Across providers: refused before anything is written.
+    // A destination KMS without credentials: refused before anything is written.
     let out = t.envelope(&["keys", "rewrap", "--to", "tencent://ap-guangzhou/x"]);
     assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TENCENTCLOUD_SECRET_ID"), "{stderr}");
 }
 
 async fn retire_then_write(kind: Kind) {
@@ -647,10 +652,228 @@ async fn rewrap_tencent_cmk_a_to_b_on_the_emulator(kind: Kind) {
     assert_eq!(snapshot(&t, &table).await, before);
 }
 
+/// One end of a move between KMSs: the key URI the CLI takes, the environment it needs, and
+/// the same provider for the application.
+struct Side {
+    uri: String,
+    env: Vec<(&'static str, String)>,
+    kms: Arc<dyn KmsProvider>,
+    cmk: String,
+}
+
+async fn keyring_with(t: &Target, writer: &Side, reader: Option<&Side>) -> Result<Keyring, Error> {
+    let store = envelope_sqlx::key_store_for_url(&t.url, &t.key_table())
+        .await
+        .unwrap();
+    let (kms, cmk) = (writer.kms.clone(), writer.cmk.clone());
+    let also = reader.map(|r| r.kms.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut b = Keyring::builder(kms, cmk, store).policy(Policy {
+            key_refresh: Duration::from_secs(1),
+            ..Policy::default()
+        });
+        if let Some(also) = also {
+            b = b.also_read_with(also);
+        }
+        b.build()
+    })
+    .await
+    .unwrap()
+}
+
+/// Encrypt a table under `from`, then `keys rewrap --to` `to` while an application that holds
+/// both providers keeps reading.
+async fn rewrap_across_kmss(t: &Target, from: Side, to: Side) {
+    const ROWS: i64 = 120;
+    let table = t.table("mv");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email {blob}, email_bidx {blob})",
+        blob = t.blob()
+    ))
+    .await;
+    for i in 1..=ROWS {
+        t.exec(&format!(
+            "INSERT INTO {table} VALUES ({i}, {}, NULL)",
+            t.bytes_literal(email(i).as_bytes())
+        ))
+        .await;
+    }
+    t.write_config(&config(&table));
+    let env: Vec<(&str, &str)> = from
+        .env
+        .iter()
+        .chain(&to.env)
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    for cmd in ["init", "encrypt", "rotate"] {
+        t.expect_with_env(&["--kms", &from.uri, cmd], &env, 0);
+    }
+    let before = snapshot(t, &table).await;
+    let total = keys(t).await.len();
+    assert!(total >= 3, "data keys and the index key");
+    assert!(keys(t).await.iter().all(|k| k.provider == from.kms.name()));
+
+    let app = keyring_with(t, &from, Some(&to)).await.unwrap();
+    assert_eq!(open_all(&app, &before).await.unwrap(), ROWS as usize);
+    // Cold keyrings made over and over while the keys move: each unwraps with whichever
+    // provider the key row names at that moment.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, reads) = (stop.clone(), reads.clone());
+        let snap = before.clone();
+        let (url, key_table) = (t.url.clone(), t.key_table());
+        let (w, r) = ((from.kms.clone(), from.cmk.clone()), to.kms.clone());
+        tokio::spawn(async move {
+            let label = Label::new(LABEL).unwrap();
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let store = envelope_sqlx::key_store_for_url(&url, &key_table)
+                    .await
+                    .unwrap();
+                let (kms, cmk, also) = (w.0.clone(), w.1.clone(), r.clone());
+                let cold = tokio::task::spawn_blocking(move || {
+                    Keyring::builder(kms, cmk, store)
+                        .also_read_with(also)
+                        .build()
+                        .unwrap()
+                })
+                .await
+                .unwrap();
+                for _ in 0..3 {
+                    let (id, value, _) = &snap[i % snap.len()];
+                    i += 7;
+                    let plain = cold.decrypt(&label, value.as_ref().unwrap()).await.unwrap();
+                    assert_eq!(plain, email(*id).as_bytes());
+                    reads.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    let out = t.expect_with_env(
+        &[
+            "--kms", &from.uri, "keys", "rewrap", "--to", &to.uri, "--json",
+        ],
+        &env,
+        0,
+    );
+    let s = Target::summary(&out);
+    assert_eq!(s["rewrapped"].as_u64().unwrap() as usize, total, "{out}");
+    stop.store(true, Ordering::SeqCst);
+    reader.await.unwrap();
+    assert!(reads.load(Ordering::SeqCst) > 0);
+
+    // Every key is under the destination; no data row changed.
+    let after = keys(t).await;
+    assert_eq!(after.len(), total);
+    for k in &after {
+        assert_eq!(
+            (k.provider.as_str(), k.cmk_id.as_str()),
+            (to.kms.name(), to.cmk.as_str())
+        );
+    }
+    assert_eq!(snapshot(t, &table).await, before);
+    assert_eq!(open_all(&app, &before).await.unwrap(), ROWS as usize);
+    // The destination alone reads everything, in a cold keyring and in `verify`.
+    let dest_only = keyring_with(t, &to, None).await.unwrap();
+    assert_eq!(open_all(&dest_only, &before).await.unwrap(), ROWS as usize);
+    t.expect_with_env(&["--kms", &to.uri, "verify"], &env, 0);
+    // The source alone no longer can, and says what to do.
+    let source_only = keyring_with(t, &from, None).await.unwrap();
+    let e = open_all(&source_only, &before).await.unwrap_err();
+    assert!(e.to_string().contains("also_read_with"), "{e}");
+    // A rerun has nothing left to do.
+    let again = Target::summary(&t.expect_with_env(
+        &[
+            "--kms", &from.uri, "keys", "rewrap", "--to", &to.uri, "--json",
+        ],
+        &env,
+        0,
+    ));
+    assert_eq!(again["rewrapped"], 0);
+}
+
+async fn rewrap_local_to_openbao(kind: Kind) {
+    use envelope_tests::servers::{VaultAdmin, openbao_token, openbao_url, vault_kms};
+    let Some(url) = openbao_url("rewrap_local_to_openbao") else {
+        return;
+    };
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    // The target's own master key file (made with the target).
+    let path = t.dir.path().join("master.key");
+    let local = LocalKms::open(&path).unwrap();
+    let from = Side {
+        uri: format!("local://{}", path.display()),
+        env: Vec::new(),
+        cmk: local.cmk_id().to_owned(),
+        kms: Arc::new(local),
+    };
+    let cmk = VaultAdmin::new(&url).await.new_key(false).await;
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let to = Side {
+        uri: format!("vault+http://{host}/{cmk}"),
+        env: vec![("VAULT_TOKEN", openbao_token())],
+        kms: Arc::new(vault_kms(&url)),
+        cmk,
+    };
+    rewrap_across_kmss(&t, from, to).await;
+}
+
+async fn rewrap_tencent_to_moto(kind: Kind) {
+    use envelope_cli::emulator::{Emulator, EmulatorConfig};
+    use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+    use envelope_tests::servers::{aws_kms, aws_new_key, moto_url};
+    let Some(moto) = moto_url("rewrap_tencent_to_moto") else {
+        return;
+    };
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    let emulator = Emulator::start(EmulatorConfig::local("AKIDmove", "move-secret")).unwrap();
+    let tencent = TencentKms::new(
+        TencentConfig::new(
+            "AKIDmove",
+            envelope_core::SecretString::new("move-secret"),
+            "ap-guangzhou",
+        )
+        .with_endpoint(emulator.endpoint()),
+    )
+    .unwrap();
+    let a = tencent.create_key("move-a", "A").await.unwrap().key_id;
+    let from = Side {
+        uri: format!("tencent://ap-guangzhou/{a}"),
+        env: vec![
+            ("TENCENTCLOUD_SECRET_ID", "AKIDmove".to_owned()),
+            ("TENCENTCLOUD_SECRET_KEY", "move-secret".to_owned()),
+            ("ENVELOPE_TENCENT_ENDPOINT", emulator.endpoint()),
+        ],
+        kms: Arc::new(tencent),
+        cmk: a,
+    };
+    let aws = aws_kms(&moto).await;
+    let key = aws_new_key(&aws).await;
+    let to = Side {
+        uri: format!("aws://us-east-1/{key}"),
+        env: vec![
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+            ("AWS_ENDPOINT_URL_KMS", moto.clone()),
+        ],
+        kms: Arc::new(aws),
+        cmk: key,
+    };
+    rewrap_across_kmss(&t, from, to).await;
+}
+
 per_database!(
     rewrap_local_to_local,
     retire_then_write,
     shred_then_read,
     rotate_index_under_a_reader,
-    rewrap_tencent_cmk_a_to_b_on_the_emulator
+    rewrap_tencent_cmk_a_to_b_on_the_emulator,
+    rewrap_local_to_openbao,
+    rewrap_tencent_to_moto
 );

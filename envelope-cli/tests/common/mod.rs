@@ -109,6 +109,7 @@ impl Target {
             .env_remove("DATABASE_URL")
             .env_remove("ENVELOPE_DATABASE_URL")
             .env_remove("ENVELOPE_KMS")
+            .env_remove("ENVELOPE_ALSO_READ")
             .stdin(Stdio::null());
         c
     }
