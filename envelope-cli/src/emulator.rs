@@ -60,6 +60,29 @@ pub struct EmulatorConfig {
     pub state_file: Option<PathBuf>,
     /// Faults from the start.
     pub faults: Faults,
+    /// Serve a CVM instance's role credentials on the metadata path, as
+    /// `metadata.tencentyun.com` does: each read hands out new temporary credentials (accepted
+    /// with their `X-TC-Token` until they expire).
+    pub instance_role: Option<InstanceRole>,
+}
+
+/// The role of the emulated CVM instance.
+#[derive(Clone, Debug)]
+pub struct InstanceRole {
+    /// The CAM role name the metadata service lists.
+    pub name: String,
+    /// How long each set of temporary credentials lives.
+    pub ttl: Duration,
+}
+
+/// The metadata path that lists the instance's role, as on a CVM.
+pub const ROLE_PATH: &str = "/latest/meta-data/cam/security-credentials/";
+
+/// Temporary credentials handed out by the metadata path.
+struct TempCredentials {
+    secret_key: SecretString,
+    token: SecretString,
+    expires: i64,
 }
 
 impl std::fmt::Debug for EmulatorConfig {
@@ -75,6 +98,7 @@ impl std::fmt::Debug for EmulatorConfig {
             )
             .field("state_file", &self.state_file)
             .field("faults", &self.faults)
+            .field("instance_role", &self.instance_role)
             .finish()
     }
 }
@@ -89,6 +113,7 @@ impl EmulatorConfig {
             session_token: None,
             state_file: None,
             faults: Faults::default(),
+            instance_role: None,
         }
     }
 }
@@ -149,6 +174,8 @@ struct Shared {
     counters: Mutex<Counters>,
     faults: Mutex<Faults>,
     window: Mutex<(Instant, u32)>,
+    /// Temporary credentials handed out on the metadata path, by SecretId.
+    temp: Mutex<BTreeMap<String, TempCredentials>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,6 +216,7 @@ impl Emulator {
             counters: Mutex::default(),
             faults: Mutex::new(faults),
             window: Mutex::new((Instant::now(), 0)),
+            temp: Mutex::default(),
         });
         let std_listener = std::net::TcpListener::bind(shared.config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", shared.config.listen))?;
@@ -386,6 +414,9 @@ async fn handle(
                 }
             };
         }
+        ("GET", path) if path.starts_with(ROLE_PATH) => {
+            return instance_metadata(&shared, &path[ROLE_PATH.len()..]);
+        }
         ("POST", "/") => {}
         _ => {
             return respond(Err(api_error(
@@ -396,7 +427,7 @@ async fn handle(
     }
     let action = header(&headers, "x-tc-action").unwrap_or("").to_owned();
     lock(&shared.counters).requests += 1;
-    if let Err(e) = authenticate(&shared.config, &headers, &body) {
+    if let Err(e) = authenticate(&shared, &headers, &body) {
         return respond(Err(e));
     }
     *lock(&shared.counters)
@@ -427,8 +458,61 @@ fn now_secs() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
+/// `GET /latest/meta-data/cam/security-credentials/[ROLE]`: the role's name, or new temporary
+/// credentials for it, in the shape the CVM metadata service uses.
+fn instance_metadata(shared: &Shared, rest: &str) -> Response {
+    let Some(role) = &shared.config.instance_role else {
+        return (StatusCode::NOT_FOUND, "no role is bound to this instance\n").into_response();
+    };
+    *lock(&shared.counters)
+        .calls
+        .entry("metadata".to_owned())
+        .or_default() += 1;
+    if rest.is_empty() {
+        return (StatusCode::OK, role.name.clone()).into_response();
+    }
+    if rest != role.name {
+        return (StatusCode::NOT_FOUND, "no such role\n").into_response();
+    }
+    let random = |n: usize| {
+        let mut b = vec![0u8; n];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    };
+    let secret_id = format!("AKIDtmp{}", random(12));
+    let secret_key = random(20);
+    let token = random(32);
+    let ttl = i64::try_from(role.ttl.as_secs()).unwrap_or(i64::MAX);
+    let expires = now_secs().saturating_add(ttl);
+    let mut temp = lock(&shared.temp);
+    // Forget long-expired sets, so a long-running emulator does not grow without bound.
+    temp.retain(|_, c| c.expires > now_secs() - 3600);
+    temp.insert(
+        secret_id.clone(),
+        TempCredentials {
+            secret_key: SecretString::new(secret_key.clone()),
+            token: SecretString::new(token.clone()),
+            expires,
+        },
+    );
+    let body = json!({
+        "TmpSecretId": secret_id,
+        "TmpSecretKey": secret_key,
+        "ExpiredTime": expires,
+        "Token": token,
+        "Code": "Success",
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 /// Verify the TC3 signature the way the real service does.
-fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+fn authenticate(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let config = &shared.config;
     let authorization = header(headers, "authorization").ok_or_else(|| {
         api_error(
             "AuthFailure.InvalidAuthorization",
@@ -458,12 +542,23 @@ fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Re
             "the request timestamp is more than 5 minutes from the server's clock",
         ));
     }
-    if parsed.secret_id != config.secret_id {
-        return Err(api_error(
-            "AuthFailure.SecretIdNotFound",
-            "the SecretId does not exist",
-        ));
-    }
+    // The static credentials, or a set of temporary ones from the metadata path.
+    let (secret_key, token, expires) = if parsed.secret_id == config.secret_id {
+        (
+            config.secret_key.clone(),
+            config.session_token.clone(),
+            None,
+        )
+    } else {
+        let temp = lock(&shared.temp);
+        let Some(c) = temp.get(&parsed.secret_id) else {
+            return Err(api_error(
+                "AuthFailure.SecretIdNotFound",
+                "the SecretId does not exist",
+            ));
+        };
+        (c.secret_key.clone(), Some(c.token.clone()), Some(c.expires))
+    };
     let mismatch = || {
         api_error(
             "AuthFailure.SignatureFailure",
@@ -485,21 +580,24 @@ fn authenticate(config: &EmulatorConfig, headers: &HeaderMap, body: &[u8]) -> Re
         headers: &pairs,
         payload: body,
     };
-    let expected = sign::signature(
-        config.secret_key.expose().as_bytes(),
-        timestamp,
-        "kms",
-        &input,
-    );
+    let expected = sign::signature(secret_key.expose().as_bytes(), timestamp, "kms", &input);
     if !sign::signatures_equal(&expected, &parsed.signature) {
         return Err(mismatch());
     }
-    if let Some(token) = &config.session_token
+    if let Some(token) = &token
         && !secrets_equal(header(headers, "x-tc-token").unwrap_or(""), token.expose())
     {
         return Err(api_error(
             "AuthFailure.TokenFailure",
             "the X-TC-Token is not valid",
+        ));
+    }
+    if let Some(expires) = expires
+        && now_secs() >= expires
+    {
+        return Err(api_error(
+            "AuthFailure.TokenFailure",
+            "the temporary credentials have expired",
         ));
     }
     Ok(())

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use envelope_cli::commands::{self, Failure, RotateSelection, RunOptions};
 use envelope_cli::config::{self, Overrides};
-use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
+use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults, InstanceRole};
 use envelope_cli::engine::{Op, Settings};
 use envelope_cli::keys;
 use envelope_cli::report::Output;
@@ -293,6 +293,14 @@ enum Command {
         /// Answer calls beyond this many per second with RequestLimitExceeded (0: no limit).
         #[arg(long, default_value_t = 0)]
         max_qps: u32,
+        /// Also act as a CVM instance with this CAM role: GET
+        /// /latest/meta-data/cam/security-credentials/ROLE hands out temporary credentials that
+        /// the emulator accepts until they expire.
+        #[arg(long)]
+        instance_role: Option<String>,
+        /// How long each set of instance-role credentials lives.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        role_ttl: Duration,
     },
 }
 
@@ -350,6 +358,8 @@ impl std::fmt::Debug for Command {
                 fail_rate,
                 latency_ms,
                 max_qps,
+                instance_role,
+                role_ttl,
             } => f
                 .debug_struct("KmsEmulator")
                 .field("listen", listen)
@@ -363,6 +373,8 @@ impl std::fmt::Debug for Command {
                 .field("fail_rate", fail_rate)
                 .field("latency_ms", latency_ms)
                 .field("max_qps", max_qps)
+                .field("instance_role", instance_role)
+                .field("role_ttl", role_ttl)
                 .finish(),
         }
     }
@@ -519,6 +531,8 @@ fn run_local(command: Command) -> Result<(), String> {
             fail_rate,
             latency_ms,
             max_qps,
+            instance_role,
+            role_ttl,
         } => {
             if !(0.0..=1.0).contains(&fail_rate) {
                 return Err(format!(
@@ -539,6 +553,10 @@ fn run_local(command: Command) -> Result<(), String> {
                     latency_ms,
                     max_qps,
                 },
+                instance_role: instance_role.map(|name| InstanceRole {
+                    name,
+                    ttl: role_ttl,
+                }),
             })?;
             println!("kms-emulator listening on {}", emulator.endpoint());
             use std::io::Write as _;

@@ -58,6 +58,7 @@ async fn lookups_never_miss_during_an_index_rotation(kind: Kind) {
             key_refresh: Duration::from_secs(1),
             ..Policy::default()
         },
+        also_read: Vec::new(),
     })
     .await
     .unwrap();

@@ -944,3 +944,128 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
     // Writes 2 and 3 failed at once with the recorded error: no new connection.
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+// ----- instance role credentials -----------------------------------------------------------------
+
+/// An emulator that also serves a CVM instance's role credentials living `ttl`.
+fn role_emulator(ttl: Duration) -> Emulator {
+    let mut config = EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY);
+    config.instance_role = Some(envelope_cli::emulator::InstanceRole {
+        name: "envelope-app".into(),
+        ttl,
+    });
+    Emulator::start(config).unwrap()
+}
+
+fn role_client(emulator: &Emulator, role: InstanceRole) -> TencentKms {
+    TencentKms::new(
+        TencentConfig::with_instance_role("ap-guangzhou", role).with_endpoint(emulator.endpoint()),
+    )
+    .unwrap()
+}
+
+/// Read one set of temporary credentials from the metadata path, as a CVM process would.
+async fn temp_credentials(emulator: &Emulator) -> Value {
+    let url = format!(
+        "{}{}envelope-app",
+        emulator.endpoint(),
+        envelope_cli::emulator::ROLE_PATH
+    );
+    serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap()
+}
+
+use envelope_core::kms::tencent::InstanceRole;
+
+#[test]
+fn instance_role_credentials_are_read_and_refreshed_before_they_expire() {
+    rt().block_on(async {
+        let emulator = role_emulator(Duration::from_secs(3));
+        let early = temp_credentials(&emulator).await;
+        let kms = role_client(
+            &emulator,
+            InstanceRole {
+                metadata_endpoint: emulator.endpoint(),
+                refresh_before: Duration::from_secs(1),
+                ..InstanceRole::default()
+            },
+        );
+        // The budget counts the two metadata requests: still inside the default kms_timeout.
+        assert!(kms.call_budget().unwrap() < Policy::default().kms_timeout);
+        let cmk = kms.create_key("role", "role").await.unwrap().key_id;
+        // One request for the role's name, one for its credentials (plus the one above).
+        assert_eq!(emulator.calls("metadata"), 3);
+        let g = kms.generate_data_key(&cmk, &ctx()).await.unwrap();
+        assert_eq!(emulator.calls("metadata"), 3, "cached while fresh");
+        // Within `refresh_before` of their expiry they are replaced before the next call.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let back = kms.decrypt(&cmk, &g.wrapped, &ctx()).await.unwrap();
+        assert_eq!(back.expose(), g.plaintext.expose());
+        assert_eq!(emulator.calls("metadata"), 5);
+
+        // The emulator enforces expiry and the token, so the refresh is what kept it working.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let stale = |token: &str| {
+            let mut c = TencentConfig::new(
+                early["TmpSecretId"].as_str().unwrap(),
+                SecretString::new(early["TmpSecretKey"].as_str().unwrap()),
+                "ap-guangzhou",
+            )
+            .with_endpoint(emulator.endpoint());
+            c.session_token = Some(SecretString::new(token));
+            TencentKms::new(c).unwrap()
+        };
+        let e = stale(early["Token"].as_str().unwrap())
+            .describe_key(&cmk)
+            .await
+            .unwrap_err();
+        let Error::Kms(e) = e else { panic!("{e}") };
+        assert_eq!(e.kind(), KmsErrorKind::Auth, "{e}");
+        assert_eq!(e.code(), Some("AuthFailure.TokenFailure"), "{e}");
+        let fresh = temp_credentials(&emulator).await;
+        let mut c = TencentConfig::new(
+            fresh["TmpSecretId"].as_str().unwrap(),
+            SecretString::new(fresh["TmpSecretKey"].as_str().unwrap()),
+            "ap-guangzhou",
+        )
+        .with_endpoint(emulator.endpoint());
+        c.session_token = Some(SecretString::new("not-the-token"));
+        let e = TencentKms::new(c)
+            .unwrap()
+            .describe_key(&cmk)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("AuthFailure.TokenFailure"), "{e}");
+    });
+}
+
+#[test]
+fn a_missing_role_or_metadata_service_is_a_clear_error() {
+    rt().block_on(async {
+        let emulator = role_emulator(Duration::from_secs(3600));
+        let kms = role_client(
+            &emulator,
+            InstanceRole {
+                metadata_endpoint: emulator.endpoint(),
+                role: Some("not-this-instance's-role".into()),
+                ..InstanceRole::default()
+            },
+        );
+        let e = kms.generate_data_key("k", &ctx()).await.unwrap_err();
+        assert_eq!(e.kind(), KmsErrorKind::Auth, "{e}");
+        assert!(e.to_string().contains("no CAM role"), "{e}");
+        // Nothing listens there: a retryable network error naming the metadata service.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let kms = role_client(
+            &emulator,
+            InstanceRole {
+                metadata_endpoint: dead.clone(),
+                ..InstanceRole::default()
+            },
+        );
+        let e = kms.generate_data_key("k", &ctx()).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("metadata service"), "{e}");
+    });
+}

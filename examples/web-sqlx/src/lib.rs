@@ -11,9 +11,12 @@
 //! | `GET /metrics` | KMS calls, cache hits and misses |
 //!
 //! Configuration, all optional: `PORT` (3000), `DATABASE_URL` (`sqlite://web-sqlx.db?mode=rwc`;
-//! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`, or `tencent` with
-//! `ENVELOPE_CMK` and the `TENCENTCLOUD_*` variables), `ENVELOPE_MASTER_KEY_FILE`
-//! (`envelope-master.key`) or `ENVELOPE_LOCAL_MASTER_KEY` for the local KMS.
+//! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`; `tencent` with
+//! `ENVELOPE_CMK` and the `TENCENTCLOUD_*` variables; or any key URI such as
+//! `aws://REGION/KEY` or `vault://HOST:PORT/MOUNT/KEY`, see docs/PROVIDERS.md),
+//! `ENVELOPE_ALSO_READ` (comma-separated key URIs of KMSs whose keys it must still read, while
+//! `envelope keys rewrap` moves them), `ENVELOPE_MASTER_KEY_FILE` (`envelope-master.key`) or
+//! `ENVELOPE_LOCAL_MASTER_KEY` for the local KMS.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use envelope_core::kms::KeyUri;
 use envelope_core::kms::tencent::{TencentConfig, TencentKms};
 use envelope_core::{Keyring, KmsProvider, LocalKms, Normalizer};
 use envelope_sqlx::{BlindIndex, Encrypted, Json as JsonValue, blind_index, column};
@@ -63,6 +67,8 @@ pub enum KmsChoice {
     LocalEnv,
     /// Tencent Cloud KMS (or the emulator, via the endpoint) and a CMK id.
     Tencent(Box<TencentConfig>, String),
+    /// Any provider by key URI, credentials from the environment.
+    Uri(KeyUri),
 }
 
 /// The service's settings.
@@ -80,6 +86,8 @@ pub struct Config {
     pub keys_table: String,
     /// The keyring's policy (key lifetimes, cache, how often the key table is re-read).
     pub policy: envelope_core::Policy,
+    /// Other KMSs whose keys the keyring must read (`ENVELOPE_ALSO_READ`).
+    pub also_read: Vec<KeyUri>,
 }
 
 impl Config {
@@ -115,12 +123,22 @@ impl Config {
                     )
                 }
             }
+            Ok(uri) if uri.contains("://") => {
+                KmsChoice::Uri(KeyUri::parse(uri).map_err(|e| format!("ENVELOPE_KMS: {e}"))?)
+            }
             Ok(other) => {
                 return Err(format!(
-                    "ENVELOPE_KMS must be `local` or `tencent`, got {other:?}"
+                    "ENVELOPE_KMS must be `local`, `tencent` or a key URI (aws://REGION/KEY, vault://HOST/MOUNT/KEY, ...), got {other:?}"
                 ));
             }
         };
+        let also_read = std::env::var("ENVELOPE_ALSO_READ")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| KeyUri::parse(u).map_err(|e| format!("ENVELOPE_ALSO_READ: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             port,
             database_url,
@@ -128,6 +146,7 @@ impl Config {
             customers_table: "customers".to_owned(),
             keys_table: envelope_sqlx::DEFAULT_TABLE.to_owned(),
             policy: envelope_core::Policy::default(),
+            also_read,
         })
     }
 }
@@ -240,7 +259,15 @@ impl App {
                 Arc::new(TencentKms::new((**c).clone()).map_err(|e| e.to_string())?),
                 cmk.clone(),
             ),
+            KmsChoice::Uri(uri) => {
+                let c = uri.connect().await.map_err(|e| e.to_string())?;
+                (c.kms, c.cmk)
+            }
         };
+        let mut readers = Vec::new();
+        for uri in &config.also_read {
+            readers.push(uri.connect().await.map_err(|e| e.to_string())?.kms);
+        }
         let url = &config.database_url;
         let store = envelope_sqlx::key_store_for_url(url, &config.keys_table)
             .await
@@ -257,7 +284,11 @@ impl App {
                 .await
                 .map_err(|e| format!("cannot create the customers table: {e}"))?;
         }
-        let keyring = Keyring::builder(kms, cmk, store)
+        let keyring = readers
+            .into_iter()
+            .fold(Keyring::builder(kms, cmk, store), |b, r| {
+                b.also_read_with(r)
+            })
             .policy(config.policy.clone())
             .build()
             .map_err(|e| e.to_string())?;

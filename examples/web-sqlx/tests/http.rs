@@ -27,6 +27,7 @@ async fn start(database_url: Option<String>, kms: Option<KmsChoice>) -> Running 
         customers_table: format!("customers_{tag}"),
         keys_table: format!("keys_{tag}"),
         policy: envelope_core::Policy::default(),
+        also_read: Vec::new(),
     };
     if let KmsChoice::LocalFile(path) = &config.kms
         && !config.database_url.starts_with("sqlite:")

@@ -40,10 +40,15 @@
 //! provider does not resolve aliases with DescribeKey: that would be a second call inside the
 //! keyring's deadline, and an alias can be moved to another key.
 
+mod credentials;
 pub mod sign;
+
+pub use credentials::InstanceRole;
+use credentials::{Credentials, RoleSource, Source};
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -74,6 +79,9 @@ pub struct TencentConfig {
     pub secret_key: SecretString,
     /// An STS session token, sent as `X-TC-Token`, for temporary credentials.
     pub session_token: Option<SecretString>,
+    /// Take the credentials of the instance's CAM role from the metadata service instead of
+    /// `secret_id`/`secret_key` (which are then ignored). See [`InstanceRole`].
+    pub instance_role: Option<InstanceRole>,
     /// The region, for example `ap-guangzhou`.
     pub region: String,
     /// Base URL; default `https://kms.tencentcloudapi.com`. Plain `http://` is accepted only
@@ -119,6 +127,7 @@ impl fmt::Debug for TencentConfig {
             .field("secret_id", &self.secret_id)
             .field("secret_key", &self.secret_key)
             .field("session_token", &self.session_token)
+            .field("instance_role", &self.instance_role)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
             .field(
@@ -145,6 +154,7 @@ impl TencentConfig {
             secret_id: secret_id.into(),
             secret_key: secret_key.into(),
             session_token: None,
+            instance_role: None,
             region: region.into(),
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             danger_allow_insecure_http: false,
@@ -170,17 +180,53 @@ impl TencentConfig {
         Self::for_region_from_env(region)
     }
 
-    /// A configuration for `region` whose credentials come from `TENCENTCLOUD_SECRET_ID`,
-    /// `TENCENTCLOUD_SECRET_KEY` and, if set, `TENCENTCLOUD_SESSION_TOKEN`; the endpoint from
-    /// `ENVELOPE_TENCENT_ENDPOINT` if set.
+    /// A configuration for `region` that signs with the CVM instance's CAM role credentials
+    /// (see [`InstanceRole`]), with default settings.
+    pub fn with_instance_role(region: impl Into<String>, role: InstanceRole) -> Self {
+        TencentConfig {
+            instance_role: Some(role),
+            ..TencentConfig::new(String::new(), SecretString::new(""), region)
+        }
+    }
+
+    /// A configuration for `region` whose credentials come from the environment:
+    /// `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY` and, if set,
+    /// `TENCENTCLOUD_SESSION_TOKEN`; or, with `ENVELOPE_TENCENT_CREDENTIALS=instance-role`, the
+    /// instance's CAM role (`ENVELOPE_TENCENT_ROLE` names it, else the metadata service does;
+    /// `ENVELOPE_TENCENT_METADATA_ENDPOINT` points at another metadata service). The endpoint
+    /// comes from `ENVELOPE_TENCENT_ENDPOINT` if set.
     ///
     /// # Errors
     /// [`Error::Config`] naming the missing variable.
     pub fn for_region_from_env(region: impl Into<String>) -> Result<Self> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let endpoint = env("ENVELOPE_TENCENT_ENDPOINT");
+        match env("ENVELOPE_TENCENT_CREDENTIALS").as_deref() {
+            None | Some("environment") => {}
+            Some("instance-role") => {
+                let mut role = InstanceRole {
+                    role: env("ENVELOPE_TENCENT_ROLE"),
+                    ..InstanceRole::default()
+                };
+                if let Some(m) = env("ENVELOPE_TENCENT_METADATA_ENDPOINT") {
+                    role.metadata_endpoint = m;
+                }
+                let mut config = TencentConfig::with_instance_role(region, role);
+                if let Some(endpoint) = endpoint {
+                    config.endpoint = endpoint;
+                }
+                return Ok(config);
+            }
+            Some(other) => {
+                return Err(Error::Config(Cow::Owned(format!(
+                    "ENVELOPE_TENCENT_CREDENTIALS={other:?}: expected `environment` (TENCENTCLOUD_SECRET_ID/KEY) or `instance-role` (the CVM instance's CAM role)"
+                ))));
+            }
+        }
         let var = |name: &'static str| {
             std::env::var(name).ok().filter(|v| !v.is_empty()).ok_or_else(|| {
                 Error::Config(Cow::Owned(format!(
-                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment; credentials are never read from a config file)"
+                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment, or ENVELOPE_TENCENT_CREDENTIALS=instance-role on a CVM instance with a CAM role; credentials are never read from a config file)"
                 )))
             })
         };
@@ -193,9 +239,7 @@ impl TencentConfig {
             .ok()
             .filter(|t| !t.is_empty())
             .map(SecretString::new);
-        if let Ok(endpoint) = std::env::var("ENVELOPE_TENCENT_ENDPOINT")
-            && !endpoint.is_empty()
-        {
+        if let Some(endpoint) = endpoint {
             config.endpoint = endpoint;
         }
         Ok(config)
@@ -211,6 +255,7 @@ impl TencentConfig {
 /// A Tencent Cloud KMS client. Cheap to share; reuses connections.
 pub struct TencentKms {
     config: TencentConfig,
+    credentials: Source,
     retry: Retry,
     url: reqwest::Url,
     host: String,
@@ -247,11 +292,19 @@ impl TencentKms {
     /// whose host is not a loopback address (unless
     /// [`TencentConfig::danger_allow_insecure_http`] is set).
     pub fn new(config: TencentConfig) -> Result<Self> {
-        if config.secret_id.is_empty() || config.secret_key.is_empty() {
-            return Err(Error::Config(
-                "Tencent SecretId and SecretKey must not be empty".into(),
-            ));
-        }
+        let credentials = match &config.instance_role {
+            Some(role) => Source::Role(RoleSource::new(role)?),
+            None if config.secret_id.is_empty() || config.secret_key.is_empty() => {
+                return Err(Error::Config(
+                    "Tencent SecretId and SecretKey must not be empty (or set TencentConfig::instance_role)".into(),
+                ));
+            }
+            None => Source::Fixed(Arc::new(Credentials::fixed(
+                config.secret_id.clone(),
+                config.secret_key.clone(),
+                config.session_token.clone(),
+            ))),
+        };
         if config.region.is_empty() {
             return Err(Error::Config("Tencent region must not be empty".into()));
         }
@@ -273,6 +326,7 @@ impl TencentKms {
             host,
             url,
             client,
+            credentials,
             retry: Retry::new(config.request_timeout, config.max_attempts, config.backoff),
             config,
         })
@@ -285,9 +339,23 @@ impl TencentKms {
             KmsError::new(PROVIDER, KmsErrorKind::InvalidRequest).with_message(e.to_string())
         })?);
         drop(params);
-        self.retry
-            .run(PROVIDER, action, || self.attempt(action, &body))
-            .await
+        let credentials = match &self.credentials {
+            Source::Fixed(c) => c.clone(),
+            Source::Role(role) => role.get(&self.client).await?,
+        };
+        let result = self
+            .retry
+            .run(PROVIDER, action, || {
+                self.attempt(action, &body, &credentials)
+            })
+            .await;
+        if let (Source::Role(role), Err(e)) = (&self.credentials, &result)
+            && e.kind() == KmsErrorKind::Auth
+        {
+            // Revoked or expired early: the next call fetches a new set.
+            role.forget().await;
+        }
+        result
     }
 
     /// Refuse a result unless `reported` (the KeyId a response names) is `requested` (the CMK
@@ -310,7 +378,12 @@ impl TencentKms {
         )
     }
 
-    async fn attempt(&self, action: &str, body: &[u8]) -> std::result::Result<Value, KmsError> {
+    async fn attempt(
+        &self,
+        action: &str,
+        body: &[u8],
+        credentials: &Credentials,
+    ) -> std::result::Result<Value, KmsError> {
         let timestamp = i64::try_from(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -328,8 +401,8 @@ impl TencentKms {
             payload: body,
         };
         let authorization = sign::authorization(
-            &self.config.secret_id,
-            self.config.secret_key.expose().as_bytes(),
+            &credentials.secret_id,
+            credentials.secret_key.expose().as_bytes(),
             timestamp,
             SERVICE,
             &input,
@@ -345,7 +418,7 @@ impl TencentKms {
             .header("X-TC-Timestamp", timestamp.to_string())
             .header("X-TC-Language", "en-US")
             .body(body.to_vec());
-        if let Some(token) = &self.config.session_token {
+        if let Some(token) = &credentials.token {
             request = request.header("X-TC-Token", token.expose());
         }
         let response = request
@@ -554,7 +627,11 @@ impl KmsProvider for TencentKms {
     /// Every attempt at its full `request_timeout` (which includes connecting), plus every
     /// back-off at its longest jitter (150 %).
     fn call_budget(&self) -> Option<Duration> {
-        Some(self.retry.budget())
+        let credentials = match &self.credentials {
+            Source::Fixed(_) => Duration::ZERO,
+            Source::Role(role) => role.budget(),
+        };
+        Some(self.retry.budget().saturating_add(credentials))
     }
 
     async fn generate_data_key(
