@@ -877,3 +877,54 @@ per_database!(
     rewrap_local_to_openbao,
     rewrap_tencent_to_moto
 );
+
+/// moto does not check signatures by default, so the credential error path is shown here: a
+/// CLI with no AWS credentials anywhere in the chain says so, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_without_credentials_says_so() {
+    use envelope_tests::servers::{aws_kms, aws_new_key, moto_url};
+    let Some(moto) = moto_url("aws_without_credentials_says_so") else {
+        return;
+    };
+    let Some(t) = Target::new(Kind::Sqlite).await else {
+        return;
+    };
+    let key = aws_new_key(&aws_kms(&moto).await).await;
+    let table = t.table("nocreds");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email {blob}, email_bidx {blob})",
+        blob = t.blob()
+    ))
+    .await;
+    t.write_config(&config(&table));
+    let none = t.dir.path().join("no-such-file");
+    let none = none.to_str().unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL_KMS", moto.as_str()),
+        ("AWS_ACCESS_KEY_ID", ""),
+        ("AWS_SECRET_ACCESS_KEY", ""),
+        ("AWS_SESSION_TOKEN", ""),
+        ("AWS_PROFILE", "envelope-no-such-profile"),
+        ("AWS_CONFIG_FILE", none),
+        ("AWS_SHARED_CREDENTIALS_FILE", none),
+        ("AWS_WEB_IDENTITY_TOKEN_FILE", ""),
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", ""),
+        ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", ""),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let uri = format!("aws://us-east-1/{key}");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_envelope"));
+    c.arg("--config")
+        .arg(t.dir.path().join("envelope.toml"))
+        .args(["--kms", &uri, "init"])
+        .envs(env)
+        .stdin(std::process::Stdio::null());
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("credentials") && stderr.contains("aws"),
+        "the error names the missing credentials: {stderr}"
+    );
+    assert!(keys(&t).await.is_empty(), "no key row was written");
+}

@@ -1069,3 +1069,23 @@ fn a_missing_role_or_metadata_service_is_a_clear_error() {
         assert!(e.to_string().contains("metadata service"), "{e}");
     });
 }
+
+#[test]
+fn an_outage_of_the_tencent_kms_loses_nothing() {
+    rt().block_on(async {
+        let t = TencentTarget::new();
+        let cmk = t.kms.create_key("outage", "").await.unwrap().key_id;
+        let proxy = envelope_tests::proxy::Proxy::start(&t.emulator.addr().to_string());
+        let mut c = TencentConfig::new(
+            EMULATOR_SECRET_ID,
+            SecretString::new(EMULATOR_SECRET_KEY),
+            "ap-guangzhou",
+        )
+        .with_endpoint(proxy.url());
+        c.request_timeout = Duration::from_millis(1500);
+        c.max_attempts = 2;
+        c.backoff = Duration::from_millis(50);
+        let kms = Arc::new(TencentKms::new(c).unwrap());
+        envelope_tests::scenarios::kms_outage(kms, &cmk, &proxy).await;
+    });
+}
