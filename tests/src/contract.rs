@@ -27,7 +27,8 @@ pub trait ContractTarget: Send + Sync {
     async fn schedule_deletion(&self, cmk: &str) -> bool;
 }
 
-fn ctx(key_id: &str) -> EncryptionContext {
+/// The context the keyring binds a data key of the default scope to.
+pub fn ctx(key_id: &str) -> EncryptionContext {
     EncryptionContext::new()
         .with("envelope.key_id", key_id)
         .with("envelope.kind", "data")

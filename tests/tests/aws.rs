@@ -5,16 +5,10 @@
 
 use std::sync::Arc;
 
-use envelope_core::{EncryptionContext, KmsErrorKind, KmsProvider};
+use envelope_core::{KmsErrorKind, KmsProvider};
+use envelope_tests::contract::ctx;
 use envelope_tests::proxy::{Proxy, host_port};
 use envelope_tests::servers::{aws_kms, aws_new_key, moto_url};
-
-fn ctx(id: &str) -> EncryptionContext {
-    EncryptionContext::new()
-        .with("envelope.key_id", id)
-        .with("envelope.kind", "data")
-        .with("envelope.scope", "default")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_wrapped_under_another_cmk_is_refused() {

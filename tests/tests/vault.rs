@@ -6,16 +6,10 @@
 use std::sync::Arc;
 
 use envelope_core::kms::vault::{VaultConfig, VaultKms};
-use envelope_core::{EncryptionContext, KeyMaterial, KmsErrorKind, KmsProvider, SecretString};
+use envelope_core::{KeyMaterial, KmsErrorKind, KmsProvider, SecretString};
+use envelope_tests::contract::ctx;
 use envelope_tests::proxy::{Proxy, host_port};
 use envelope_tests::servers::{TRANSIT_MOUNT, VaultAdmin, openbao_url, vault_kms};
-
-fn ctx(id: &str) -> EncryptionContext {
-    EncryptionContext::new()
-        .with("envelope.key_id", id)
-        .with("envelope.kind", "data")
-        .with("envelope.scope", "default")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn derived_keys_bind_the_context_too() {
