@@ -217,7 +217,9 @@ async fn write_while(
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(n > 20, "the writer hardly ran ({n} writes)");
+    // Not vacuous: the application wrote while the job ran. On SQLite every write waits for the
+    // job's write lock, so a loaded machine sees few of them (9 in one CI run at 20 ms pauses).
+    assert!(n >= 5, "the writer hardly ran ({n} writes)");
     (last, stdout)
 }
 
@@ -235,7 +237,7 @@ async fn no_lost_updates(kind: Kind) {
         "--batch-size",
         "50",
         "--debug-pause-after-read",
-        "20ms",
+        "40ms",
         "--json",
         "--column",
         "email",
