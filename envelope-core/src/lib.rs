@@ -71,6 +71,7 @@ mod clock;
 pub mod column;
 mod error;
 pub mod format;
+pub mod key_table;
 mod keyring;
 mod keys;
 pub mod kms;

@@ -79,30 +79,57 @@
 //! `keyring.scope(async { .. })` (or install a default). A cache miss there is safe on
 //! multi-thread and current-thread runtimes.
 //!
-//! **Status:** the column types are complete for the three backends and tested against real
-//! databases: sync diesel on PostgreSQL and SQLite, diesel-async on PostgreSQL and MariaDB. The
-//! diesel key store and the diesel example app are not written yet: keep the key table with
-//! `envelope_sqlx::SqlxKeyStore` or another [`envelope_core::KeyStore`] meanwhile.
+//! ## The key table
+//!
+//! Values carry only a key id; the wrapped keys live in the key table. A diesel application
+//! keeps it with [`DieselKeyStore`] (sync diesel, feature `r2d2`, on by default) or
+//! [`AsyncDieselKeyStore`] (diesel-async, feature `async`), on the same database as the data or
+//! another one:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! use diesel::sqlite::SqliteConnection;
+//! use envelope_core::{Keyring, LocalKms};
+//! use envelope_diesel::DieselKeyStore;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = DieselKeyStore::<SqliteConnection>::connect("app.db")?;
+//! store.create_table()?;
+//! let kms = LocalKms::open_or_create_for_development("envelope-master.key")?;
+//! let cmk = kms.cmk_id().to_owned();
+//! Keyring::builder(Arc::new(kms), cmk, Arc::new(store)).build()?.install_default();
+//! # Ok(()) }
+//! ```
+//!
+//! The table is the one envelope-sqlx and the `envelope` CLI use: the CLI's `encrypt` output,
+//! sqlx's and diesel's values all read in each other. Its DDL ships as diesel migrations in
+//! `migrations/<database>/` ([`store`] has the details).
+//!
+//! ## Errors
+//!
+//! A failed seal or open arrives as `diesel::result::Error::SerializationError` /
+//! `DeserializationError` whose source is an [`envelope_core::Error`]. diesel's own `Display`
+//! of a read error names only the field; log [`report`]`(&e)`, which adds the cause, and match
+//! on [`envelope_error`]`(&e)` to act on it:
+//!
+//! ```
+//! # fn handle(e: diesel::result::Error) {
+//! eprintln!("reading customers failed: {}", envelope_diesel::report(&e));
+//! // reading customers failed: Error deserializing field 'email': <why>
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 
+mod error;
+pub mod store;
 mod types;
 
 pub use envelope_core;
 pub use envelope_core::column::{Column, IndexColumn, Json, Plaintext};
 pub use envelope_core::{blind_index, column};
+pub use error::{Report, envelope_error, report};
+#[cfg(feature = "async")]
+pub use store::AsyncDieselKeyStore;
+#[cfg(feature = "r2d2")]
+pub use store::DieselKeyStore;
 pub use types::{BlindIndex, Encrypted, EncryptedText};
-
-/// The [`envelope_core::Error`] inside a diesel error, if that is what failed. diesel wraps a
-/// read error in a [`DeserializeFieldError`](diesel::result::DeserializeFieldError) naming the
-/// field; this looks through it.
-pub fn envelope_error(e: &diesel::result::Error) -> Option<&envelope_core::Error> {
-    let source = match e {
-        diesel::result::Error::SerializationError(source)
-        | diesel::result::Error::DeserializationError(source) => source,
-        _ => return None,
-    };
-    match source.downcast_ref::<diesel::result::DeserializeFieldError>() {
-        Some(field) => field.error.downcast_ref(),
-        None => source.downcast_ref(),
-    }
-}

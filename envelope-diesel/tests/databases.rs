@@ -1,6 +1,7 @@
 //! Encrypted diesel columns on real databases, with sync diesel: SQLite always; PostgreSQL when
-//! `ENVELOPE_TEST_POSTGRES_URL` is set (`bash .ci/run` sets it). MySQL/MariaDB runs through
-//! diesel-async (`tests/async_databases.rs`): sync diesel's MySQL connection needs libmysqlclient.
+//! `ENVELOPE_TEST_POSTGRES_URL` is set, MariaDB/MySQL when `ENVELOPE_TEST_MYSQL_URL` is
+//! (`bash .ci/run` sets both; sync diesel's MySQL connection links libmysqlclient, which `.ci/run`
+//! installs). diesel-async runs in `tests/async_databases.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // `diesel::table!` generates undocumented public items.
 #![allow(missing_docs)]
@@ -14,12 +15,13 @@ mod common;
 use common::*;
 
 macro_rules! suite {
-    ($module:ident, $conn:ty, $open:path, $blob:literal, $text:literal, $id:literal) => {
+    ($module:ident, $conn:ty, $open:path, $create:literal, $blob:literal, $text:literal, $id:literal) => {
         mod $module {
             use super::*;
 
             const DDL: &str = concat!(
-                "CREATE TABLE people (id ",
+                $create,
+                " people (id ",
                 $id,
                 " PRIMARY KEY, name ",
                 $blob,
@@ -209,6 +211,12 @@ macro_rules! suite {
                     .unwrap();
                 let err = load(&mut conn, 1).unwrap_err();
                 assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+                // diesel's message names the field only; the report adds why.
+                let cause = the_envelope_error(&err).to_string();
+                assert!(!err.to_string().contains(&cause), "{err}");
+                let report = envelope_diesel::report(&err).to_string();
+                assert_eq!(report, format!("{err}: {cause}"));
+                assert!(report.contains("'name'"), "{report}");
             }
 
             #[test]
@@ -406,10 +414,22 @@ fn open_postgres() -> Option<PgConnection> {
     Some(conn)
 }
 
+fn open_mysql() -> Option<MysqlConnection> {
+    let Ok(url) = std::env::var("ENVELOPE_TEST_MYSQL_URL") else {
+        envelope_tests::skipped("set ENVELOPE_TEST_MYSQL_URL to run the sync diesel MySQL tests");
+        return None;
+    };
+    Some(
+        MysqlConnection::establish(&url)
+            .unwrap_or_else(|e| panic!("ENVELOPE_TEST_MYSQL_URL is set but unreachable: {e}")),
+    )
+}
+
 suite!(
     sqlite,
     SqliteConnection,
     open_sqlite,
+    "CREATE TABLE",
     "BLOB",
     "TEXT",
     "INTEGER"
@@ -418,7 +438,19 @@ suite!(
     postgres,
     PgConnection,
     open_postgres,
+    "CREATE TABLE",
     "BYTEA",
+    "TEXT",
+    "BIGINT"
+);
+// A temporary table: private to the test's one connection, gone when it closes (MySQL DDL does
+// not roll back with a transaction).
+suite!(
+    mysql,
+    MysqlConnection,
+    open_mysql,
+    "CREATE TEMPORARY TABLE",
+    "LONGBLOB",
     "TEXT",
     "BIGINT"
 );

@@ -1,27 +1,22 @@
 //! The key table on PostgreSQL, MySQL/MariaDB and SQLite, through sqlx.
 
 use std::marker::PhantomData;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use envelope_core::{
-    IoRuntime, KeyFilter, KeyId, KeyKind, KeyRecord, KeyStore, StoreError, async_trait,
-};
+use envelope_core::key_table::{self, COLUMNS, DdlGuard, KeyRow, millis};
+use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use sqlx::pool::PoolOptions;
 use sqlx::{Database, Pool, QueryBuilder, Row};
 
-/// The DDL for the default table name, one file per database, also shipped under
-/// `envelope-sqlx/migrations/` for `sqlx migrate`.
+/// The DDL for the default table name, one script per database (the same as
+/// [`envelope_core::key_table::ddl`]), also shipped under `envelope-sqlx/migrations/` for
+/// `sqlx migrate`.
 pub mod ddl {
-    /// PostgreSQL.
-    pub const POSTGRES: &str = include_str!("../migrations/postgres/0001_envelope_keys.sql");
-    /// MySQL 8 and MariaDB.
-    pub const MYSQL: &str = include_str!("../migrations/mysql/0001_envelope_keys.sql");
-    /// SQLite.
-    pub const SQLITE: &str = include_str!("../migrations/sqlite/0001_envelope_keys.sql");
+    pub use envelope_core::key_table::ddl::{MYSQL, POSTGRES, SQLITE};
 }
 
 /// The default key table name.
-pub const DEFAULT_TABLE: &str = "envelope_keys";
+pub use envelope_core::key_table::DEFAULT_TABLE;
 
 /// A [`KeyStore`] over a sqlx database: `SqlxKeyStore<Postgres>`, `SqlxKeyStore<MySql>` or
 /// `SqlxKeyStore<Sqlite>`.
@@ -97,19 +92,7 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// # Errors
     /// [`envelope_core::Error::InvalidName`] for anything else.
     pub fn with_table(mut self, table: &str) -> Result<Self, envelope_core::Error> {
-        let ok = !table.is_empty()
-            && table.len() <= 63
-            && table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !table.as_bytes()[0].is_ascii_digit();
-        if !ok {
-            return Err(envelope_core::Error::InvalidName {
-                what: "key table name",
-                value: table.to_owned(),
-                reason: "use letters, digits and `_`, up to 63, not starting with a digit",
-            });
-        }
+        key_table::check_table_name(table)?;
         self.table = table.to_owned();
         Ok(self)
     }
@@ -129,23 +112,8 @@ impl<DB: Database> SqlxKeyStore<DB> {
     }
 
     fn ddl_for(&self, ddl: &str) -> Vec<String> {
-        ddl.lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .split(';')
-            .map(|s| s.trim().replace(DEFAULT_TABLE, &self.table))
-            .filter(|s| !s.is_empty())
-            .collect()
+        key_table::statements(ddl, &self.table)
     }
-}
-
-fn millis(t: SystemTime) -> i64 {
-    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
-}
-
-fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
@@ -157,13 +125,6 @@ fn backend(e: sqlx::Error) -> StoreError {
     StoreError::backend(e)
 }
 
-fn corrupt(id: &[u8], reason: String) -> StoreError {
-    StoreError::Corrupt {
-        key_id: KeyId::try_from(id).unwrap_or(KeyId::from_bytes([0; 16])),
-        reason,
-    }
-}
-
 fn record<R: Row>(row: &R) -> Result<KeyRecord, StoreError>
 where
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -172,29 +133,19 @@ where
     for<'r> Option<i64>: sqlx::Decode<'r, R::Database>,
     &'static str: sqlx::ColumnIndex<R>,
 {
-    let id: Vec<u8> = row.try_get("id").map_err(backend)?;
-    let kind: String = row.try_get("kind").map_err(backend)?;
-    Ok(KeyRecord {
-        id: KeyId::try_from(id.as_slice())
-            .map_err(|_| corrupt(&id, format!("id has {} bytes, not 16", id.len())))?,
-        kind: kind
-            .parse::<KeyKind>()
-            .map_err(|_| corrupt(&id, format!("kind is {kind:?}")))?,
+    KeyRow {
+        id: row.try_get("id").map_err(backend)?,
+        kind: row.try_get("kind").map_err(backend)?,
         scope: row.try_get("scope").map_err(backend)?,
         provider: row.try_get("provider").map_err(backend)?,
         cmk_id: row.try_get("cmk_id").map_err(backend)?,
         wrapped: row.try_get("wrapped").map_err(backend)?,
         kms_context: row.try_get("kms_context").map_err(backend)?,
-        created_at: from_millis(row.try_get("created_at").map_err(backend)?),
-        retired_at: row
-            .try_get::<Option<i64>, _>("retired_at")
-            .map_err(backend)?
-            .map(from_millis),
-    })
+        created_at: row.try_get("created_at").map_err(backend)?,
+        retired_at: row.try_get("retired_at").map_err(backend)?,
+    }
+    .into_record()
 }
-
-const COLUMNS: &str =
-    "id, kind, scope, provider, cmk_id, wrapped, kms_context, created_at, retired_at";
 
 /// The per-database part of a store that the generic helpers need.
 #[async_trait]
@@ -236,35 +187,6 @@ pub async fn key_store_for_url(
         )),
     }
 }
-
-/// Statements run on one connection around the key table's DDL, so that several processes
-/// creating it at the same moment (replicas of a new deployment) take turns. PostgreSQL needs
-/// it: concurrent `CREATE TABLE IF NOT EXISTS` can fail there with a unique violation on
-/// `pg_type_typname_nsp_index`. Its DDL is transactional, so a transaction-scoped advisory lock
-/// serializes it. MySQL/MariaDB commit DDL implicitly: a named lock held by the connection does
-/// it there. SQLite serializes writers itself (sqlx waits on a busy database for 5 s).
-struct DdlGuard {
-    before: &'static [&'static str],
-    after: &'static [&'static str],
-    on_error: &'static [&'static str],
-}
-
-/// An arbitrary, fixed advisory-lock key shared by every envelope process (`envelope-keys-ddl`).
-const POSTGRES_DDL_GUARD: DdlGuard = DdlGuard {
-    before: &["BEGIN", "SELECT pg_advisory_xact_lock(6573006219848410995)"],
-    after: &["COMMIT"],
-    on_error: &["ROLLBACK"],
-};
-const MYSQL_DDL_GUARD: DdlGuard = DdlGuard {
-    before: &["SELECT GET_LOCK('envelope-keys-ddl', 60)"],
-    after: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
-    on_error: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
-};
-const SQLITE_DDL_GUARD: DdlGuard = DdlGuard {
-    before: &[],
-    after: &[],
-    on_error: &[],
-};
 
 macro_rules! sqlx_key_store {
     ($db:ty, $ddl:expr, $guard:expr) => {
@@ -470,6 +392,26 @@ macro_rules! sqlx_key_store {
     };
 }
 
-sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES, POSTGRES_DDL_GUARD);
-sqlx_key_store!(sqlx::MySql, ddl::MYSQL, MYSQL_DDL_GUARD);
-sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, SQLITE_DDL_GUARD);
+sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES, DdlGuard::POSTGRES);
+sqlx_key_store!(sqlx::MySql, ddl::MYSQL, DdlGuard::MYSQL);
+sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, DdlGuard::SQLITE);
+
+#[cfg(test)]
+mod tests {
+    /// The files for `sqlx migrate` are the key table envelope-core defines, byte for byte.
+    #[test]
+    fn shipped_migrations_are_the_shared_ddl() {
+        assert_eq!(
+            include_str!("../migrations/postgres/0001_envelope_keys.sql"),
+            super::ddl::POSTGRES
+        );
+        assert_eq!(
+            include_str!("../migrations/mysql/0001_envelope_keys.sql"),
+            super::ddl::MYSQL
+        );
+        assert_eq!(
+            include_str!("../migrations/sqlite/0001_envelope_keys.sql"),
+            super::ddl::SQLITE
+        );
+    }
+}

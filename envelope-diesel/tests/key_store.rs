@@ -1,0 +1,331 @@
+//! The diesel key stores on real databases: the store contract, concurrent table creation, and
+//! cold reads inside `FromSql` (a key not cached is loaded from the key table through the store)
+//! on a plain thread, in `spawn_blocking`, and inside a current-thread runtime.
+//!
+//! Sync diesel: SQLite always; PostgreSQL and MariaDB/MySQL when `ENVELOPE_TEST_POSTGRES_URL` /
+//! `ENVELOPE_TEST_MYSQL_URL` are set (`bash .ci/run` sets both). diesel-async: the same three.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// `diesel::table!` generates undocumented public items.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+
+use diesel::prelude::*;
+use diesel_async::AsyncConnection as _;
+use envelope_core::{KeyFilter, KeyStore, Keyring, Policy};
+use envelope_diesel::{AsyncDieselKeyStore, DieselKeyStore, Encrypted, column};
+use envelope_tests::Fixture;
+
+column!(Secret = "secrets.value");
+
+struct Row {
+    id: i64,
+    value: Encrypted<String, Secret>,
+}
+
+fn tag() -> String {
+    envelope_core::KeyId::random().unwrap().to_hex()[..12].to_owned()
+}
+
+/// A database for one test, and how to drop what the test made.
+struct Db {
+    url: String,
+    /// The table name the store uses, unique to the test.
+    table: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn sqlite() -> Option<Db> {
+    let dir = tempfile::tempdir().unwrap();
+    Some(Db {
+        url: dir.path().join("keys.db").to_str().unwrap().to_owned(),
+        table: format!("keys_{}", tag()),
+        _dir: Some(dir),
+    })
+}
+
+fn from_env(var: &str) -> Option<Db> {
+    let Ok(url) = std::env::var(var) else {
+        envelope_tests::skipped(&format!(
+            "set {var} to run the diesel key-store tests on it"
+        ));
+        return None;
+    };
+    Some(Db {
+        url,
+        table: format!("keys_{}", tag()),
+        _dir: None,
+    })
+}
+
+fn postgres() -> Option<Db> {
+    from_env("ENVELOPE_TEST_POSTGRES_URL")
+}
+
+fn mysql() -> Option<Db> {
+    from_env("ENVELOPE_TEST_MYSQL_URL")
+}
+
+macro_rules! sync_suite {
+    ($module:ident, $conn:ty, $db:ident, $blob:literal) => {
+        mod $module {
+            use super::*;
+
+            fn store(db: &Db) -> DieselKeyStore<$conn> {
+                let store = DieselKeyStore::<$conn>::connect(&db.url)
+                    .unwrap()
+                    .with_table(&db.table)
+                    .unwrap();
+                store.create_table().unwrap();
+                store
+            }
+
+            /// Drop a test's tables (SQLite's file goes with its directory).
+            fn cleanup(db: &Db, tables: &[&str]) {
+                if db._dir.is_some() {
+                    return;
+                }
+                let mut conn = <$conn>::establish(&db.url).unwrap();
+                for t in tables {
+                    diesel::sql_query(format!("DROP TABLE IF EXISTS {t}"))
+                        .execute(&mut conn)
+                        .unwrap();
+                }
+            }
+
+            #[tokio::test]
+            async fn key_store_contract() {
+                let Some(db) = $db() else { return };
+                let store = store(&db);
+                envelope_tests::store_contract::run(&store).await;
+                cleanup(&db, &[&db.table]);
+            }
+
+            #[test]
+            fn creating_the_table_at_once_from_many_threads_is_safe() {
+                let Some(db) = $db() else { return };
+                let store = Arc::new(
+                    DieselKeyStore::<$conn>::connect(&db.url)
+                        .unwrap()
+                        .with_table(&db.table)
+                        .unwrap(),
+                );
+                let threads: Vec<_> = (0..4)
+                    .map(|_| {
+                        let store = store.clone();
+                        std::thread::spawn(move || store.create_table())
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().unwrap().unwrap();
+                }
+                store.create_table().unwrap();
+                cleanup(&db, &[&db.table]);
+            }
+
+            #[test]
+            fn a_cold_keyring_reads_rows_through_the_store_everywhere() {
+                let Some(db) = $db() else { return };
+                let store = Arc::new(store(&db));
+                let data = format!("secrets_{}", tag());
+                let mut conn = <$conn>::establish(&db.url).unwrap();
+                diesel::sql_query(format!(
+                    "CREATE TABLE {data} (id BIGINT PRIMARY KEY, value {} NOT NULL)",
+                    $blob
+                ))
+                .execute(&mut conn)
+                .unwrap();
+
+                // Three keys: three keyrings (each makes its own data key) write through the
+                // same store.
+                let fx = Fixture::new();
+                let keyring = |policy| {
+                    Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store.clone())
+                        .policy(policy)
+                        .build()
+                        .unwrap()
+                };
+                for k in 0..3_i64 {
+                    let writer = keyring(Policy::default());
+                    let _guard = writer.enter();
+                    let rows: Vec<Row> = (0..4)
+                        .map(|i| Row {
+                            id: k * 10 + i,
+                            value: Encrypted::new(format!("secret {k}/{i}")),
+                        })
+                        .collect();
+                    insert(&mut conn, &data, &rows);
+                }
+                let keys = futures_block(store.list(&KeyFilter::all())).unwrap();
+                assert_eq!(keys.len(), 3, "one data key per writer");
+
+                let check = |rows: Vec<(i64, String)>| {
+                    assert_eq!(rows.len(), 12);
+                    for (id, value) in rows {
+                        assert_eq!(value, format!("secret {}/{}", id / 10, id % 10));
+                    }
+                };
+                let url = db.url.clone();
+
+                // A plain thread.
+                let before = fx.calls.decrypts();
+                let cold = keyring(Policy::default());
+                let (u, d) = (url.clone(), data.clone());
+                let rows = std::thread::spawn(move || {
+                    let _guard = cold.enter();
+                    read(&mut <$conn>::establish(&u).unwrap(), &d)
+                })
+                .join()
+                .unwrap();
+                check(rows);
+                assert_eq!(fx.calls.decrypts() - before, 3, "each key unwrapped once");
+
+                // spawn_blocking on a multi-thread runtime.
+                let before = fx.calls.decrypts();
+                let cold = keyring(Policy::default());
+                let (u, d) = (url.clone(), data.clone());
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let rows = rt.block_on(async move {
+                    tokio::task::spawn_blocking(move || {
+                        let _guard = cold.enter();
+                        read(&mut <$conn>::establish(&u).unwrap(), &d)
+                    })
+                    .await
+                    .unwrap()
+                });
+                check(rows);
+                assert_eq!(fx.calls.decrypts() - before, 3);
+
+                // Sync diesel called straight from a current-thread runtime's only thread: it
+                // blocks that thread, and the store's I/O must not need it.
+                let before = fx.calls.decrypts();
+                let cold = keyring(Policy::default());
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let rows = rt.block_on(
+                    cold.scope(async { read(&mut <$conn>::establish(&url).unwrap(), &data) }),
+                );
+                check(rows);
+                assert_eq!(fx.calls.decrypts() - before, 3);
+
+                drop(conn);
+                cleanup(&db, &[&db.table, &data]);
+            }
+
+            fn insert(conn: &mut $conn, table: &str, rows: &[Row]) {
+                for r in rows {
+                    // The data table's name is unique per test: write through `sql_query`.
+                    diesel::sql_query(
+                        format!("INSERT INTO {table} (id, value) VALUES ({}, ", r.id)
+                            + placeholder::<$conn>()
+                            + ")",
+                    )
+                    .bind::<diesel::sql_types::Binary, _>(&r.value)
+                    .execute(conn)
+                    .unwrap();
+                }
+            }
+
+            fn read(conn: &mut $conn, table: &str) -> Vec<(i64, String)> {
+                diesel::sql_query(format!("SELECT id, value FROM {table} ORDER BY id"))
+                    .load::<ReadRow>(conn)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.id, r.value.into_inner()))
+                    .collect()
+            }
+        }
+    };
+}
+
+#[derive(QueryableByName)]
+struct ReadRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    value: Encrypted<String, Secret>,
+}
+
+fn placeholder<C: 'static>() -> &'static str {
+    if std::any::TypeId::of::<C>() == std::any::TypeId::of::<PgConnection>() {
+        "$1"
+    } else {
+        "?"
+    }
+}
+
+/// Run a future to completion on a runtime of its own, from sync test code.
+fn futures_block<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(fut)
+}
+
+sync_suite!(sync_sqlite, SqliteConnection, sqlite, "BLOB");
+sync_suite!(sync_postgres, PgConnection, postgres, "BYTEA");
+sync_suite!(sync_mysql, MysqlConnection, mysql, "BLOB");
+
+macro_rules! async_suite {
+    ($module:ident, $conn:ty, $sync:ty, $db:ident) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "current_thread")]
+            async fn key_store_contract() {
+                let Some(db) = $db() else { return };
+                let store = AsyncDieselKeyStore::<$conn>::connect(&db.url)
+                    .unwrap()
+                    .with_table(&db.table)
+                    .unwrap();
+                store.create_table().await.unwrap();
+                store.create_table().await.unwrap();
+                envelope_tests::store_contract::run(&store).await;
+                // The sync store reads what the async one wrote: one table.
+                let sync = DieselKeyStore::<$sync>::connect(&db.url)
+                    .unwrap()
+                    .with_table(&db.table)
+                    .unwrap();
+                assert_eq!(
+                    sync.list(&KeyFilter::all()).await.unwrap(),
+                    store.list(&KeyFilter::all()).await.unwrap()
+                );
+                if db._dir.is_none() {
+                    let mut conn = <$conn>::establish(&db.url).await.unwrap();
+                    diesel_async::RunQueryDsl::execute(
+                        diesel::sql_query(format!("DROP TABLE {}", db.table)),
+                        &mut conn,
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+    };
+}
+
+async_suite!(
+    async_sqlite,
+    diesel_async::sync_connection_wrapper::SyncConnectionWrapper<SqliteConnection>,
+    SqliteConnection,
+    sqlite
+);
+async_suite!(
+    async_postgres,
+    diesel_async::AsyncPgConnection,
+    PgConnection,
+    postgres
+);
+async_suite!(
+    async_mysql,
+    diesel_async::AsyncMysqlConnection,
+    MysqlConnection,
+    mysql
+);
