@@ -329,3 +329,90 @@ async_suite!(
     MysqlConnection,
     mysql
 );
+
+/// The shipped diesel migrations are the shared DDL, byte for byte, and they run: a store reads
+/// and writes the table they made, and running them again does nothing.
+mod migrations {
+    use super::*;
+    use diesel_migrations::MigrationHarness;
+    use envelope_diesel::store::{ddl, migrations};
+
+    #[test]
+    fn the_files_are_the_shared_ddl() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        for (db, ddl) in [
+            ("postgres", ddl::POSTGRES),
+            ("mysql", ddl::MYSQL),
+            ("sqlite", ddl::SQLITE),
+        ] {
+            let up = std::fs::read_to_string(format!(
+                "{dir}/{db}/2026-12-01-000000_envelope_keys/up.sql"
+            ))
+            .unwrap();
+            assert_eq!(up, ddl, "{db}");
+        }
+    }
+
+    fn run_twice<C: MigrationHarness<C::Backend> + Connection>(
+        conn: &mut C,
+        set: impl Fn() -> diesel_migrations::EmbeddedMigrations,
+    ) {
+        assert_eq!(conn.run_pending_migrations(set()).unwrap().len(), 1);
+        assert!(conn.run_pending_migrations(set()).unwrap().is_empty());
+    }
+
+    async fn use_it<S: KeyStore>(store: S) {
+        envelope_tests::store_contract::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        let db = super::sqlite().unwrap();
+        run_twice(&mut SqliteConnection::establish(&db.url).unwrap(), || {
+            migrations::SQLITE
+        });
+        use_it(DieselKeyStore::<SqliteConnection>::connect(&db.url).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn postgres() {
+        let Some(db) = super::postgres() else { return };
+        // A schema of its own, so the default table name cannot meet another test's.
+        let schema = format!("envelope_migrations_{}", tag());
+        let mut conn = PgConnection::establish(&db.url).unwrap();
+        diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+            .execute(&mut conn)
+            .unwrap();
+        let url = format!(
+            "{}{}options=-csearch_path%3D{schema}",
+            db.url,
+            if db.url.contains('?') { '&' } else { '?' }
+        );
+        run_twice(&mut PgConnection::establish(&url).unwrap(), || {
+            migrations::POSTGRES
+        });
+        use_it(DieselKeyStore::<PgConnection>::connect(&url).unwrap()).await;
+        diesel::sql_query(format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut conn)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn mysql() {
+        let Some(db) = super::mysql() else { return };
+        let name = format!("envelope_migrations_{}", tag());
+        let mut conn = MysqlConnection::establish(&db.url).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .unwrap();
+        let base = db.url.rsplit_once('/').map_or(db.url.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        run_twice(&mut MysqlConnection::establish(&url).unwrap(), || {
+            migrations::MYSQL
+        });
+        use_it(DieselKeyStore::<MysqlConnection>::connect(&url).unwrap()).await;
+        diesel::sql_query(format!("DROP DATABASE {name}"))
+            .execute(&mut conn)
+            .unwrap();
+    }
+}

@@ -30,6 +30,33 @@ pub use sync::{DieselKeyStore, KeyTableConnection};
 
 pub use envelope_core::key_table::{DEFAULT_TABLE, ddl};
 
+/// The key table (named `envelope_keys`) as diesel migrations, one set per database, embedded
+/// from this crate's `migrations/<database>/` (the same files work with the diesel CLI:
+/// `diesel migration run --migration-dir …`). Run the set of your database beside your own:
+///
+/// ```no_run
+/// use diesel::Connection;
+/// use diesel_migrations::MigrationHarness;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let mut conn = diesel::pg::PgConnection::establish("postgres://app@db/app")?;
+/// conn.run_pending_migrations(envelope_diesel::store::migrations::POSTGRES)?;
+/// # Ok(()) }
+/// ```
+///
+/// For another table name, use the store's `create_table` instead.
+#[cfg(feature = "migrations")]
+pub mod migrations {
+    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+
+    /// PostgreSQL.
+    pub const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+    /// MySQL 8 and MariaDB 10.5+.
+    pub const MYSQL: EmbeddedMigrations = embed_migrations!("migrations/mysql");
+    /// SQLite.
+    pub const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+}
+
 mod private {
     pub trait Sealed {}
 }
