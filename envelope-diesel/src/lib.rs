@@ -83,7 +83,7 @@
 //!
 //! Values carry only a key id; the wrapped keys live in the key table. A diesel application
 //! keeps it with [`DieselKeyStore`] (sync diesel, feature `r2d2`, on by default) or
-//! [`AsyncDieselKeyStore`] (diesel-async, feature `async`), on the same database as the data or
+//! `AsyncDieselKeyStore` (diesel-async, feature `async`), on the same database as the data or
 //! another one:
 //!
 //! ```no_run

@@ -1,5 +1,5 @@
 //! The key table through diesel, on PostgreSQL, MySQL/MariaDB and SQLite: [`DieselKeyStore`]
-//! for sync diesel (feature `r2d2`) and [`AsyncDieselKeyStore`] for diesel-async (feature
+//! for sync diesel (feature `r2d2`) and `AsyncDieselKeyStore` for diesel-async (feature
 //! `async`).
 //!
 //! The table is envelope's one key table (`docs/FORMAT.md`, section 7): the same DDL as
