@@ -274,9 +274,79 @@ sync_suite!(sync_postgres, PgConnection, postgres, "BYTEA");
 sync_suite!(sync_mysql, MysqlConnection, mysql, "BLOB");
 
 macro_rules! async_suite {
-    ($module:ident, $conn:ty, $sync:ty, $db:ident) => {
+    ($module:ident, $conn:ty, $sync:ty, $db:ident, $blob:literal, $p:literal) => {
         mod $module {
             use super::*;
+            use diesel_async::RunQueryDsl as Async;
+
+            /// diesel-async runs `FromSql` in the calling task: on a current-thread runtime a
+            /// cold read blocks its only thread, and the store's I/O must not need that thread.
+            #[tokio::test(flavor = "current_thread")]
+            async fn a_cold_keyring_reads_through_the_store_on_a_current_thread_runtime() {
+                let Some(db) = $db() else { return };
+                let store = Arc::new(
+                    AsyncDieselKeyStore::<$conn>::connect(&db.url)
+                        .unwrap()
+                        .with_table(&db.table)
+                        .unwrap(),
+                );
+                store.create_table().await.unwrap();
+                let data = format!("secrets_{}", tag());
+                let mut conn = <$conn>::establish(&db.url).await.unwrap();
+                Async::execute(
+                    diesel::sql_query(format!(
+                        "CREATE TABLE {data} (id BIGINT PRIMARY KEY, value {} NOT NULL)",
+                        $blob
+                    )),
+                    &mut conn,
+                )
+                .await
+                .unwrap();
+                let fx = Fixture::new();
+                let keyring = || {
+                    Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store.clone())
+                        .build()
+                        .unwrap()
+                };
+                for k in 0..3_i64 {
+                    let writer = keyring();
+                    writer
+                        .scope(async {
+                            for i in 0..4 {
+                                let insert = diesel::sql_query(format!(
+                                    "INSERT INTO {data} (id, value) VALUES ({}, {})",
+                                    k * 10 + i,
+                                    $p
+                                ))
+                                .bind::<diesel::sql_types::Binary, _>(
+                                    Encrypted::<String, Secret>::new(format!("secret {k}/{i}")),
+                                );
+                                Async::execute(insert, &mut conn).await.unwrap();
+                            }
+                        })
+                        .await;
+                }
+                let before = fx.calls.decrypts();
+                let rows: Vec<ReadRow> = keyring()
+                    .scope(Async::load(
+                        diesel::sql_query(format!("SELECT id, value FROM {data} ORDER BY id")),
+                        &mut conn,
+                    ))
+                    .await
+                    .unwrap();
+                assert_eq!(rows.len(), 12);
+                for r in rows {
+                    assert_eq!(*r.value, format!("secret {}/{}", r.id / 10, r.id % 10));
+                }
+                assert_eq!(fx.calls.decrypts() - before, 3, "each key unwrapped once");
+                if db._dir.is_none() {
+                    for t in [&data, &db.table] {
+                        Async::execute(diesel::sql_query(format!("DROP TABLE {t}")), &mut conn)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
 
             #[tokio::test(flavor = "current_thread")]
             async fn key_store_contract() {
@@ -299,12 +369,8 @@ macro_rules! async_suite {
                 );
                 if db._dir.is_none() {
                     let mut conn = <$conn>::establish(&db.url).await.unwrap();
-                    diesel_async::RunQueryDsl::execute(
-                        diesel::sql_query(format!("DROP TABLE {}", db.table)),
-                        &mut conn,
-                    )
-                    .await
-                    .unwrap();
+                    let drop = diesel::sql_query(format!("DROP TABLE {}", db.table));
+                    Async::execute(drop, &mut conn).await.unwrap();
                 }
             }
         }
@@ -315,19 +381,25 @@ async_suite!(
     async_sqlite,
     diesel_async::sync_connection_wrapper::SyncConnectionWrapper<SqliteConnection>,
     SqliteConnection,
-    sqlite
+    sqlite,
+    "BLOB",
+    "?"
 );
 async_suite!(
     async_postgres,
     diesel_async::AsyncPgConnection,
     PgConnection,
-    postgres
+    postgres,
+    "BYTEA",
+    "$1"
 );
 async_suite!(
     async_mysql,
     diesel_async::AsyncMysqlConnection,
     MysqlConnection,
-    mysql
+    mysql,
+    "BLOB",
+    "?"
 );
 
 /// The shipped diesel migrations are the shared DDL, byte for byte, and they run: a store reads
@@ -415,4 +487,61 @@ mod migrations {
             .execute(&mut conn)
             .unwrap();
     }
+}
+
+/// A key table that cannot be reached: a cold read fails within the keyring's timeout with a
+/// typed error that says so, never a panic, a hang or wrong data. (Port 1 on loopback refuses.)
+#[test]
+fn an_unreachable_key_table_fails_the_read_in_time_with_a_clear_error() {
+    let db = sqlite().unwrap();
+    let good = Arc::new(DieselKeyStore::<SqliteConnection>::connect(&db.url).unwrap());
+    good.create_table().unwrap();
+    let fx = Fixture::new();
+    let writer = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), good)
+        .build()
+        .unwrap();
+    let mut conn = SqliteConnection::establish(&db.url).unwrap();
+    diesel::sql_query("CREATE TABLE s (id BIGINT PRIMARY KEY, value BLOB NOT NULL)")
+        .execute(&mut conn)
+        .unwrap();
+    {
+        let _guard = writer.enter();
+        diesel::sql_query("INSERT INTO s (id, value) VALUES (1, ?)")
+            .bind::<diesel::sql_types::Binary, _>(Encrypted::<String, Secret>::new("x".into()))
+            .execute(&mut conn)
+            .unwrap();
+    }
+
+    let unreachable =
+        DieselKeyStore::<PgConnection>::connect("postgres://nobody@127.0.0.1:1/none").unwrap();
+    let policy = Policy {
+        kms_timeout: std::time::Duration::from_secs(2),
+        ..Policy::default()
+    };
+    let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), Arc::new(unreachable))
+        .policy(policy)
+        .build()
+        .unwrap();
+    let _guard = cold.enter();
+    let start = std::time::Instant::now();
+    let err = diesel::sql_query("SELECT id, value FROM s")
+        .load::<ReadRow>(&mut conn)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    let cause = envelope_diesel::envelope_error(&err).expect("an envelope error");
+    assert!(
+        matches!(
+            cause,
+            envelope_core::Error::KmsTimeout { .. } | envelope_core::Error::Store(_)
+        ),
+        "{cause:?}"
+    );
+    // The message names the wait and what to check.
+    let report = envelope_diesel::report(&err).to_string();
+    assert!(report.contains("key store"), "{report}");
 }
