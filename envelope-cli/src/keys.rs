@@ -48,6 +48,7 @@ impl Selection {
 fn store_failure(what: &str, e: StoreError) -> Failure {
     match e {
         StoreError::Backend(_) => Failure::Unavailable(format!("{what}: {e}")),
+        StoreError::MissingTable { .. } => Failure::Usage(format!("{what}: {e}")),
         e => Failure::Found(format!("{what}: {e}")),
     }
 }

@@ -96,11 +96,9 @@ pub enum Error {
         what: Cow<'static, str>,
     },
 
-    /// No data key can be used for writing in this scope: the active key reached its hard limit
-    /// (age or use count) and a new one could not be made.
-    #[error(
-        "no usable data key for writes in scope '{scope}': the active key reached its limit and a new one could not be created ({source}); reads of cached keys go on, writes resume when the KMS answers"
-    )]
+    /// No data key can be used for writing in this scope: there is no active key, or it reached
+    /// its hard limit (age or use count), and a new one could not be made.
+    #[error("{}", write_unavailable_message(scope, source))]
     WriteKeyUnavailable {
         /// The scope being written.
         scope: String,
@@ -482,6 +480,15 @@ pub enum StoreError {
     #[error("key {0} is not in the key table")]
     NotFound(KeyId),
 
+    /// The key table itself does not exist in the store's database.
+    #[error(
+        "the key table `{table}` does not exist: create it with the key store's create_table(), the migrations shipped in envelope-sqlx or envelope-diesel, or `envelope init`"
+    )]
+    MissingTable {
+        /// The table the store was configured with.
+        table: String,
+    },
+
     /// The backing database failed.
     #[error("key store backend error: {0}")]
     Backend(Arc<dyn std::error::Error + Send + Sync + 'static>),
@@ -491,6 +498,18 @@ impl StoreError {
     /// Wrap a backend error.
     pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend(Arc::new(e))
+    }
+}
+
+/// The message of [`Error::WriteKeyUnavailable`]: what stopped the new key, and what follows.
+fn write_unavailable_message(scope: &str, source: &Error) -> String {
+    match source {
+        Error::Kms(_) | Error::KmsTimeout { .. } => format!(
+            "no usable data key for writes in scope '{scope}': a new one could not be made ({source}); reads of cached keys go on, writes resume when the KMS answers"
+        ),
+        _ => format!(
+            "no usable data key for writes in scope '{scope}': a new one could not be made: {source}"
+        ),
     }
 }
 

@@ -103,6 +103,25 @@ impl DdlGuard {
     };
 }
 
+/// `e`, or [`StoreError::MissingTable`] when it is a database's "no such table" about `table`
+/// (PostgreSQL `relation "…" does not exist`, MySQL/MariaDB `Table '…' doesn't exist`, SQLite
+/// `no such table: …`). Stores pass their backend errors through it.
+pub fn missing_table(e: StoreError, table: &str) -> StoreError {
+    if let StoreError::Backend(source) = &e {
+        let text = source.to_string();
+        let names_it = text.contains(table);
+        let missing = text.contains("does not exist")
+            || text.contains("doesn't exist")
+            || text.contains("no such table");
+        if names_it && missing {
+            return StoreError::MissingTable {
+                table: table.to_owned(),
+            };
+        }
+    }
+    e
+}
+
 /// A time as the key table holds it: Unix milliseconds.
 pub fn millis(t: SystemTime) -> i64 {
     i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
@@ -217,6 +236,24 @@ mod tests {
             assert!(out[0].starts_with("CREATE TABLE IF NOT EXISTS tenant_keys"));
             assert!(out.iter().any(|s| s.contains("tenant_keys_live_index")));
         }
+    }
+
+    #[test]
+    fn no_such_table_is_recognised_on_every_database() {
+        for text in [
+            r#"error returned from database: relation "keys_1" does not exist"#,
+            "Table 'test.keys_1' doesn't exist",
+            "no such table: keys_1",
+        ] {
+            let e = missing_table(StoreError::backend(std::io::Error::other(text)), "keys_1");
+            assert!(matches!(e, StoreError::MissingTable { .. }), "{text}");
+            assert!(e.to_string().contains("create_table()"), "{e}");
+        }
+        let other = missing_table(
+            StoreError::backend(std::io::Error::other("no such table: other")),
+            "keys_1",
+        );
+        assert!(matches!(other, StoreError::Backend(_)));
     }
 
     #[test]

@@ -101,6 +101,36 @@ macro_rules! sync_suite {
                 cleanup(&db, &[&db.table]);
             }
 
+            /// A store whose table was never created says so, and so does a write through it,
+            /// instead of blaming the KMS or a key limit.
+            #[test]
+            fn a_missing_key_table_says_so() {
+                let Some(db) = $db() else { return };
+                let store = Arc::new(
+                    DieselKeyStore::<$conn>::connect(&db.url)
+                        .unwrap()
+                        .with_table(&db.table)
+                        .unwrap(),
+                );
+                let err = futures_block(store.list(&KeyFilter::all())).unwrap_err();
+                assert!(
+                    matches!(&err, envelope_core::StoreError::MissingTable { table } if *table == db.table),
+                    "{err}"
+                );
+                let fx = Fixture::new();
+                // Found at build time (the first key-table read) or at the first write.
+                let text = match Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store).build() {
+                    Err(e) => e.to_string(),
+                    Ok(keyring) => keyring
+                        .encrypt_blocking(&envelope_core::Label::new("t.c").unwrap(), b"x")
+                        .unwrap_err()
+                        .to_string(),
+                };
+                assert!(text.contains("does not exist"), "{text}");
+                assert!(text.contains("create_table()"), "{text}");
+                assert!(!text.contains("limit") && !text.contains("KMS answers"), "{text}");
+            }
+
             #[test]
             fn creating_the_table_at_once_from_many_threads_is_safe() {
                 let Some(db) = $db() else { return };

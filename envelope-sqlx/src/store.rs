@@ -109,6 +109,7 @@ impl<DB: Database> SqlxKeyStore<DB> {
             .run(fut)
             .await
             .map_err(|e| StoreError::Conflict(e.to_string()))?
+            .map_err(|e| key_table::missing_table(e, &self.table))
     }
 
     fn ddl_for(&self, ddl: &str) -> Vec<String> {

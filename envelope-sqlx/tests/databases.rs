@@ -497,3 +497,67 @@ async fn key_store_for_url_picks_the_database_by_scheme() {
             .is_err()
     );
 }
+
+/// A key table that was never created is named as such, on every database, by the store and by
+/// a write through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_key_table_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut urls = vec![format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("k.db").display()
+    )];
+    for var in ["ENVELOPE_TEST_POSTGRES_URL", "ENVELOPE_TEST_MYSQL_URL"] {
+        match std::env::var(var) {
+            Ok(url) => urls.push(url),
+            Err(_) => envelope_tests::skipped(&format!("{var} is not set: missing-table check")),
+        }
+    }
+    for url in urls {
+        let table = table_name();
+        let store: Arc<dyn KeyStore> = match url.split(':').next().unwrap() {
+            "sqlite" => Arc::new(
+                SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(&url)
+                    .unwrap()
+                    .with_table(&table)
+                    .unwrap(),
+            ),
+            "postgres" => Arc::new(
+                SqlxKeyStore::<sqlx::Postgres>::connect_lazy(&url)
+                    .unwrap()
+                    .with_table(&table)
+                    .unwrap(),
+            ),
+            _ => Arc::new(
+                SqlxKeyStore::<sqlx::MySql>::connect_lazy(&url)
+                    .unwrap()
+                    .with_table(&table)
+                    .unwrap(),
+            ),
+        };
+        let err = store
+            .list(&envelope_core::KeyFilter::all())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, envelope_core::StoreError::MissingTable { .. }),
+            "{url}: {err}"
+        );
+        let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
+        // The keyring may find out at build time (its first key-table read) or at the first
+        // write; either way it must say what is wrong.
+        let text = match Keyring::builder(kms.clone(), kms.cmk_id(), store).build() {
+            Err(e) => e.to_string(),
+            Ok(keyring) => keyring
+                .encrypt(&Label::new("t.c").unwrap(), b"x")
+                .await
+                .unwrap_err()
+                .to_string(),
+        };
+        assert!(
+            text.contains(&format!("`{table}` does not exist")),
+            "{url}: {text}"
+        );
+        assert!(!text.contains("limit"), "{url}: {text}");
+    }
+}

@@ -9,6 +9,7 @@ use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::result::QueryResult;
 use diesel_async::methods::{ExecuteDsl, LoadQuery};
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use envelope_core::key_table;
 use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -244,6 +245,7 @@ where
             .run(async move { work(Lease::take(&connections).await?, queries).await })
             .await
             .map_err(|e| StoreError::backend(std::io::Error::other(e.to_string())))?
+            .map_err(|e| key_table::missing_table(e, &self.queries.table))
     }
 }
 

@@ -10,6 +10,7 @@ use diesel::r2d2::{
     ConnectionManager, CustomizeConnection, Pool, PooledConnection, R2D2Connection,
 };
 use diesel::result::QueryResult;
+use envelope_core::key_table;
 use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 
 use super::{
@@ -202,6 +203,7 @@ where
                     "the key store's query did not finish: {e}"
                 )))
             })?
+            .map_err(|e| key_table::missing_table(e, &self.queries.table))
     }
 }
 
