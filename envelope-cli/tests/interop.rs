@@ -16,7 +16,7 @@ use common::{Kind, Target, lit};
 use diesel::prelude::*;
 use envelope_core::{KeyFilter, KeyKind, KeyStore, Keyring, LocalKms};
 use envelope_diesel::DieselKeyStore;
-use envelope_sqlx::Json;
+use envelope_sqlx::AsJson;
 use uuid::Uuid;
 
 envelope_core::column!(CString = "ix.string");
@@ -148,7 +148,7 @@ mod diesel_side {
         c_uuid: Option<Encrypted<Uuid, CUuid>>,
         c_date: Option<Encrypted<NaiveDate, CDate>>,
         c_ts: Option<Encrypted<DateTime<Utc>, CTs>>,
-        c_json: Option<Encrypted<Json<serde_json::Value>, CJson>>,
+        c_json: Option<Encrypted<AsJson<serde_json::Value>, CJson>>,
         string_text: Option<EncryptedText<String, CStringText>>,
         string_bidx: Option<BlindIndex<StringIndex>>,
     }
@@ -168,7 +168,7 @@ mod diesel_side {
                 c_uuid: Some(Encrypted::new(v.uuid)),
                 c_date: Some(Encrypted::new(v.date)),
                 c_ts: Some(Encrypted::new(v.ts)),
-                c_json: Some(Encrypted::new(Json(v.json))),
+                c_json: Some(Encrypted::new(AsJson(v.json))),
             }
         }
 
@@ -304,7 +304,7 @@ mod sqlx_side {
         c_uuid: Encrypted<Uuid, CUuid>,
         c_date: Encrypted<NaiveDate, CDate>,
         c_ts: Encrypted<DateTime<Utc>, CTs>,
-        c_json: Encrypted<Json<serde_json::Value>, CJson>,
+        c_json: Encrypted<AsJson<serde_json::Value>, CJson>,
         string_text: EncryptedText<String, CStringText>,
     }
 
@@ -332,7 +332,7 @@ mod sqlx_side {
                         .bind(Encrypted::<_, CUuid>::new(v.uuid))
                         .bind(Encrypted::<_, CDate>::new(v.date))
                         .bind(Encrypted::<_, CTs>::new(v.ts))
-                        .bind(Encrypted::<_, CJson>::new(Json(v.json)))
+                        .bind(Encrypted::<_, CJson>::new(AsJson(v.json)))
                         .bind(EncryptedText::<_, CStringText>::new(v.string.clone()))
                         .bind(BlindIndex::<StringIndex>::of(&v.string).unwrap())
                         .execute(&t.pool)

@@ -10,7 +10,7 @@ mod common;
 use chrono::{DateTime, NaiveDate, Utc};
 use common::{Kind, Target, lit};
 use envelope_core::column::Plaintext;
-use envelope_sqlx::{BlindIndex, Encrypted, EncryptedText, Json, blind_index, column};
+use envelope_sqlx::{AsJson, BlindIndex, Encrypted, EncryptedText, blind_index, column};
 use uuid::Uuid;
 
 const ROWS: usize = 5;
@@ -190,7 +190,7 @@ fn plan(t: &Target, v: &Values) -> Vec<Col> {
         "ip_json",
         "json",
         "binary",
-        v.json.iter().map(|x| b(enc(&Json(x.clone())))).collect(),
+        v.json.iter().map(|x| b(enc(&AsJson(x.clone())))).collect(),
         "",
     );
     let t_lit = |x: Vec<u8>| lit(&String::from_utf8(x).unwrap());
@@ -221,7 +221,7 @@ fn plan(t: &Target, v: &Values) -> Vec<Col> {
         "text",
         v.json
             .iter()
-            .map(|x| t_lit(enc(&Json(x.clone()))))
+            .map(|x| t_lit(enc(&AsJson(x.clone()))))
             .collect(),
         "",
     );
@@ -472,7 +472,7 @@ async fn check_all(t: &Target, table: &str, v: &Values) {
             check::<EncryptedText<$ty, $c>, $ty>(t, table, $col, $exp, |w| w.into_inner()).await
         };
     }
-    let json: Vec<Json<serde_json::Value>> = v.json.iter().cloned().map(Json).collect();
+    let json: Vec<AsJson<serde_json::Value>> = v.json.iter().cloned().map(AsJson).collect();
     bin!("ip_string", String, IpString, &v.string);
     bin!("ip_bytes", Vec<u8>, IpBytes, &v.bytes);
     bin!("ip_i16", i16, IpI16, &v.i16);
@@ -482,11 +482,11 @@ async fn check_all(t: &Target, table: &str, v: &Values) {
     bin!("ip_uuid", Uuid, IpUuid, &v.uuid);
     bin!("ip_date", NaiveDate, IpDate, &v.date);
     bin!("ip_ts", DateTime<Utc>, IpTs, &v.timestamp);
-    bin!("ip_json", Json<serde_json::Value>, IpJson, &json);
+    bin!("ip_json", AsJson<serde_json::Value>, IpJson, &json);
     txt!("it_string", String, ItString, &v.string);
     txt!("it_date", NaiveDate, ItDate, &v.date);
     txt!("it_ts", DateTime<Utc>, ItTs, &v.timestamp);
-    txt!("it_json", Json<serde_json::Value>, ItJson, &json);
+    txt!("it_json", AsJson<serde_json::Value>, ItJson, &json);
     bin!("s_string", String, SString, &v.string);
     bin!("s_bytes", Vec<u8>, SBytes, &v.bytes);
     bin!("s_i16", i16, SI16, &v.i16);
@@ -496,7 +496,7 @@ async fn check_all(t: &Target, table: &str, v: &Values) {
     bin!("s_uuid", Uuid, SUuid, &v.uuid);
     bin!("s_date", NaiveDate, SDate, &v.date);
     bin!("s_ts", DateTime<Utc>, STs, &v.timestamp);
-    bin!("s_json", Json<serde_json::Value>, SJson, &json);
+    bin!("s_json", AsJson<serde_json::Value>, SJson, &json);
     txt!("st_i64", i64, StI64, &v.i64);
     txt!("st_uuid", Uuid, StUuid, &v.uuid);
 

@@ -220,12 +220,12 @@ macro_rules! __blind_index_wrapper {
 /// A field type that can be encrypted: how it becomes bytes and comes back.
 ///
 /// Integers are stored big-endian at their full width, `bool` as one byte, UUIDs as their 16
-/// bytes, dates and times as ISO 8601 text, [`Json`] as compact JSON.
+/// bytes, dates and times as ISO 8601 text, `AsJson` as compact JSON.
 pub trait Plaintext: Sized {
     /// The bytes to seal.
     ///
     /// # Errors
-    /// [`Error::PlaintextEncode`] when the value cannot be encoded (a `Json` value whose
+    /// [`Error::PlaintextEncode`] when the value cannot be encoded (an `AsJson` value whose
     /// `Serialize` fails): the write fails, nothing is sealed.
     fn to_plaintext(&self) -> Result<Cow<'_, [u8]>>;
     /// Rebuild the value from opened bytes.
@@ -329,59 +329,71 @@ impl Plaintext for chrono::DateTime<chrono::Utc> {
     }
 }
 
-/// Any serde type, stored as JSON inside the envelope: `Encrypted<Json<Notes>, C>`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Json<T>(pub T);
+#[cfg(feature = "json")]
+pub use json::AsJson;
 
-impl<T> std::fmt::Debug for Json<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Json(<redacted>)")
+#[cfg(feature = "json")]
+mod json {
+    use std::borrow::Cow;
+
+    use super::{Plaintext, type_error};
+    use crate::error::{Error, Result};
+
+    /// Any serde type, stored as JSON inside the envelope: `Encrypted<AsJson<Notes>, C>`
+    /// (cargo feature `json`).
+    #[derive(Clone, Default, PartialEq, Eq)]
+    pub struct AsJson<T>(pub T);
+
+    impl<T> std::fmt::Debug for AsJson<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("AsJson(<redacted>)")
+        }
     }
-}
 
-impl<T> std::ops::Deref for Json<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
+    impl<T> std::ops::Deref for AsJson<T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
     }
-}
 
-impl<T: serde::Serialize + serde::de::DeserializeOwned> Plaintext for Json<T> {
-    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
-        // serde_json's messages can quote the data (a custom `Serialize` may say anything):
-        // report only the kind of failure.
-        serde_json::to_vec(&self.0)
-            .map(Cow::Owned)
-            .map_err(|e| Error::PlaintextEncode {
-                ty: "Json",
-                detail: format!(
-                    "serializing to JSON failed ({} error; for example a map whose keys are not strings)",
-                    json_category(&e)
-                ),
+    impl<T: serde::Serialize + serde::de::DeserializeOwned> Plaintext for AsJson<T> {
+        fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+            // serde_json's messages can quote the data (a custom `Serialize` may say anything):
+            // report only the kind of failure.
+            serde_json::to_vec(&self.0)
+                .map(Cow::Owned)
+                .map_err(|e| Error::PlaintextEncode {
+                    ty: "AsJson",
+                    detail: format!(
+                        "serializing to JSON failed ({} error; for example a map whose keys are not strings)",
+                        json_category(&e)
+                    ),
+                })
+        }
+        fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+            // Never `e.to_string()`: serde_json quotes the offending (decrypted) value in it.
+            serde_json::from_slice(&bytes).map(AsJson).map_err(|e| {
+                type_error(
+                    "AsJson",
+                    format!(
+                        "{} error at line {} column {} of the decrypted JSON (the field's type does not match what was stored)",
+                        json_category(&e),
+                        e.line(),
+                        e.column()
+                    ),
+                )
             })
+        }
     }
-    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
-        // Never `e.to_string()`: serde_json quotes the offending (decrypted) value in it.
-        serde_json::from_slice(&bytes).map(Json).map_err(|e| {
-            type_error(
-                "Json",
-                format!(
-                    "{} error at line {} column {} of the decrypted JSON (the field's type does not match what was stored)",
-                    json_category(&e),
-                    e.line(),
-                    e.column()
-                ),
-            )
-        })
-    }
-}
 
-fn json_category(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "I/O",
-        serde_json::error::Category::Syntax => "syntax",
-        serde_json::error::Category::Data => "data type",
-        serde_json::error::Category::Eof => "unexpected end of input",
+    fn json_category(e: &serde_json::Error) -> &'static str {
+        match e.classify() {
+            serde_json::error::Category::Io => "I/O",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data type",
+            serde_json::error::Category::Eof => "unexpected end of input",
+        }
     }
 }
 
@@ -510,13 +522,18 @@ mod tests {
         assert!(String::from_plaintext(vec![0xff]).is_err());
         assert!(i32::from_plaintext(vec![1, 2]).is_err());
         assert!(bool::from_plaintext(vec![2]).is_err());
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn json_fields_round_trip_and_never_show_their_value() {
         #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
         struct Notes {
             text: String,
         }
-        let j = Json(Notes { text: "x".into() });
-        assert_eq!(format!("{j:?}"), "Json(<redacted>)");
-        let back = Json::<Notes>::from_plaintext(j.to_plaintext().unwrap().into_owned()).unwrap();
+        let j = AsJson(Notes { text: "x".into() });
+        assert_eq!(format!("{j:?}"), "AsJson(<redacted>)");
+        let back = AsJson::<Notes>::from_plaintext(j.to_plaintext().unwrap().into_owned()).unwrap();
         assert_eq!(back.0, j.0);
     }
 

@@ -88,7 +88,6 @@ pub use bridge::IoRuntime;
 pub use error::{Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Result, StoreError};
 pub use keyring::{Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
-#[cfg(feature = "kms-local")]
 pub use kms::local::LocalKms;
 pub use kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
 pub use metrics::MetricsSnapshot;

@@ -70,10 +70,9 @@
 //! `diesel::result::Error::SerializationError` / `DeserializationError` whose source is an
 //! [`envelope_core::Error`] (see [`envelope_error`]).
 //!
-//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, `uuid::Uuid`,
-//! `chrono::NaiveDate`, `chrono::DateTime<Utc>`, and any serde type as
-//! [`Json<T>`](envelope_core::column::Json). MySQL's `BLOB` holds at most 64 KiB: use
-//! `MEDIUMBLOB` for larger values.
+//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, and with the features below
+//! `uuid::Uuid`, `chrono::NaiveDate`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`.
+//! MySQL's `BLOB` holds at most 64 KiB: use `MEDIUMBLOB` for larger values.
 //!
 //! With diesel-async, `ToSql` and `FromSql` run inside the calling task: scope the keyring with
 //! `keyring.scope(async { .. })` (or install a default). A cache miss there is safe on
@@ -118,14 +117,36 @@
 //! // reading customers failed: Error deserializing field 'email': <why>
 //! # }
 //! ```
+//!
+//! ## Cargo features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `postgres`, `mysql`, `sqlite` | the column types and key stores on that backend (none by default) |
+//! | `r2d2` (default) | `DieselKeyStore`: the key table over sync diesel |
+//! | `async` | `AsyncDieselKeyStore`: the key table over diesel-async |
+//! | `migrations` | the key table's diesel migrations, embedded |
+//! | `uuid` | `uuid::Uuid` fields |
+//! | `chrono` | `chrono::NaiveDate` and `chrono::DateTime<Utc>` fields |
+//! | `json` | `AsJson<T>` fields: any serde type, stored as JSON inside the envelope |
 #![forbid(unsafe_code)]
+// The key store's machinery needs a backend and a connection kind (`r2d2` or `async`) to serve.
+#![cfg_attr(
+    not(all(
+        any(feature = "postgres", feature = "mysql", feature = "sqlite"),
+        any(feature = "r2d2", feature = "async")
+    )),
+    allow(dead_code, unused_imports, unused_macros)
+)]
 
 mod error;
 pub mod store;
 mod types;
 
 pub use envelope_core;
-pub use envelope_core::column::{Column, IndexColumn, Json, Plaintext};
+#[cfg(feature = "json")]
+pub use envelope_core::column::AsJson;
+pub use envelope_core::column::{Column, IndexColumn, Plaintext};
 pub use envelope_core::{blind_index, column};
 pub use error::{Report, envelope_error, report};
 #[cfg(feature = "async")]

@@ -8,7 +8,7 @@
 
 use diesel::prelude::*;
 use envelope_core::{Error, FormatError, Keyring, Label, format};
-use envelope_diesel::{BlindIndex, Encrypted, Json};
+use envelope_diesel::{AsJson, BlindIndex, Encrypted};
 use envelope_tests::Fixture;
 
 mod common;
@@ -282,8 +282,8 @@ macro_rules! suite {
                 // A map with non-string keys has no JSON form: the update fails, nothing written.
                 let mut bad = std::collections::HashMap::new();
                 bad.insert((1, 2), "x".to_owned());
-                let bad: Encrypted<Json<std::collections::HashMap<(i32, i32), String>>, Notes> =
-                    Encrypted::new(Json(bad));
+                let bad: Encrypted<AsJson<std::collections::HashMap<(i32, i32), String>>, Notes> =
+                    Encrypted::new(AsJson(bad));
                 let err = diesel::update(people::table.find(1))
                     .set(people::notes.eq(Some(bad)))
                     .execute(&mut conn)
@@ -295,7 +295,7 @@ macro_rules! suite {
                 assert!(load(&mut conn, 1).unwrap().notes.is_none());
                 // A stored value read as the wrong type: the error says where, never what.
                 let mut p = empty(2);
-                p.notes = Some(Encrypted::new(Json(NoteBody {
+                p.notes = Some(Encrypted::new(AsJson(NoteBody {
                     text: "078-05-1120".into(),
                     tags: vec![],
                 })));
@@ -307,7 +307,7 @@ macro_rules! suite {
                 let err = people::table
                     .find(2)
                     .select(people::notes)
-                    .first::<Option<Encrypted<Json<Other>, Notes>>>(&mut conn)
+                    .first::<Option<Encrypted<AsJson<Other>, Notes>>>(&mut conn)
                     .unwrap_err();
                 let cause = the_envelope_error(&err).to_string();
                 assert!(cause.contains("line 1 column"), "{cause}");

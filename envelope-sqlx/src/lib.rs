@@ -60,16 +60,34 @@
 //! [`envelope_core::KeyStore`] for all three databases; call
 //! [`SqlxKeyStore::create_table`](SqlxKeyStore) or apply the files in `migrations/`.
 //!
-//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, `uuid::Uuid`,
-//! `chrono::NaiveDate`, `chrono::DateTime<Utc>`, and any serde type as
-//! [`Json<T>`](envelope_core::column::Json).
+//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, and with the features below
+//! `uuid::Uuid`, `chrono::NaiveDate`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`.
+//!
+//! ## Cargo features
+//!
+//! Nothing is on by default except what is named below: enable the databases and field types
+//! the application uses.
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `postgres`, `mysql`, `sqlite` | the key store and column types on that database |
+//! | `uuid` | `uuid::Uuid` fields |
+//! | `chrono` | `chrono::NaiveDate` and `chrono::DateTime<Utc>` fields |
+//! | `json` | `AsJson<T>` fields: any serde type, stored as JSON inside the envelope |
 #![forbid(unsafe_code)]
+// With no database feature the store's machinery has no database to serve.
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code, unused_imports, unused_macros)
+)]
 
 mod store;
 mod types;
 
 pub use envelope_core;
-pub use envelope_core::column::{Column, IndexColumn, Json, Plaintext};
+#[cfg(feature = "json")]
+pub use envelope_core::column::AsJson;
+pub use envelope_core::column::{Column, IndexColumn, Plaintext};
 pub use envelope_core::{blind_index, column};
 pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
 pub use types::{BlindIndex, Encrypted, EncryptedText};

@@ -179,14 +179,37 @@ pub async fn key_store_for_url(
     table: &str,
 ) -> Result<std::sync::Arc<dyn KeyStore>, envelope_core::Error> {
     match url.split(':').next().unwrap_or("") {
+        #[cfg(feature = "sqlite")]
         "sqlite" => open_store::<sqlx::Sqlite>(url, table).await,
+        #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => open_store::<sqlx::Postgres>(url, table).await,
+        #[cfg(feature = "mysql")]
         "mysql" | "mariadb" => open_store::<sqlx::MySql>(url, table).await,
-        other => Err(envelope_core::Error::Config(
-            format!("a key store URL starts with sqlite:, postgres: or mysql:, not {other:?}:")
-                .into(),
-        )),
+        other => {
+            let _ = table;
+            Err(unsupported_scheme(other))
+        }
     }
+}
+
+fn unsupported_scheme(scheme: &str) -> envelope_core::Error {
+    let feature = match scheme {
+        "sqlite" => "sqlite",
+        "postgres" | "postgresql" => "postgres",
+        "mysql" | "mariadb" => "mysql",
+        other => {
+            return envelope_core::Error::Config(
+                format!("a key store URL starts with sqlite:, postgres: or mysql:, not {other:?}:")
+                    .into(),
+            );
+        }
+    };
+    envelope_core::Error::Config(
+        format!(
+            "this build of envelope-sqlx has no {scheme:?} support: enable its `{feature}` cargo feature"
+        )
+        .into(),
+    )
 }
 
 macro_rules! sqlx_key_store {
@@ -393,8 +416,11 @@ macro_rules! sqlx_key_store {
     };
 }
 
+#[cfg(feature = "postgres")]
 sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES, DdlGuard::POSTGRES);
+#[cfg(feature = "mysql")]
 sqlx_key_store!(sqlx::MySql, ddl::MYSQL, DdlGuard::MYSQL);
+#[cfg(feature = "sqlite")]
 sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, DdlGuard::SQLITE);
 
 #[cfg(test)]

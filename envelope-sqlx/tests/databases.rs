@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use envelope_core::{Error, KeyMaterial, KeyStore, Keyring, Label, LocalKms, Policy, format};
 use envelope_sqlx::{
-    BlindIndex, Encrypted, EncryptedText, Json, SqlxKeyStore, blind_index, column, envelope_error,
+    AsJson, BlindIndex, Encrypted, EncryptedText, SqlxKeyStore, blind_index, column, envelope_error,
 };
 
 column!(Name = "people.name");
@@ -41,7 +41,7 @@ struct Person {
     ident: Option<Encrypted<uuid::Uuid, Ident>>,
     born: Option<Encrypted<chrono::NaiveDate, Born>>,
     seen: Option<Encrypted<chrono::DateTime<chrono::Utc>, Seen>>,
-    notes: Option<Encrypted<Json<NoteBody>, Notes>>,
+    notes: Option<Encrypted<AsJson<NoteBody>, Notes>>,
     email: Option<Encrypted<String, Email>>,
     email_bidx: Option<BlindIndex<EmailIndex>>,
     phone: Option<EncryptedText<String, Phone>>,
@@ -164,7 +164,7 @@ macro_rules! suite {
                     ident: Some(Encrypted::new(uuid::Uuid::new_v4())),
                     born: Some(Encrypted::new(chrono::NaiveDate::from_ymd_opt(1990, 2, 28).unwrap())),
                     seen: Some(Encrypted::new(chrono::DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap())),
-                    notes: Some(Encrypted::new(Json(NoteBody { text: "allergic to penicillin".into(), tags: vec!["health".into()] }))),
+                    notes: Some(Encrypted::new(AsJson(NoteBody { text: "allergic to penicillin".into(), tags: vec!["health".into()] }))),
                     email: Some(Encrypted::new("Alice@Example.com".to_owned())),
                     email_bidx: Some(BlindIndex::of("Alice@Example.com").unwrap()),
                     phone: Some(EncryptedText::new("+1 555 0100".to_owned())),
@@ -272,7 +272,7 @@ macro_rules! suite {
                     let err = sqlx::query(sqlx::AssertSqlSafe(q))
                         .bind(1i64)
                         .bind(Encrypted::<String, Name>::new("n".into()))
-                        .bind(Encrypted::<Json<std::collections::HashMap<(i32, i32), String>>, Notes>::new(Json(bad)))
+                        .bind(Encrypted::<AsJson<std::collections::HashMap<(i32, i32), String>>, Notes>::new(AsJson(bad)))
                         .execute(&s.pool).await.unwrap_err();
                     assert!(err.to_string().contains("JSON"), "{err}");
                     let q = sql(&format!("SELECT COUNT(*) FROM {} WHERE id = ?", s.table));
@@ -280,12 +280,12 @@ macro_rules! suite {
                     assert_eq!(rows, 0);
                     // A stored value read as the wrong type: the error says where, never what.
                     let mut p = empty(2);
-                    p.notes = Some(Encrypted::new(Json(NoteBody { text: "078-05-1120".into(), tags: vec![] })));
+                    p.notes = Some(Encrypted::new(AsJson(NoteBody { text: "078-05-1120".into(), tags: vec![] })));
                     s.insert(&p).await;
                     #[derive(Debug, serde::Serialize, serde::Deserialize)]
                     struct Other { text: i64 }
                     let q = sql(&format!("SELECT notes FROM {} WHERE id = ?", s.table));
-                    let err = sqlx::query_scalar::<_, Encrypted<Json<Other>, Notes>>(sqlx::AssertSqlSafe(q))
+                    let err = sqlx::query_scalar::<_, Encrypted<AsJson<Other>, Notes>>(sqlx::AssertSqlSafe(q))
                         .bind(2i64).fetch_one(&s.pool).await.unwrap_err();
                     for shown in [err.to_string(), format!("{err:?}")] {
                         assert!(!shown.contains("078-05-1120"), "{shown}");

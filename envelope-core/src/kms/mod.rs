@@ -17,7 +17,6 @@ use crate::keys::KeyMaterial;
 pub mod aws;
 #[cfg(any(feature = "kms-tencent", feature = "kms-vault"))]
 mod http;
-#[cfg(feature = "kms-local")]
 pub mod local;
 #[cfg(feature = "kms-tencent")]
 pub mod tencent;

@@ -169,7 +169,6 @@ impl KeyUri {
     /// build lacks the provider's cargo feature (`kms-tencent`, `kms-aws`, `kms-vault`).
     pub async fn connect(&self) -> Result<Connected> {
         match self {
-            #[cfg(feature = "kms-local")]
             KeyUri::Local { path } => {
                 let kms = crate::kms::local::LocalKms::open(path)?;
                 let cmk = kms.cmk_id().to_owned();

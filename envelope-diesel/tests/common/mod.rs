@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Binary, Nullable, Text};
 use envelope_core::Error;
 use envelope_diesel::{
-    BlindIndex, Encrypted, EncryptedText, Json, blind_index, column, envelope_error,
+    AsJson, BlindIndex, Encrypted, EncryptedText, blind_index, column, envelope_error,
 };
 
 column!(pub Name = "people.name");
@@ -61,7 +61,7 @@ pub struct Person {
     pub ident: Option<Encrypted<uuid::Uuid, Ident>>,
     pub born: Option<Encrypted<chrono::NaiveDate, Born>>,
     pub seen: Option<Encrypted<chrono::DateTime<chrono::Utc>, Seen>>,
-    pub notes: Option<Encrypted<Json<NoteBody>, Notes>>,
+    pub notes: Option<Encrypted<AsJson<NoteBody>, Notes>>,
     pub email: Option<Encrypted<String, Email>>,
     pub email_bidx: Option<BlindIndex<EmailIndex>>,
     pub phone: Option<EncryptedText<String, Phone>>,
@@ -83,7 +83,7 @@ pub fn full(id: i64, email: &str) -> Person {
         seen: Some(Encrypted::new(
             chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
         )),
-        notes: Some(Encrypted::new(Json(NoteBody {
+        notes: Some(Encrypted::new(AsJson(NoteBody {
             text: "analytical engine".into(),
             tags: vec!["math".into(), "poetry".into()],
         }))),

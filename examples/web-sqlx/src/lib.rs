@@ -31,7 +31,7 @@ use axum::{Json, Router};
 use envelope_core::kms::KeyUri;
 use envelope_core::kms::tencent::{TencentConfig, TencentKms};
 use envelope_core::{Keyring, KmsProvider, LocalKms, Normalizer};
-use envelope_sqlx::{BlindIndex, Encrypted, Json as JsonValue, blind_index, column};
+use envelope_sqlx::{AsJson, BlindIndex, Encrypted, blind_index, column};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 
@@ -427,7 +427,7 @@ struct CustomerRow {
     email: Encrypted<String, CustomerEmail>,
     phone: Option<Encrypted<String, CustomerPhone>>,
     national_id: Option<Encrypted<String, CustomerNationalId>>,
-    notes: Option<Encrypted<JsonValue<serde_json::Value>, CustomerNotes>>,
+    notes: Option<Encrypted<AsJson<serde_json::Value>, CustomerNotes>>,
 }
 
 impl From<CustomerRow> for CustomerOutput {
@@ -473,7 +473,7 @@ fn bind_fields(
         .bind(
             input
                 .notes
-                .map(|n| Encrypted::<_, CustomerNotes>::new(JsonValue(n))),
+                .map(|n| Encrypted::<_, CustomerNotes>::new(AsJson(n))),
         ))
 }
 
