@@ -237,7 +237,7 @@ pub(crate) async fn keyring(config: &Config) -> Result<Keyring, Failure> {
     let scope = config.scope.clone();
     // `build` reads the key table through the keyring's own runtime: off the async threads.
     tokio::task::spawn_blocking(move || {
-        let mut builder = Keyring::builder(kms, cmk, store);
+        let mut builder = Keyring::builder(kms, store).cmk(cmk);
         for reader in readers {
             builder = builder.also_read_with(reader);
         }

@@ -2,7 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
-use std::sync::Arc;
 
 use envelope_core::{Keyring, Label, LocalKms, MemoryKeyStore, format};
 
@@ -44,12 +43,11 @@ fn keygen_creates_a_private_key_file_and_never_overwrites() {
 #[test]
 fn inspect_reads_headers_without_keys() {
     let kms = LocalKms::from_key(envelope_core::KeyMaterial::generate().unwrap());
-    let cmk = kms.cmk_id().to_owned();
-    let k = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+    let k = Keyring::builder(kms, MemoryKeyStore::new())
         .build()
         .unwrap();
     let label = Label::new("users.ssn").unwrap();
-    let blob = k.encrypt_blocking(&label, b"078-05-1120").unwrap();
+    let blob = k.blocking().encrypt(&label, b"078-05-1120").unwrap();
     let id = format::peek_key_id(&blob).unwrap().to_string();
     for value in [
         hex(&blob),

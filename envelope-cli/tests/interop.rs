@@ -232,13 +232,12 @@ mod diesel_side {
     /// A keyring whose key store is `DieselKeyStore` over the CLI's key table.
     pub(crate) fn keyring(t: &Target) -> Keyring {
         let kms = Arc::new(LocalKms::open(t.dir.path().join("master.key")).unwrap());
-        let cmk = kms.cmk_id().to_owned();
         let store = match t.kind {
             Kind::Sqlite => store::<SqliteConnection>(t),
             Kind::Postgres => store::<PgConnection>(t),
             Kind::MySql => store::<MysqlConnection>(t),
         };
-        Keyring::builder(kms, cmk, store).build().unwrap()
+        Keyring::builder(kms, store).build().unwrap()
     }
 
     fn store<C: envelope_diesel::store::KeyTableConnection>(t: &Target) -> Arc<dyn KeyStore>
@@ -313,7 +312,7 @@ mod sqlx_side {
     pub(crate) async fn write(t: &Target) {
         let keyring = t.keyring().await;
         keyring
-            .scope(async {
+            .install_for(async {
                 for i in 0..ROWS {
                     let v = values(i);
                     let placeholders: Vec<String> = (1..=13).map(|n| t.p(n)).collect();
@@ -349,7 +348,7 @@ mod sqlx_side {
     ) -> (Vec<(i64, Values, String)>, Vec<i64>) {
         let keyring = t.keyring().await;
         keyring
-            .scope(async {
+            .install_for(async {
                 let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT {COLUMNS} FROM {TABLE} ORDER BY id"
                 )))

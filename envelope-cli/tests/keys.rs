@@ -105,7 +105,8 @@ async fn try_app_keyring(t: &Target, kms: LocalKms) -> Result<Keyring, Error> {
         .unwrap();
     tokio::task::spawn_blocking(move || {
         let cmk = kms.cmk_id().to_owned();
-        Keyring::builder(Arc::new(kms), cmk, store)
+        Keyring::builder(kms, store)
+            .cmk(cmk)
             .policy(Policy {
                 key_refresh: Duration::from_secs(1),
                 ..Policy::default()
@@ -559,7 +560,7 @@ async fn rewrap_tencent_cmk_a_to_b_on_the_emulator(kind: Kind) {
         .unwrap();
     let keyring = {
         let (kms, a, store) = (Arc::new(tencent()), a.clone(), store.clone());
-        tokio::task::spawn_blocking(move || Keyring::builder(kms, a, store).build().unwrap())
+        tokio::task::spawn_blocking(move || Keyring::builder(kms, store).cmk(a).build().unwrap())
             .await
             .unwrap()
     };
@@ -620,7 +621,7 @@ async fn rewrap_tencent_cmk_a_to_b_on_the_emulator(kind: Kind) {
     // A cold keyring whose CMK for new keys is B reads every value and every index.
     let cold = {
         let (kms, b, store) = (Arc::new(tencent()), b.clone(), store.clone());
-        tokio::task::spawn_blocking(move || Keyring::builder(kms, b, store).build().unwrap())
+        tokio::task::spawn_blocking(move || Keyring::builder(kms, store).cmk(b).build().unwrap())
             .await
             .unwrap()
     };
@@ -668,7 +669,7 @@ async fn keyring_with(t: &Target, writer: &Side, reader: Option<&Side>) -> Resul
     let (kms, cmk) = (writer.kms.clone(), writer.cmk.clone());
     let also = reader.map(|r| r.kms.clone());
     tokio::task::spawn_blocking(move || {
-        let mut b = Keyring::builder(kms, cmk, store).policy(Policy {
+        let mut b = Keyring::builder(kms, store).cmk(cmk).policy(Policy {
             key_refresh: Duration::from_secs(1),
             ..Policy::default()
         });
@@ -733,7 +734,8 @@ async fn rewrap_across_kmss(t: &Target, from: Side, to: Side) {
                     .unwrap();
                 let (kms, cmk, also) = (w.0.clone(), w.1.clone(), r.clone());
                 let cold = tokio::task::spawn_blocking(move || {
-                    Keyring::builder(kms, cmk, store)
+                    Keyring::builder(kms, store)
+                        .cmk(cmk)
                         .also_read_with(also)
                         .build()
                         .unwrap()

@@ -155,7 +155,7 @@ async fn crash_and_resume(kind: Kind, rows: i64) {
     // twice would open to an envelope, not to the original.
     let keyring = t.keyring().await;
     keyring
-        .scope(async {
+        .install_for(async {
             let sql = format!("SELECT id, email, ssn_enc FROM {table} ORDER BY id");
             let got: Vec<CrashRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .fetch_all(&t.pool)
@@ -188,7 +188,7 @@ async fn write_while(
     let mut rng = rand::rng();
     let mut n = 0;
     keyring
-        .scope(async {
+        .install_for(async {
             while child.try_wait().unwrap().is_none() {
                 let id = rng.random_range(1..=rows);
                 n += 1;
@@ -257,7 +257,7 @@ async fn no_lost_updates(kind: Kind) {
     let keyring = t.keyring().await;
     keyring.open_migration_window(&Label::new("live.email").unwrap());
     keyring
-        .scope(async {
+        .install_for(async {
             let sql = format!("SELECT id, email FROM {table} ORDER BY id");
             let got: Vec<(i64, Encrypted<String, Email>)> =
                 sqlx::query_as(sqlx::AssertSqlSafe(sql))

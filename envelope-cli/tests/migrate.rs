@@ -587,7 +587,7 @@ async fn every_type_round_trips(kind: Kind) {
     .await;
 
     let keyring = t.keyring().await;
-    keyring.scope(check_all(&t, &table, &v)).await;
+    keyring.install_for(check_all(&t, &table, &v)).await;
 
     // A second run over finished columns changes nothing.
     let s = Target::summary(&t.expect(&["encrypt", "--json"], 0));
@@ -616,7 +616,7 @@ async fn every_type_round_trips(kind: Kind) {
     assert_eq!(keys_after.len(), 1);
     assert!(keys_after.is_disjoint(&keys_before));
     let keyring = t.keyring().await;
-    keyring.scope(check_all(&t, &table, &v)).await;
+    keyring.install_for(check_all(&t, &table, &v)).await;
     let status = t.expect(&["status", "--json"], 0);
     assert!(
         status.contains(keys_after.iter().next().unwrap()),
@@ -648,7 +648,7 @@ async fn every_type_round_trips(kind: Kind) {
     // The sources were written back faithfully: encrypting them again reads back the same.
     t.expect(&["encrypt"], 0);
     let keyring = t.keyring().await;
-    keyring.scope(check_all(&t, &table, &v)).await;
+    keyring.install_for(check_all(&t, &table, &v)).await;
 }
 
 /// A value that parses as an envelope but does not open (here: another column's value) is

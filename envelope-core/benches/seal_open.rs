@@ -16,7 +16,6 @@
 //! the header, the key-id lookup on open, and the label in the AAD.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
@@ -136,14 +135,13 @@ fn main() {
         UnboundKey::new(&AES_256_GCM, material.expose()).unwrap(),
     ));
     let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
-    let cmk = kms.cmk_id().to_owned();
-    let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+    let keyring = Keyring::builder(kms, MemoryKeyStore::new())
         .build()
         .unwrap();
     let label = Label::new("users.ssn").unwrap();
     // Warm: the active key exists and is cached.
-    let warm = keyring.encrypt_blocking(&label, b"warm").unwrap();
-    keyring.decrypt_blocking(&label, &warm).unwrap();
+    let warm = keyring.blocking().encrypt(&label, b"warm").unwrap();
+    keyring.blocking().decrypt(&label, &warm).unwrap();
 
     println!(
         "seal+open per value, median of {rounds} interleaved rounds (ns); ratios = median per-round envelope/bare"
@@ -173,8 +171,8 @@ fn main() {
                 black_box(aws_lc.open(&aws_lc.seal(black_box(&pt))));
             }));
             env_ns.push(time_batch(iters, || {
-                let blob = keyring.encrypt_blocking(&label, black_box(&pt)).unwrap();
-                black_box(keyring.decrypt_blocking(&label, &blob).unwrap());
+                let blob = keyring.blocking().encrypt(&label, black_box(&pt)).unwrap();
+                black_box(keyring.blocking().decrypt(&label, &blob).unwrap());
             }));
         }
         // Ratios are taken per round (each envelope batch against the bare batches just before

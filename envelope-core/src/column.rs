@@ -40,6 +40,12 @@ pub trait IndexColumn: Send + Sync + 'static {
 }
 
 /// Declare a column marker: `column!(pub UsersSsn = "users.ssn");`.
+///
+/// The label is checked when the program compiles:
+///
+/// ```compile_fail
+/// envelope_core::column!(pub UsersSsn = "users ssn"); // a space: does not compile
+/// ```
 #[macro_export]
 macro_rules! column {
     ($(#[$meta:meta])* $vis:vis $name:ident = $label:literal) => {
@@ -49,11 +55,21 @@ macro_rules! column {
         impl $crate::column::Column for $name {
             const LABEL: &'static str = $label;
         }
+        const _: () = ::core::assert!(
+            $crate::__private::label_is_valid($label),
+            "a column label is 1 to 255 bytes of visible ASCII with no spaces, such as \"users.ssn\""
+        );
     };
 }
 
 /// Declare a blind-index marker:
 /// `blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);`.
+///
+/// The label is checked when the program compiles:
+///
+/// ```compile_fail
+/// envelope_core::blind_index!(pub EmailIndex = "", CaseFolded); // empty: does not compile
+/// ```
 #[macro_export]
 macro_rules! blind_index {
     ($(#[$meta:meta])* $vis:vis $name:ident = $label:literal, $normalizer:ident) => {
@@ -64,6 +80,10 @@ macro_rules! blind_index {
             const LABEL: &'static str = $label;
             const NORMALIZER: $crate::Normalizer = $crate::Normalizer::$normalizer;
         }
+        const _: () = ::core::assert!(
+            $crate::__private::label_is_valid($label),
+            "a blind index label is 1 to 255 bytes of visible ASCII with no spaces, such as \"users.email\""
+        );
     };
 }
 
@@ -412,11 +432,13 @@ fn scope_of<C: Column>(keyring: &crate::Keyring) -> Result<Scope> {
 /// synchronous encoders of the column types.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Keyring::encrypt_scoped_blocking`].
+/// [`Error::NoKeyring`], or any error of [`crate::Blocking::encrypt_scoped`].
 pub fn seal<T: Plaintext, C: Column>(value: &T) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
     let scope = scope_of::<C>(&keyring)?;
-    keyring.encrypt_scoped_blocking(&scope, &label_of::<C>()?, &value.to_plaintext()?)
+    keyring
+        .blocking()
+        .encrypt_scoped(&scope, &label_of::<C>()?, &value.to_plaintext()?)
 }
 
 /// [`seal`] to the text form.
@@ -438,14 +460,16 @@ pub fn seal_text<T: Plaintext, C: Column>(value: &T) -> Result<String> {
 /// must be an envelope (fail closed). `docs/FORMAT.md` states the rule.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], any error of [`crate::Keyring::decrypt_blocking`], or
+/// [`Error::NoKeyring`], any error of [`crate::Blocking::decrypt`], or
 /// [`Error::PlaintextType`].
 pub fn open<T: Plaintext, C: Column>(stored: &[u8]) -> Result<T> {
     let keyring = crate::current()?;
     let label = label_of::<C>()?;
     let opened = match C::SCOPE {
-        Some(scope) => keyring.decrypt_scoped_blocking(&Scope::new(scope)?, &label, stored),
-        None => keyring.decrypt_blocking(&label, stored),
+        Some(scope) => keyring
+            .blocking()
+            .decrypt_scoped(&Scope::new(scope)?, &label, stored),
+        None => keyring.blocking().decrypt(&label, stored),
     };
     match opened {
         Ok(bytes) => T::from_plaintext(bytes),
@@ -466,8 +490,10 @@ pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
     let opened = format::from_text(stored)
         .map_err(Error::from)
         .and_then(|blob| match C::SCOPE {
-            Some(scope) => keyring.decrypt_scoped_blocking(&Scope::new(scope)?, &label, &blob),
-            None => keyring.decrypt_blocking(&label, &blob),
+            Some(scope) => keyring
+                .blocking()
+                .decrypt_scoped(&Scope::new(scope)?, &label, &blob),
+            None => keyring.blocking().decrypt(&label, &blob),
         });
     match opened {
         Ok(bytes) => T::from_plaintext(bytes),
@@ -481,20 +507,22 @@ pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
 /// The blind index of `value` for index column `I`, with the current keyring.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Keyring::blind_index_blocking`].
+/// [`Error::NoKeyring`], or any error of [`crate::Blocking::blind_index`].
 pub fn blind_index<I: IndexColumn>(value: &[u8]) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
-    keyring.blind_index_blocking(&index_spec::<I>()?, value)
+    keyring.blocking().blind_index(&index_spec::<I>()?, value)
 }
 
 /// The lookup probes of `value` for index column `I` (one per index key), with the current
 /// keyring.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Keyring::blind_index_probes_blocking`].
+/// [`Error::NoKeyring`], or any error of [`crate::Blocking::blind_index_probes`].
 pub fn blind_index_probes<I: IndexColumn>(value: &[u8]) -> Result<Vec<Vec<u8>>> {
     let keyring = crate::current()?;
-    keyring.blind_index_probes_blocking(&index_spec::<I>()?, value)
+    keyring
+        .blocking()
+        .blind_index_probes(&index_spec::<I>()?, value)
 }
 
 fn index_spec<I: IndexColumn>() -> Result<BlindIndexSpec> {

@@ -108,7 +108,7 @@ pub enum Error {
 
     /// A column type needed a keyring and none was installed.
     #[error(
-        "no keyring is installed: call Keyring::install_default() at start-up, or wrap the work in keyring.scope(..) / keyring.enter()"
+        "no keyring is installed: call Keyring::install_default() at start-up, or wrap the work in keyring.install_for(..) / keyring.enter()"
     )]
     NoKeyring,
 

@@ -401,7 +401,7 @@ struct Inner {
 pub struct KeyringBuilder {
     kms: Arc<dyn KmsProvider>,
     readers: Vec<Arc<dyn KmsProvider>>,
-    cmk: String,
+    cmk: Option<String>,
     store: Arc<dyn KeyStore>,
     policy: Policy,
     default_scope: Scope,
@@ -410,6 +410,14 @@ pub struct KeyringBuilder {
 }
 
 impl KeyringBuilder {
+    /// Make new data keys under the master key `cmk` instead of the provider's own
+    /// ([`KmsProvider::default_cmk`]). Required for a provider that holds many master keys and
+    /// names none (an `AwsKms`, a `TencentKms` or a `VaultKms` built by hand).
+    pub fn cmk(mut self, cmk: impl Into<String>) -> Self {
+        self.cmk = Some(cmk.into());
+        self
+    }
+
     /// Replace the policy.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
@@ -435,8 +443,8 @@ impl KeyringBuilder {
     /// from one KMS to another (Tencent to AWS, local to Vault): give it both providers for
     /// the time of the move. One provider per name: two Vault servers cannot be read side by
     /// side.
-    pub fn also_read_with(mut self, kms: Arc<dyn KmsProvider>) -> Self {
-        self.readers.push(kms);
+    pub fn also_read_with(mut self, kms: impl KmsProvider) -> Self {
+        self.readers.push(Arc::new(kms));
         self
     }
 
@@ -461,7 +469,20 @@ impl KeyringBuilder {
     /// not hold; a key-store error while reading the key table for that check.
     pub fn build(self) -> Result<Keyring> {
         self.policy.validate()?;
-        if self.cmk.is_empty() {
+        let cmk = match (self.cmk, self.kms.default_cmk()) {
+            (Some(cmk), _) => cmk,
+            (None, Some(own)) => own.to_owned(),
+            (None, None) => {
+                return Err(Error::Config(
+                    format!(
+                        "the '{}' KMS provider names no master key of its own: give the keyring one with KeyringBuilder::cmk",
+                        self.kms.name()
+                    )
+                    .into(),
+                ));
+            }
+        };
+        if cmk.is_empty() {
             return Err(Error::Config("the CMK id must not be empty".into()));
         }
         let mut names = std::collections::HashSet::new();
@@ -504,7 +525,7 @@ impl KeyringBuilder {
             kms: self.kms,
             readers: self.readers,
             store: self.store,
-            cmk: self.cmk,
+            cmk,
             soft_uses: self.policy.soft_uses(),
             policy: self.policy,
             default_scope: self.default_scope,
@@ -564,18 +585,17 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// Start building a keyring that makes new keys under `cmk` with `kms` and keeps wrapped
-    /// keys in `store`.
-    pub fn builder(
-        kms: Arc<dyn KmsProvider>,
-        cmk: impl Into<String>,
-        store: Arc<dyn KeyStore>,
-    ) -> KeyringBuilder {
+    /// Start building a keyring that makes new keys with `kms` and keeps their wrapped forms
+    /// in `store`. New keys are made under the provider's own master key
+    /// ([`KmsProvider::default_cmk`]: the local KMS's key, a [`crate::kms::Connected`]
+    /// provider's) unless [`KeyringBuilder::cmk`] names another. Either may be shared: an
+    /// `Arc` of a provider or a store is one too.
+    pub fn builder(kms: impl KmsProvider, store: impl KeyStore) -> KeyringBuilder {
         KeyringBuilder {
-            kms,
+            kms: Arc::new(kms),
             readers: Vec::new(),
-            cmk: cmk.into(),
-            store,
+            cmk: None,
+            store: Arc::new(store),
             policy: Policy::default(),
             default_scope: Scope::default(),
             scoped: false,
@@ -588,8 +608,8 @@ impl Keyring {
         &self.inner.policy
     }
 
-    /// The KMS provider's name.
-    pub fn provider(&self) -> &str {
+    /// The name of the KMS provider new keys are made with ([`KmsProvider::name`]).
+    pub fn provider_name(&self) -> &str {
         self.inner.kms.name()
     }
 
@@ -740,23 +760,6 @@ impl Keyring {
         key.data_in(scope)?.open(&envelope, label)
     }
 
-    /// Seal and return the text form (`ev1:` + base64), for columns that must stay text.
-    ///
-    /// # Errors
-    /// As [`Keyring::encrypt`].
-    pub async fn encrypt_text(&self, label: &Label, plaintext: &[u8]) -> Result<String> {
-        Ok(format::to_text(&self.encrypt(label, plaintext).await?))
-    }
-
-    /// Open a text-form value.
-    ///
-    /// # Errors
-    /// As [`Keyring::decrypt`], plus [`crate::FormatError::MalformedText`].
-    pub async fn decrypt_text(&self, label: &Label, text: &str) -> Result<Vec<u8>> {
-        let blob = format::from_text(text)?;
-        self.decrypt(label, &blob).await
-    }
-
     /// Make sure the default scope has an active data key (one KMS call if it has none), so the
     /// first write does not wait for the KMS.
     ///
@@ -904,169 +907,10 @@ impl Keyring {
             .await
     }
 
-    // ----- blocking API (for synchronous column codecs) --------------------------------------
-
-    /// [`Keyring::encrypt`] for synchronous callers (diesel `ToSql`, sqlx `Encode`). Never waits
-    /// for the KMS in steady state; when a new data key is needed it waits through the bridge.
-    ///
-    /// # Errors
-    /// As [`Keyring::encrypt`], plus [`Error::KmsTimeout`].
-    pub fn encrypt_blocking(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
-        self.encrypt_scoped_blocking(&self.inner.default_scope, label, plaintext)
-    }
-
-    /// [`Keyring::encrypt_scoped`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::encrypt_blocking`].
-    pub fn encrypt_scoped_blocking(
-        &self,
-        scope: &Scope,
-        label: &Label,
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>> {
-        match self.inner.seal_active(scope, label, plaintext) {
-            Some(sealed) => sealed,
-            None => self.encrypt_scoped_blocking_slow(scope, label, plaintext),
-        }
-    }
-
-    /// The write path when the scope has no usable key: swap in the prepared successor, or make
-    /// a key through the bridge.
-    #[cold]
-    #[inline(never)]
-    fn encrypt_scoped_blocking_slow(
-        &self,
-        scope: &Scope,
-        label: &Label,
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>> {
-        // Bounded by time, not turns: see `encrypt_scoped`.
-        let deadline = Instant::now() + self.inner.policy.kms_timeout;
-        while Instant::now() < deadline {
-            if self.inner.promote_pending(scope).is_some() {
-                if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
-                    return sealed;
-                }
-                continue;
-            }
-            bump(&self.inner.metrics.bridge_waits);
-            let inner = self.inner.clone();
-            let s = scope.clone();
-            Bridge::blocking_section(|| {
-                self.inner.bridge.wait("making a data key", async move {
-                    inner.rotate(s, Rotation::IfUnusable).await
-                })
-            })
-            .map_err(|e| self.inner.note_timeout(e))
-            .map_err(|e| self.inner.note_write_failure(scope, e))
-            .map_err(|e| write_unavailable(scope, e))?;
-            if let Some(sealed) = self.inner.seal_active(scope, label, plaintext) {
-                return sealed;
-            }
-        }
-        Err(exhausted(scope))
-    }
-
-    /// [`Keyring::decrypt`] for synchronous callers. A cached key costs no I/O; a missing one is
-    /// loaded once through the bridge, however many callers ask for it at the same time.
-    ///
-    /// # Errors
-    /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
-    pub fn decrypt_blocking(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
-        self.decrypt_blocking_in(self.inner.read_scope.as_ref(), label, blob)
-    }
-
-    /// [`Keyring::decrypt_scoped`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::decrypt_blocking`].
-    pub fn decrypt_scoped_blocking(
-        &self,
-        scope: &Scope,
-        label: &Label,
-        blob: &[u8],
-    ) -> Result<Vec<u8>> {
-        self.decrypt_blocking_in(Some(scope), label, blob)
-    }
-
-    fn decrypt_blocking_in(
-        &self,
-        scope: Option<&Scope>,
-        label: &Label,
-        blob: &[u8],
-    ) -> Result<Vec<u8>> {
-        let envelope = format::parse(blob)?;
-        if let Some(opened) = self.inner.open_hot(&envelope, label, scope) {
-            return opened;
-        }
-        let key = self.inner.key_blocking(envelope.key_id())?;
-        key.data_in(scope)?.open(&envelope, label)
-    }
-
-    /// [`Keyring::encrypt_text`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::encrypt_blocking`].
-    pub fn encrypt_text_blocking(&self, label: &Label, plaintext: &[u8]) -> Result<String> {
-        Ok(format::to_text(&self.encrypt_blocking(label, plaintext)?))
-    }
-
-    /// [`Keyring::decrypt_text`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::decrypt_blocking`].
-    pub fn decrypt_text_blocking(&self, label: &Label, text: &str) -> Result<Vec<u8>> {
-        let blob = format::from_text(text)?;
-        self.decrypt_blocking(label, &blob)
-    }
-
-    /// [`Keyring::blind_index`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::blind_index`], plus [`Error::KmsTimeout`].
-    pub fn blind_index_blocking(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
-        let set = self.index_set_blocking(spec.label())?;
-        let key = self.inner.key_blocking(set.write)?;
-        key.index()?.compute(spec, value)
-    }
-
-    /// [`Keyring::blind_index_probes`] for synchronous callers.
-    ///
-    /// # Errors
-    /// As [`Keyring::blind_index_blocking`].
-    pub fn blind_index_probes_blocking(
-        &self,
-        spec: &BlindIndexSpec,
-        value: &[u8],
-    ) -> Result<Vec<Vec<u8>>> {
-        let set = self.index_set_blocking(spec.label())?;
-        let mut probes = Vec::with_capacity(set.probes.len());
-        for &id in &set.probes {
-            match self.inner.key_blocking(id) {
-                Ok(key) => probes.push(key.index()?.compute(spec, value)?),
-                Err(Error::UnknownKey { .. }) if id != set.write => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(probes)
-    }
-
-    fn index_set_blocking(&self, label: &Label) -> Result<Arc<IndexSet>> {
-        if let Some(set) = self.inner.cached_index_set(label) {
-            return Ok(set);
-        }
-        bump(&self.inner.metrics.bridge_waits);
-        let inner = self.inner.clone();
-        let label = label.clone();
-        Bridge::blocking_section(|| {
-            self.inner
-                .bridge
-                .wait("resolving an index key", async move {
-                    inner.resolve_index_set(label).await
-                })
-        })
-        .map_err(|e| self.inner.note_timeout(e))
+    /// The same operations for synchronous callers: diesel `ToSql`/`FromSql`, sqlx
+    /// `Encode`/`Decode`, a plain thread. See [`Blocking`].
+    pub fn blocking(&self) -> Blocking<'_> {
+        Blocking { keyring: self }
     }
 
     async fn key_async(&self, id: KeyId) -> Result<Arc<OpenedKey>> {
@@ -1086,6 +930,154 @@ impl Keyring {
     #[cfg(test)]
     fn tick(&self) {
         self.inner.tick();
+    }
+}
+
+/// A [`Keyring`]'s operations for synchronous callers ([`Keyring::blocking`]): the column
+/// types' codecs, sync diesel, plain threads. A cached key costs no I/O; a key that must be
+/// made or loaded is waited for through the keyring's own runtime thread, bounded by
+/// [`Policy::kms_timeout`], which is safe on plain threads, multi-thread tokio workers,
+/// current-thread runtimes and `spawn_blocking`.
+#[derive(Clone, Copy, Debug)]
+pub struct Blocking<'a> {
+    keyring: &'a Keyring,
+}
+
+impl Blocking<'_> {
+    /// [`Keyring::encrypt`]. Never waits
+    /// for the KMS in steady state; when a new data key is needed it waits through the bridge.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`], plus [`Error::KmsTimeout`].
+    pub fn encrypt(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.encrypt_scoped(&self.keyring.inner.default_scope, label, plaintext)
+    }
+
+    /// [`Keyring::encrypt_scoped`].
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`].
+    pub fn encrypt_scoped(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        match self.keyring.inner.seal_active(scope, label, plaintext) {
+            Some(sealed) => sealed,
+            None => self.encrypt_scoped_slow(scope, label, plaintext),
+        }
+    }
+
+    /// The write path when the scope has no usable key: swap in the prepared successor, or make
+    /// a key through the bridge.
+    #[cold]
+    #[inline(never)]
+    fn encrypt_scoped_slow(
+        &self,
+        scope: &Scope,
+        label: &Label,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        // Bounded by time, not turns: see `encrypt_scoped`.
+        let deadline = Instant::now() + self.keyring.inner.policy.kms_timeout;
+        while Instant::now() < deadline {
+            if self.keyring.inner.promote_pending(scope).is_some() {
+                if let Some(sealed) = self.keyring.inner.seal_active(scope, label, plaintext) {
+                    return sealed;
+                }
+                continue;
+            }
+            bump(&self.keyring.inner.metrics.bridge_waits);
+            let inner = self.keyring.inner.clone();
+            let s = scope.clone();
+            Bridge::blocking_section(|| {
+                self.keyring
+                    .inner
+                    .bridge
+                    .wait("making a data key", async move {
+                        inner.rotate(s, Rotation::IfUnusable).await
+                    })
+            })
+            .map_err(|e| self.keyring.inner.note_timeout(e))
+            .map_err(|e| self.keyring.inner.note_write_failure(scope, e))
+            .map_err(|e| write_unavailable(scope, e))?;
+            if let Some(sealed) = self.keyring.inner.seal_active(scope, label, plaintext) {
+                return sealed;
+            }
+        }
+        Err(exhausted(scope))
+    }
+
+    /// [`Keyring::decrypt`]. A cached key costs no I/O; a missing one is
+    /// loaded once through the bridge, however many callers ask for it at the same time.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
+    pub fn decrypt(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        self.decrypt_in(self.keyring.inner.read_scope.as_ref(), label, blob)
+    }
+
+    /// [`Keyring::decrypt_scoped`].
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`].
+    pub fn decrypt_scoped(&self, scope: &Scope, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        self.decrypt_in(Some(scope), label, blob)
+    }
+
+    fn decrypt_in(&self, scope: Option<&Scope>, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
+        let envelope = format::parse(blob)?;
+        if let Some(opened) = self.keyring.inner.open_hot(&envelope, label, scope) {
+            return opened;
+        }
+        let key = self.keyring.inner.key_blocking(envelope.key_id())?;
+        key.data_in(scope)?.open(&envelope, label)
+    }
+
+    /// [`Keyring::blind_index`].
+    ///
+    /// # Errors
+    /// As [`Keyring::blind_index`], plus [`Error::KmsTimeout`].
+    pub fn blind_index(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
+        let set = self.index_set(spec.label())?;
+        let key = self.keyring.inner.key_blocking(set.write)?;
+        key.index()?.compute(spec, value)
+    }
+
+    /// [`Keyring::blind_index_probes`].
+    ///
+    /// # Errors
+    /// As [`Keyring::blind_index`].
+    pub fn blind_index_probes(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let set = self.index_set(spec.label())?;
+        let mut probes = Vec::with_capacity(set.probes.len());
+        for &id in &set.probes {
+            match self.keyring.inner.key_blocking(id) {
+                Ok(key) => probes.push(key.index()?.compute(spec, value)?),
+                Err(Error::UnknownKey { .. }) if id != set.write => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(probes)
+    }
+
+    fn index_set(&self, label: &Label) -> Result<Arc<IndexSet>> {
+        if let Some(set) = self.keyring.inner.cached_index_set(label) {
+            return Ok(set);
+        }
+        bump(&self.keyring.inner.metrics.bridge_waits);
+        let inner = self.keyring.inner.clone();
+        let label = label.clone();
+        Bridge::blocking_section(|| {
+            self.keyring
+                .inner
+                .bridge
+                .wait("resolving an index key", async move {
+                    inner.resolve_index_set(label).await
+                })
+        })
+        .map_err(|e| self.keyring.inner.note_timeout(e))
     }
 }
 
@@ -1905,7 +1897,8 @@ mod tests {
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
         let cmk = kms.cmk_id().to_owned();
         let store = Arc::new(MemoryKeyStore::new());
-        let k = Keyring::builder(Arc::new(kms), cmk, store.clone())
+        let k = Keyring::builder(kms, store.clone())
+            .cmk(cmk)
             .policy(policy)
             .clock(clock)
             .build()
@@ -1922,7 +1915,7 @@ mod tests {
         let (k, store) = keyring_with(policy, Clock::default());
         let mut per_key = HashMap::new();
         for _ in 0..35 {
-            let blob = k.encrypt_blocking(&label(), b"v").unwrap();
+            let blob = k.blocking().encrypt(&label(), b"v").unwrap();
             *per_key
                 .entry(format::peek_key_id(&blob).unwrap())
                 .or_insert(0) += 1;
@@ -1958,7 +1951,7 @@ mod tests {
             ..Policy::default()
         };
         let (k, store) = keyring_with(policy, clock.clone());
-        let first = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        let first = format::peek_key_id(&k.blocking().encrypt(&label(), b"a").unwrap()).unwrap();
         clock.advance(Duration::from_secs(50));
         k.tick();
         assert_eq!(k.metrics().kms_generate_data_key, 1);
@@ -1967,12 +1960,12 @@ mod tests {
         clock.advance(Duration::from_secs(35));
         k.tick();
         wait_until("the successor", || k.metrics().kms_generate_data_key == 2);
-        let same = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        let same = format::peek_key_id(&k.blocking().encrypt(&label(), b"a").unwrap()).unwrap();
         assert_eq!(first, same);
         // Past 100 %: the successor takes over with no KMS call, and the old key is retired.
         clock.advance(Duration::from_secs(20));
         k.tick();
-        let next = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        let next = format::peek_key_id(&k.blocking().encrypt(&label(), b"a").unwrap()).unwrap();
         assert_ne!(first, next);
         assert_eq!(k.metrics().kms_generate_data_key, 2);
         assert_eq!(k.metrics().rotations, 2);
@@ -1987,7 +1980,7 @@ mod tests {
                 .is_some()
         });
         // Old values stay readable.
-        let blob = k.encrypt_blocking(&label(), b"x").unwrap();
+        let blob = k.blocking().encrypt(&label(), b"x").unwrap();
         assert_eq!(rt.block_on(k.decrypt(&label(), &blob)).unwrap(), b"x");
     }
 
@@ -2030,7 +2023,8 @@ mod tests {
         ] {
             let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
             let cmk = kms.cmk_id().to_owned();
-            let err = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+            let err = Keyring::builder(kms, MemoryKeyStore::new())
+                .cmk(cmk)
                 .policy(p)
                 .build()
                 .unwrap_err();
@@ -2049,7 +2043,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let blob_a = k.encrypt_blocking(&label(), b"a").unwrap();
+        let blob_a = k.blocking().encrypt(&label(), b"a").unwrap();
         let a = format::peek_key_id(&blob_a).unwrap();
         let b = rt.block_on(k.rotate(&Scope::default())).unwrap();
         // Forge: give row B the wrapped key and context of row A.
@@ -2061,12 +2055,13 @@ mod tests {
         rt.block_on(store.insert(&rb)).unwrap();
         // A fresh keyring over the same store (cold cache) must refuse row B.
         let kms2 = k.kms().clone();
-        let k2 = Keyring::builder(kms2, k.cmk(), store.clone())
+        let k2 = Keyring::builder(kms2, store.clone())
+            .cmk(k.cmk())
             .build()
             .unwrap();
         let mut forged = blob_a.clone();
         forged[format::KEY_ID_OFFSET..format::KEY_ID_OFFSET + 16].copy_from_slice(b.as_bytes());
-        let err = k2.decrypt_blocking(&label(), &forged).unwrap_err();
+        let err = k2.blocking().decrypt(&label(), &forged).unwrap_err();
         assert!(
             matches!(err, Error::Store(StoreError::Corrupt { .. })),
             "{err}"
@@ -2175,7 +2170,8 @@ mod tests {
             KeyMaterial::from_slice(&[9; 32]).unwrap(),
         ));
         let cmk = kms.inner.cmk_id().to_owned();
-        let k = Keyring::builder(kms.clone(), cmk, store)
+        let k = Keyring::builder(kms.clone(), store)
+            .cmk(cmk)
             .policy(policy)
             .clock(clock)
             .build()
@@ -2195,7 +2191,7 @@ mod tests {
         let (k, kms) = faulty_keyring(quick(), Clock::default(), Arc::new(MemoryKeyStore::new()));
         kms.set(HANG);
         for _ in 0..3 {
-            let err = k.encrypt_blocking(&label(), b"v").unwrap_err();
+            let err = k.blocking().encrypt(&label(), b"v").unwrap_err();
             assert!(matches!(err, Error::WriteKeyUnavailable { .. }), "{err}");
             assert!(err.to_string().contains("timed out"), "{err}");
         }
@@ -2206,11 +2202,11 @@ mod tests {
     fn a_hung_kms_is_asked_once_for_a_key_that_is_not_cached() {
         let store = Arc::new(MemoryKeyStore::new());
         let (writer, _) = faulty_keyring(quick(), Clock::default(), store.clone());
-        let blob = writer.encrypt_blocking(&label(), b"v").unwrap();
+        let blob = writer.blocking().encrypt(&label(), b"v").unwrap();
         let (reader, kms) = faulty_keyring(quick(), Clock::default(), store);
         kms.set(HANG);
         for _ in 0..3 {
-            let err = reader.decrypt_blocking(&label(), &blob).unwrap_err();
+            let err = reader.blocking().decrypt(&label(), &blob).unwrap_err();
             assert!(matches!(err, Error::KmsTimeout { .. }), "{err}");
         }
         assert_eq!(kms.decrypt_calls.load(Ordering::SeqCst), 1);
@@ -2243,9 +2239,9 @@ mod tests {
             ..Policy::default()
         };
         let (k, _) = keyring_with(policy, clock.clone());
-        let first = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        let first = format::peek_key_id(&k.blocking().encrypt(&label(), b"a").unwrap()).unwrap();
         clock.advance(Duration::from_secs(150)); // no tick
-        let next = format::peek_key_id(&k.encrypt_blocking(&label(), b"a").unwrap()).unwrap();
+        let next = format::peek_key_id(&k.blocking().encrypt(&label(), b"a").unwrap()).unwrap();
         assert_ne!(first, next);
     }
 
@@ -2258,7 +2254,7 @@ mod tests {
             ..Policy::default()
         };
         let (k, kms) = faulty_keyring(policy, clock.clone(), Arc::new(MemoryKeyStore::new()));
-        let old = k.encrypt_blocking(&label(), b"recent").unwrap();
+        let old = k.blocking().encrypt(&label(), b"recent").unwrap();
         // The key's own cache entry (made with the key) expires.
         std::thread::sleep(Duration::from_millis(700));
         k.inner.cache.run_pending_tasks();
@@ -2273,9 +2269,9 @@ mod tests {
         kms.set(DOWN);
         clock.advance(Duration::from_secs(20));
         k.tick();
-        let new = k.encrypt_blocking(&label(), b"x").unwrap();
+        let new = k.blocking().encrypt(&label(), b"x").unwrap();
         assert_ne!(format::peek_key_id(&new), format::peek_key_id(&old));
-        assert_eq!(k.decrypt_blocking(&label(), &old).unwrap(), b"recent");
+        assert_eq!(k.blocking().decrypt(&label(), &old).unwrap(), b"recent");
         assert_eq!(kms.decrypt_calls.load(Ordering::SeqCst), 0);
     }
 
@@ -2293,7 +2289,7 @@ mod tests {
         );
         let indexes: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..32)
-                .map(|_| s.spawn(|| k.blind_index_blocking(&spec, b"a@example.com").unwrap()))
+                .map(|_| s.spawn(|| k.blocking().blind_index(&spec, b"a@example.com").unwrap()))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -2308,30 +2304,35 @@ mod tests {
         let tenant_a = Scope::new("tenant-a").unwrap();
         let tenant_b = Scope::new("tenant-b").unwrap();
         let blob = k
-            .encrypt_scoped_blocking(&tenant_a, &label(), b"a's")
+            .blocking()
+            .encrypt_scoped(&tenant_a, &label(), b"a's")
             .unwrap();
         assert_eq!(
-            k.decrypt_scoped_blocking(&tenant_a, &label(), &blob)
+            k.blocking()
+                .decrypt_scoped(&tenant_a, &label(), &blob)
                 .unwrap(),
             b"a's"
         );
         let err = k
-            .decrypt_scoped_blocking(&tenant_b, &label(), &blob)
+            .blocking()
+            .decrypt_scoped(&tenant_b, &label(), &blob)
             .unwrap_err();
         assert!(matches!(err, Error::ScopeMismatch { .. }), "{err}");
         // A keyring scoped to tenant B, with a cold cache, refuses it too.
         let kms = k.kms().clone();
-        let b = Keyring::builder(kms, k.cmk(), store.clone())
+        let b = Keyring::builder(kms, store.clone())
+            .cmk(k.cmk())
             .default_scope(tenant_b)
             .build()
             .unwrap();
-        let err = b.decrypt_blocking(&label(), &blob).unwrap_err();
+        let err = b.blocking().decrypt(&label(), &blob).unwrap_err();
         assert!(matches!(err, Error::ScopeMismatch { .. }), "{err}");
         // An unscoped keyring reads any scope.
-        let any = Keyring::builder(k.kms().clone(), k.cmk(), store.clone())
+        let any = Keyring::builder(k.kms().clone(), store.clone())
+            .cmk(k.cmk())
             .build()
             .unwrap();
-        assert_eq!(any.decrypt_blocking(&label(), &blob).unwrap(), b"a's");
+        assert_eq!(any.blocking().decrypt(&label(), &blob).unwrap(), b"a's");
 
         // A key row whose scope was edited (so shredding by scope would miss it) does not open.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -2342,10 +2343,11 @@ mod tests {
         rt.block_on(store.delete(&id)).unwrap();
         row.scope = "tenant-c".into();
         rt.block_on(store.insert(&row)).unwrap();
-        let cold = Keyring::builder(k.kms().clone(), k.cmk(), store)
+        let cold = Keyring::builder(k.kms().clone(), store)
+            .cmk(k.cmk())
             .build()
             .unwrap();
-        let err = cold.decrypt_blocking(&label(), &blob).unwrap_err();
+        let err = cold.blocking().decrypt(&label(), &blob).unwrap_err();
         assert!(
             matches!(err, Error::Store(StoreError::Corrupt { .. })),
             "{err}"
@@ -2359,10 +2361,11 @@ mod tests {
         let path = dir.path().join("master.key");
         let first = LocalKms::open_or_create_for_development(&path).unwrap();
         let first_id = first.cmk_id().to_owned();
-        let k = Keyring::builder(Arc::new(first), first_id.clone(), store.clone())
+        let k = Keyring::builder(first, store.clone())
+            .cmk(first_id.clone())
             .build()
             .unwrap();
-        let blob = k.encrypt_blocking(&label(), b"v").unwrap();
+        let blob = k.blocking().encrypt(&label(), b"v").unwrap();
         drop(k);
         let backup = dir.path().join("backup.key");
         std::fs::copy(&path, &backup).unwrap();
@@ -2370,7 +2373,8 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let second = LocalKms::open_or_create_for_development(&path).unwrap();
         let second_id = second.cmk_id().to_owned();
-        let err = Keyring::builder(Arc::new(second), second_id, store.clone())
+        let err = Keyring::builder(second, store.clone())
+            .cmk(second_id)
             .build()
             .unwrap_err();
         assert!(matches!(err, Error::MasterKeyMissing(_)), "{err}");
@@ -2380,17 +2384,19 @@ mod tests {
         assert!(msg.contains("created just now"), "{msg}");
         // With the key restored, it starts and reads.
         let restored = LocalKms::open(&backup).unwrap();
-        let k = Keyring::builder(Arc::new(restored), first_id, store)
+        let k = Keyring::builder(restored, store)
+            .cmk(first_id)
             .build()
             .unwrap();
-        assert_eq!(k.decrypt_blocking(&label(), &blob).unwrap(), b"v");
+        assert_eq!(k.blocking().decrypt(&label(), &blob).unwrap(), b"v");
     }
 
     #[test]
     fn a_provider_whose_retries_outlast_the_timeout_is_refused() {
         let kms = Faulty::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
         kms.budget_ms.store(30_000, Ordering::SeqCst);
-        let err = Keyring::builder(kms, "c", Arc::new(MemoryKeyStore::new()))
+        let err = Keyring::builder(kms, MemoryKeyStore::new())
+            .cmk("c")
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("kms_timeout"), "{err}");
@@ -2400,7 +2406,7 @@ mod tests {
     fn blocking_inside_a_current_thread_runtime_with_a_multi_thread_handle_entered() {
         let store = Arc::new(MemoryKeyStore::new());
         let (writer, _) = faulty_keyring(Policy::default(), Clock::default(), store.clone());
-        let blob = writer.encrypt_blocking(&label(), b"v").unwrap();
+        let blob = writer.blocking().encrypt(&label(), b"v").unwrap();
         let (reader, _) = faulty_keyring(Policy::default(), Clock::default(), store);
         let mt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -2411,7 +2417,7 @@ mod tests {
             .unwrap();
         let opened = ct.block_on(async {
             let _entered = mt.handle().enter();
-            reader.decrypt_blocking(&label(), &blob)
+            reader.blocking().decrypt(&label(), &blob)
         });
         assert_eq!(opened.unwrap(), b"v");
     }
@@ -2431,16 +2437,16 @@ mod tests {
     #[test]
     fn a_data_key_retired_in_the_key_table_takes_no_more_writes_after_a_refresh() {
         let (k, store) = keyring_with(Policy::default(), Clock::default());
-        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        let first = k.blocking().encrypt(&label(), b"one").unwrap();
         let old = key_of(&first);
         block_on(store.retire(&old, SystemTime::now())).unwrap();
         // Until the keyring reads the table it keeps writing under its key...
-        assert_eq!(key_of(&k.encrypt_blocking(&label(), b"x").unwrap()), old);
+        assert_eq!(key_of(&k.blocking().encrypt(&label(), b"x").unwrap()), old);
         block_on(k.refresh_keys()).unwrap();
         // ...then the next write makes a new key, and the old one stays readable.
-        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        let second = k.blocking().encrypt(&label(), b"two").unwrap();
         assert_ne!(key_of(&second), old);
-        assert_eq!(k.decrypt_blocking(&label(), &first).unwrap(), b"one");
+        assert_eq!(k.blocking().decrypt(&label(), &first).unwrap(), b"one");
         let live = block_on(store.list(&KeyFilter::default())).unwrap();
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].id, key_of(&second));
@@ -2449,41 +2455,41 @@ mod tests {
     #[test]
     fn retiring_the_active_keys_closes_them_and_keeps_them_readable() {
         let (k, store) = keyring_with(Policy::default(), Clock::default());
-        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        let first = k.blocking().encrypt(&label(), b"one").unwrap();
         assert_eq!(block_on(k.retire_active_keys()).unwrap(), 1);
         assert!(
             block_on(store.list(&KeyFilter::default()))
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(k.decrypt_blocking(&label(), &first).unwrap(), b"one");
-        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        assert_eq!(k.blocking().decrypt(&label(), &first).unwrap(), b"one");
+        let second = k.blocking().encrypt(&label(), b"two").unwrap();
         assert_ne!(key_of(&second), key_of(&first));
     }
 
     #[test]
     fn a_key_deleted_from_the_key_table_leaves_every_cache() {
         let (k, store) = keyring_with(Policy::default(), Clock::default());
-        let first = k.encrypt_blocking(&label(), b"one").unwrap();
+        let first = k.blocking().encrypt(&label(), b"one").unwrap();
         block_on(k.rotate(&Scope::default())).unwrap();
-        let second = k.encrypt_blocking(&label(), b"two").unwrap();
+        let second = k.blocking().encrypt(&label(), b"two").unwrap();
         // Both keys are in memory: the old one in the cache, the new one active.
         for blob in [&first, &second] {
             assert!(block_on(store.delete(&key_of(blob))).unwrap());
-            assert!(k.decrypt_blocking(&label(), blob).is_ok());
+            assert!(k.blocking().decrypt(&label(), blob).is_ok());
         }
         block_on(k.refresh_keys()).unwrap();
         for blob in [&first, &second] {
-            let err = k.decrypt_blocking(&label(), blob).unwrap_err();
+            let err = k.blocking().decrypt(&label(), blob).unwrap_err();
             assert!(
                 matches!(err, Error::UnknownKey { key_id } if key_id == key_of(blob)),
                 "{err:?}"
             );
         }
         // Writes go on under a new key.
-        let third = k.encrypt_blocking(&label(), b"three").unwrap();
+        let third = k.blocking().encrypt(&label(), b"three").unwrap();
         assert_ne!(key_of(&third), key_of(&second));
-        assert_eq!(k.decrypt_blocking(&label(), &third).unwrap(), b"three");
+        assert_eq!(k.blocking().decrypt(&label(), &third).unwrap(), b"three");
     }
 
     #[test]
@@ -2493,12 +2499,12 @@ mod tests {
             ..Policy::default()
         };
         let (k, store) = keyring_with(policy, Clock::default());
-        let blob = k.encrypt_blocking(&label(), b"one").unwrap();
+        let blob = k.blocking().encrypt(&label(), b"one").unwrap();
         block_on(store.delete(&key_of(&blob))).unwrap();
         let deleted = std::time::Instant::now();
         wait_until("the deleted key to be forgotten", || {
             matches!(
-                k.decrypt_blocking(&label(), &blob),
+                k.blocking().decrypt(&label(), &blob),
                 Err(Error::UnknownKey { .. })
             )
         });
@@ -2516,9 +2522,10 @@ mod tests {
             Label::new("customers.email").unwrap(),
             crate::Normalizer::CaseFolded,
         );
-        let before = k.blind_index_blocking(&spec, b"a@example.com").unwrap();
+        let before = k.blocking().blind_index(&spec, b"a@example.com").unwrap();
         assert_eq!(
-            k.blind_index_probes_blocking(&spec, b"A@example.com ")
+            k.blocking()
+                .blind_index_probes(&spec, b"A@example.com ")
                 .unwrap(),
             vec![before.clone()]
         );
@@ -2534,21 +2541,24 @@ mod tests {
         // The rotation starts: the live key is retired, and the next user makes the next key.
         block_on(store.retire(&old, SystemTime::now())).unwrap();
         block_on(k.refresh_keys()).unwrap();
-        let after = k.blind_index_blocking(&spec, b"a@example.com").unwrap();
+        let after = k.blocking().blind_index(&spec, b"a@example.com").unwrap();
         assert_ne!(after, before);
         assert_eq!(
-            k.blind_index_probes_blocking(&spec, b"a@example.com")
+            k.blocking()
+                .blind_index_probes(&spec, b"a@example.com")
                 .unwrap(),
             vec![after.clone(), before.clone()]
         );
         assert_eq!(index_keys(&store).len(), 2);
         // Another keyring on the same table agrees on both keys.
-        let other = Keyring::builder(k.kms().clone(), k.cmk(), store.clone())
+        let other = Keyring::builder(k.kms().clone(), store.clone())
+            .cmk(k.cmk())
             .build()
             .unwrap();
         assert_eq!(
             other
-                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .blocking()
+                .blind_index_probes(&spec, b"a@example.com")
                 .unwrap(),
             vec![after.clone(), before]
         );
@@ -2556,7 +2566,8 @@ mod tests {
         block_on(store.delete(&old)).unwrap();
         block_on(k.refresh_keys()).unwrap();
         assert_eq!(
-            k.blind_index_probes_blocking(&spec, b"a@example.com")
+            k.blocking()
+                .blind_index_probes(&spec, b"a@example.com")
                 .unwrap(),
             vec![after.clone()]
         );
@@ -2564,7 +2575,8 @@ mod tests {
         // uses it), until it does.
         assert_eq!(
             other
-                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .blocking()
+                .blind_index_probes(&spec, b"a@example.com")
                 .unwrap()
                 .len(),
             2
@@ -2572,7 +2584,8 @@ mod tests {
         block_on(other.refresh_keys()).unwrap();
         assert_eq!(
             other
-                .blind_index_probes_blocking(&spec, b"a@example.com")
+                .blocking()
+                .blind_index_probes(&spec, b"a@example.com")
                 .unwrap(),
             vec![after]
         );

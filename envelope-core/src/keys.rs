@@ -257,18 +257,30 @@ impl fmt::Debug for KeyRecord {
     }
 }
 
+/// What is wrong with a [`Label`] or [`Scope`] name, if anything: it must be 1 to 255 bytes
+/// of visible ASCII. A `const fn`, so that `column!` and `blind_index!` check their labels
+/// when the program compiles.
+pub(crate) const fn name_problem(value: &str) -> Option<&'static str> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Some("must not be empty");
+    }
+    if bytes.len() > 255 {
+        return Some("must be at most 255 bytes");
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] < 0x21 || bytes[i] > 0x7e {
+            return Some("must be visible ASCII with no spaces (for example `users.ssn`)");
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Checks shared by [`Label`] and [`Scope`]: 1 to 255 bytes of visible ASCII.
 fn check_name(what: &'static str, value: &str) -> Result<()> {
-    let reason = if value.is_empty() {
-        Some("must not be empty")
-    } else if value.len() > 255 {
-        Some("must be at most 255 bytes")
-    } else if !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        Some("must be visible ASCII with no spaces (for example `users.ssn`)")
-    } else {
-        None
-    };
-    match reason {
+    match name_problem(value) {
         Some(reason) => Err(Error::InvalidName {
             what,
             value: value.to_owned(),

@@ -11,21 +11,19 @@
 //! The column types of envelope-sqlx and envelope-diesel do this for you on every read and write.
 //!
 //! ```
-//! use std::sync::Arc;
 //! use envelope_core::{Keyring, KeyMaterial, Label, LocalKms, MemoryKeyStore};
 //!
 //! # fn main() -> Result<(), envelope_core::Error> {
 //! let kms = LocalKms::from_key(KeyMaterial::generate()?);
-//! let cmk = kms.cmk_id().to_owned();
-//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+//! let keyring = Keyring::builder(kms, MemoryKeyStore::new()).build()?;
 //!
 //! let ssn = Label::new("users.ssn")?;
-//! let blob = keyring.encrypt_blocking(&ssn, b"078-05-1120")?;
-//! assert_eq!(keyring.decrypt_blocking(&ssn, &blob)?, b"078-05-1120");
+//! let blob = keyring.blocking().encrypt(&ssn, b"078-05-1120")?;
+//! assert_eq!(keyring.blocking().decrypt(&ssn, &blob)?, b"078-05-1120");
 //!
 //! // The label is bound into the value: it will not open as another column.
 //! let email = Label::new("users.email")?;
-//! assert!(keyring.decrypt_blocking(&email, &blob).is_err());
+//! assert!(keyring.blocking().decrypt(&email, &blob).is_err());
 //! # Ok(()) }
 //! ```
 //!
@@ -84,9 +82,8 @@ mod store;
 mod vectors;
 
 pub use blind::{BlindIndexSpec, Normalizer};
-pub use bridge::IoRuntime;
 pub use error::{Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Result, StoreError};
-pub use keyring::{Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
+pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 pub use kms::local::LocalKms;
 pub use kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
@@ -94,6 +91,17 @@ pub use metrics::MetricsSnapshot;
 pub use registry::{KeyringGuard, current};
 pub use secret::SecretString;
 pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
+
+/// For envelope-sqlx and envelope-diesel only: not part of the API, may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::bridge::IoRuntime;
+
+    /// For `column!` and `blind_index!`: whether `label` is a valid label.
+    pub const fn label_is_valid(label: &str) -> bool {
+        crate::keys::name_problem(label).is_none()
+    }
+}
 
 /// Re-exported so implementors of [`KmsProvider`] and [`KeyStore`] use the same macro version.
 pub use async_trait::async_trait;

@@ -89,7 +89,7 @@ impl Keyring {
     /// Run `fut` with this keyring as the task-local override (visible inside sqlx `Decode` and
     /// diesel-async `FromSql`, which run in the caller's task). The returned future owns a
     /// handle to the keyring, so it can be spawned.
-    pub fn scope<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
+    pub fn install_for<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> + use<F> {
         TASK_KEYRING.scope(self.clone(), fut)
     }
 
@@ -111,15 +111,13 @@ impl Keyring {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::{KeyMaterial, LocalKms, MemoryKeyStore};
 
     fn keyring() -> Keyring {
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
-        let cmk = kms.cmk_id().to_owned();
-        Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+        Keyring::builder(kms, MemoryKeyStore::new())
             .build()
             .unwrap()
     }

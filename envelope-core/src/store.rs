@@ -78,6 +78,38 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn delete(&self, id: &KeyId) -> Result<bool, StoreError>;
 }
 
+/// A shared store is a store: `Keyring::builder(kms, Arc::clone(&store))`.
+#[async_trait]
+impl<T: KeyStore + ?Sized> KeyStore for std::sync::Arc<T> {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        (**self).insert(record).await
+    }
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).get(id).await
+    }
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        (**self).list(filter).await
+    }
+    async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError> {
+        (**self).retire(id, at).await
+    }
+    async fn rewrap(
+        &self,
+        id: &KeyId,
+        expected_wrapped: &[u8],
+        provider: &str,
+        cmk_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        (**self)
+            .rewrap(id, expected_wrapped, provider, cmk_id, wrapped)
+            .await
+    }
+    async fn delete(&self, id: &KeyId) -> Result<bool, StoreError> {
+        (**self).delete(id).await
+    }
+}
+
 /// A key store in memory, for unit tests and throwaway examples. Everything is lost when the
 /// process exits, and with it every value sealed under these keys.
 #[derive(Debug, Default)]

@@ -70,7 +70,7 @@ fn $name(name: &str, url: &str, blob: &str, placeholder: &str) {
         .unwrap();
         // One keyring per row: each makes a data key of its own.
         for i in 0..k {
-            let writer = Keyring::builder(kms.clone(), cmk.clone(), store.clone())
+            let writer = Keyring::builder(kms.clone(), store.clone()).cmk(cmk.clone())
                 .build()
                 .unwrap();
             let _guard = writer.enter();
@@ -97,10 +97,10 @@ fn $name(name: &str, url: &str, blob: &str, placeholder: &str) {
         };
         let (mut cold, mut cold_memory, mut warm) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..ROUNDS {
-            let through_table = Keyring::builder(kms.clone(), cmk.clone(), store.clone())
+            let through_table = Keyring::builder(kms.clone(), store.clone()).cmk(cmk.clone())
                 .build()
                 .unwrap();
-            let in_memory = Keyring::builder(kms.clone(), cmk.clone(), memory.clone())
+            let in_memory = Keyring::builder(kms.clone(), memory.clone()).cmk(cmk.clone())
                 .build()
                 .unwrap();
             if round % 2 == 0 {

@@ -11,7 +11,6 @@
 //! `ENVELOPE_TEST_POSTGRES_URL="postgres://postgres@localhost/test?host=/var/run/postgresql"
 //! cargo bench -p envelope-diesel --bench rows` (`-- --quick` for fewer rows and rounds).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use diesel::prelude::*;
@@ -85,8 +84,7 @@ fn main() {
     }
 
     let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
-    let cmk = kms.cmk_id().to_owned();
-    let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+    let keyring = Keyring::builder(kms, MemoryKeyStore::new())
         .build()
         .unwrap();
     let _guard = keyring.enter();

@@ -3,7 +3,6 @@
 //! Encryption at rest as a type change for diesel, on PostgreSQL, MySQL/MariaDB and SQLite:
 //!
 //! ```
-//! use std::sync::Arc;
 //! use diesel::prelude::*;
 //! use envelope_core::{Keyring, KeyMaterial, LocalKms, MemoryKeyStore};
 //! use envelope_diesel::{BlindIndex, Encrypted, blind_index, column};
@@ -32,8 +31,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let kms = LocalKms::from_key(KeyMaterial::generate()?);
-//! let cmk = kms.cmk_id().to_owned();
-//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+//! let keyring = Keyring::builder(kms, MemoryKeyStore::new()).build()?;
 //! let _guard = keyring.enter(); // this thread's keyring; or keyring.install_default()
 //!
 //! let mut conn = SqliteConnection::establish(":memory:")?;
@@ -75,7 +73,7 @@
 //! MySQL's `BLOB` holds at most 64 KiB: use `MEDIUMBLOB` for larger values.
 //!
 //! With diesel-async, `ToSql` and `FromSql` run inside the calling task: scope the keyring with
-//! `keyring.scope(async { .. })` (or install a default). A cache miss there is safe on
+//! `keyring.install_for(async { .. })` (or install a default). A cache miss there is safe on
 //! multi-thread and current-thread runtimes.
 //!
 //! ## The key table
@@ -86,7 +84,6 @@
 //! another one:
 //!
 //! ```no_run
-//! # use std::sync::Arc;
 //! use diesel::sqlite::SqliteConnection;
 //! use envelope_core::{Keyring, LocalKms};
 //! use envelope_diesel::DieselKeyStore;
@@ -95,8 +92,7 @@
 //! let store = DieselKeyStore::<SqliteConnection>::connect("app.db")?;
 //! store.create_table()?;
 //! let kms = LocalKms::open_or_create_for_development("envelope-master.key")?;
-//! let cmk = kms.cmk_id().to_owned();
-//! Keyring::builder(Arc::new(kms), cmk, Arc::new(store)).build()?.install_default();
+//! Keyring::builder(kms, store).build()?.install_default();
 //! # Ok(()) }
 //! ```
 //!

@@ -61,6 +61,7 @@ where
 }
 
 /// `ToSql` for a backend whose bind collector copies bytes (PostgreSQL, MySQL).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 macro_rules! raw_bytes_to_sql {
     ($db:ty) => {
         impl<T: Plaintext, C: Column> ToSql<Binary, $db> for Encrypted<T, C> {

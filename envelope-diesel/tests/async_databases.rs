@@ -124,7 +124,7 @@ macro_rules! checks {
         let fx = Fixture::new();
         // Writes, reads and the blind-index filter, with the keyring scoped to this task.
         fx.keyring
-            .scope(async {
+            .install_for(async {
                 // Inside the scope: building a row computes its blind index.
                 let rows = vec![
                     full(1, "Ada@Example.com"),
@@ -166,12 +166,13 @@ macro_rules! checks {
 
         // A second instance with an empty cache: one KMS call for the data key, however many
         // rows, and no deadlock whatever the runtime flavor.
-        let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), fx.store.clone())
+        let cold = Keyring::builder(fx.kms.clone(), fx.store.clone())
+            .cmk(fx.cmk.clone())
             .build()
             .unwrap();
         let before = fx.calls.decrypts();
         let all: Vec<Person> = cold
-            .scope(async {
+            .install_for(async {
                 people::table
                     .select(Person::as_select())
                     .load(&mut *conn)
@@ -189,7 +190,7 @@ macro_rules! checks {
             .unwrap();
         let err = fx
             .keyring
-            .scope(async {
+            .install_for(async {
                 people::table
                     .find(1i64)
                     .select(Person::as_select())

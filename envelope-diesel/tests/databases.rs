@@ -354,7 +354,8 @@ macro_rules! suite {
                     insert(&mut conn, &rows);
                 }
                 // A second application instance: same KMS and key table, empty cache.
-                let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), fx.store.clone())
+                let cold = Keyring::builder(fx.kms.clone(), fx.store.clone())
+                    .cmk(fx.cmk.clone())
                     .build()
                     .unwrap();
                 let before = fx.calls.decrypts();

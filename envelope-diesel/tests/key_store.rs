@@ -119,10 +119,10 @@ macro_rules! sync_suite {
                 );
                 let fx = Fixture::new();
                 // Found at build time (the first key-table read) or at the first write.
-                let text = match Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store).build() {
+                let text = match Keyring::builder(fx.kms.clone(), store).cmk(fx.cmk.clone()).build() {
                     Err(e) => e.to_string(),
                     Ok(keyring) => keyring
-                        .encrypt_blocking(&envelope_core::Label::new("t.c").unwrap(), b"x")
+                        .blocking().encrypt(&envelope_core::Label::new("t.c").unwrap(), b"x")
                         .unwrap_err()
                         .to_string(),
                 };
@@ -170,7 +170,7 @@ macro_rules! sync_suite {
                 // same store.
                 let fx = Fixture::new();
                 let keyring = |policy| {
-                    Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store.clone())
+                    Keyring::builder(fx.kms.clone(), store.clone()).cmk(fx.cmk.clone())
                         .policy(policy)
                         .build()
                         .unwrap()
@@ -239,7 +239,7 @@ macro_rules! sync_suite {
                     .build()
                     .unwrap();
                 let rows = rt.block_on(
-                    cold.scope(async { read(&mut <$conn>::establish(&url).unwrap(), &data) }),
+                    cold.install_for(async { read(&mut <$conn>::establish(&url).unwrap(), &data) }),
                 );
                 check(rows);
                 assert_eq!(fx.calls.decrypts() - before, 3);
@@ -334,14 +334,15 @@ macro_rules! async_suite {
                 .unwrap();
                 let fx = Fixture::new();
                 let keyring = || {
-                    Keyring::builder(fx.kms.clone(), fx.cmk.clone(), store.clone())
+                    Keyring::builder(fx.kms.clone(), store.clone())
+                        .cmk(fx.cmk.clone())
                         .build()
                         .unwrap()
                 };
                 for k in 0..3_i64 {
                     let writer = keyring();
                     writer
-                        .scope(async {
+                        .install_for(async {
                             for i in 0..4 {
                                 let insert = diesel::sql_query(format!(
                                     "INSERT INTO {data} (id, value) VALUES ({}, {})",
@@ -358,7 +359,7 @@ macro_rules! async_suite {
                 }
                 let before = fx.calls.decrypts();
                 let rows: Vec<ReadRow> = keyring()
-                    .scope(Async::load(
+                    .install_for(Async::load(
                         diesel::sql_query(format!("SELECT id, value FROM {data} ORDER BY id")),
                         &mut conn,
                     ))
@@ -527,7 +528,8 @@ fn an_unreachable_key_table_fails_the_read_in_time_with_a_clear_error() {
     let good = Arc::new(DieselKeyStore::<SqliteConnection>::connect(&db.url).unwrap());
     good.create_table().unwrap();
     let fx = Fixture::new();
-    let writer = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), good)
+    let writer = Keyring::builder(fx.kms.clone(), good)
+        .cmk(fx.cmk.clone())
         .build()
         .unwrap();
     let mut conn = SqliteConnection::establish(&db.url).unwrap();
@@ -548,7 +550,8 @@ fn an_unreachable_key_table_fails_the_read_in_time_with_a_clear_error() {
         kms_timeout: std::time::Duration::from_secs(2),
         ..Policy::default()
     };
-    let cold = Keyring::builder(fx.kms.clone(), fx.cmk.clone(), Arc::new(unreachable))
+    let cold = Keyring::builder(fx.kms.clone(), unreachable)
+        .cmk(fx.cmk.clone())
         .policy(policy)
         .build()
         .unwrap();

@@ -189,15 +189,14 @@ fn main() {
             .await
             .unwrap();
         }
-        let store = Arc::new(SqlxKeyStore::new(&pool).unwrap().with_table(&keys).unwrap());
+        let store = Arc::new(SqlxKeyStore::same_database_as(&pool).unwrap().with_table(&keys).unwrap());
         store.create_table().await.unwrap();
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
-        let cmk = kms.cmk_id().to_owned();
-        let keyring = Keyring::builder(Arc::new(kms), cmk, store).build().unwrap();
+        let keyring = Keyring::builder(kms, store).build().unwrap();
         keyring.warm().await.unwrap();
         let values = rows_bench::values(n);
         let sealed: Vec<Vec<u8>> = keyring
-            .scope(async {
+            .install_for(async {
                 values
                     .iter()
                     .map(|v| envelope_core::column::seal::<Vec<u8>, Payload>(v).unwrap())
@@ -226,13 +225,13 @@ fn main() {
                     Side::SealedBytes => insert_bytes(&pool, table, &sealed).await,
                     Side::HandRolled => insert_hand_rolled(&pool, table, &values, &hand).await,
                     Side::Encrypted => {
-                        keyring.scope(insert_encrypted(&pool, table, &values)).await
+                        keyring.install_for(insert_encrypted(&pool, table, &values)).await
                     }
                 }
                 let inserted = start.elapsed().as_secs_f64();
                 let start = Instant::now();
                 let read = match side {
-                    Side::Encrypted => keyring.scope(select_encrypted(&pool, table)).await,
+                    Side::Encrypted => keyring.install_for(select_encrypted(&pool, table)).await,
                     Side::HandRolled => select_hand_rolled(&pool, table, &hand).await,
                     Side::Plain | Side::SealedBytes => select_bytes(&pool, table).await,
                 };

@@ -3,7 +3,6 @@
 //! Encryption at rest as a type change for sqlx, on PostgreSQL, MySQL/MariaDB and SQLite:
 //!
 //! ```
-//! use std::sync::Arc;
 //! use envelope_core::{Keyring, LocalKms, KeyMaterial};
 //! use envelope_sqlx::{BlindIndex, Encrypted, SqlxKeyStore, blind_index, column};
 //!
@@ -23,11 +22,10 @@
 //! # let dir = tempfile::tempdir()?;
 //! let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
 //! let pool = sqlx::SqlitePool::connect(&url).await?;
-//! let store = SqlxKeyStore::new(&pool)?; // its own connections to the same database
+//! let store = SqlxKeyStore::same_database_as(&pool)?; // its own connections to the same database
 //! store.create_table().await?;
 //! let kms = LocalKms::from_key(KeyMaterial::generate()?);
-//! let cmk = kms.cmk_id().to_owned();
-//! let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(store)).build()?;
+//! let keyring = Keyring::builder(kms, store).build()?;
 //! keyring.install_default();
 //!
 //! sqlx::query("CREATE TABLE customers (name TEXT, email BLOB, email_bidx BLOB, phone BLOB)")
@@ -51,7 +49,7 @@
 //!
 //! Values are sealed in `Encode` and opened in `Decode` with the keyring that
 //! [`envelope_core::current`] resolves: install one with `keyring.install_default()` at start-up
-//! (or scope one per task with `keyring.scope(..)`). A cached key costs no I/O; a missing one is
+//! (or scope one per task with `keyring.install_for(..)`). A cached key costs no I/O; a missing one is
 //! loaded once through the keyring's bridge, which is safe on multi-thread and current-thread
 //! runtimes. Errors arrive as `sqlx::Error::Encode` / `ColumnDecode` whose source downcasts to
 //! [`envelope_core::Error`].

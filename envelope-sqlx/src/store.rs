@@ -3,8 +3,9 @@
 use std::marker::PhantomData;
 use std::time::SystemTime;
 
+use envelope_core::__private::IoRuntime;
 use envelope_core::key_table::{self, COLUMNS, DdlGuard, KeyRow, millis};
-use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
+use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use sqlx::pool::PoolOptions;
 use sqlx::{Database, Pool, QueryBuilder, Row};
 
@@ -22,7 +23,7 @@ pub use envelope_core::key_table::DEFAULT_TABLE;
 /// `SqlxKeyStore<Sqlite>`.
 ///
 /// It keeps its own small pool (two connections, to the database of the pool it is given) on a
-/// runtime thread of its own ([`IoRuntime`]). A key-table query runs when a cache miss happens
+/// runtime thread of its own. A key-table query runs when a cache miss happens
 /// inside a synchronous `Decode` or `Encode`; if the connection belonged to the application's
 /// current-thread runtime, that runtime's only thread would be the one waiting for it.
 ///
@@ -45,12 +46,13 @@ impl<DB: Database> std::fmt::Debug for SqlxKeyStore<DB> {
 }
 
 impl<DB: Database> SqlxKeyStore<DB> {
-    /// A store for the database `pool` connects to, using the table `envelope_keys`. Only the
-    /// pool's connect options are used; queries go through the store's own connections.
+    /// A store for the same database as `pool`, using the table `envelope_keys`. It takes
+    /// only the pool's connect options: its queries go through connections of its own (see
+    /// the type's docs), made on first use.
     ///
     /// # Errors
     /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
-    pub fn new(pool: &Pool<DB>) -> Result<Self, envelope_core::Error> {
+    pub fn same_database_as(pool: &Pool<DB>) -> Result<Self, envelope_core::Error> {
         Self::with_options((*pool.connect_options()).clone())
     }
 

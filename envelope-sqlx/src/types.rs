@@ -98,7 +98,6 @@ where
 /// the same way for `WHERE email_bidx = $1`:
 ///
 /// ```
-/// # use std::sync::Arc;
 /// # use envelope_core::{Keyring, LocalKms, KeyMaterial, MemoryKeyStore};
 /// use envelope_sqlx::{BlindIndex, blind_index};
 ///
@@ -107,9 +106,8 @@ where
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let kms = LocalKms::from_key(KeyMaterial::generate()?);
-/// # let cmk = kms.cmk_id().to_owned();
-/// # let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
-/// keyring.scope(async {
+/// # let keyring = Keyring::builder(kms, MemoryKeyStore::new()).build()?;
+/// keyring.install_for(async {
 ///     let probe = BlindIndex::<CustomerEmailIndex>::of("Alice@Example.com")?;
 ///     // CaseFolded: the probe for any spelling matches what was stored for the value.
 ///     assert_eq!(probe, BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?);

@@ -48,7 +48,8 @@ struct Person {
 }
 
 fn keyring<S: KeyStore>(kms: &Arc<LocalKms>, store: Arc<S>) -> Keyring {
-    Keyring::builder(kms.clone(), kms.cmk_id(), store)
+    Keyring::builder(kms.clone(), store)
+        .cmk(kms.cmk_id())
         .build()
         .unwrap()
 }
@@ -86,7 +87,7 @@ macro_rules! suite {
                 async fn new() -> Option<Setup> {
                     let (pool, dir) = $open().await?;
                     let key_table = format!("keys_{}", &envelope_core::KeyId::random().unwrap().to_hex()[..12]);
-                    let store = Arc::new(SqlxKeyStore::new(&pool).unwrap().with_table(&key_table).unwrap());
+                    let store = Arc::new(SqlxKeyStore::same_database_as(&pool).unwrap().with_table(&key_table).unwrap());
                     store.create_table().await.unwrap();
                     let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
                     let keyring = keyring(&kms, store.clone());
@@ -200,7 +201,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn every_type_round_trips_and_nulls_stay_null() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     let p = full(1);
                     s.insert(&p).await;
                     same(&s.get(1).await.unwrap(), &p);
@@ -218,7 +219,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "current_thread")]
             async fn stored_bytes_hold_no_plaintext_and_name_their_key() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     s.insert(&full(1)).await;
                     let name = s.raw(1, "name").await.unwrap();
                     assert_eq!(name[0], format::VERSION_1);
@@ -239,7 +240,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_value_copied_into_another_column_fails_to_open() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     s.insert(&full(1)).await;
                     let q = sql(&format!("UPDATE {} SET email = name WHERE id = ?", s.table));
                     sqlx::query(sqlx::AssertSqlSafe(q)).bind(1i64).execute(&s.pool).await.unwrap();
@@ -264,7 +265,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn json_fails_the_write_when_it_cannot_encode_and_never_leaks_on_read() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     // A map with non-string keys has no JSON form: the insert fails, no row.
                     let mut bad = std::collections::HashMap::new();
                     bad.insert((1, 2), "x".to_owned());
@@ -298,7 +299,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn blind_index_finds_rows_by_value() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     for (i, email) in ["alice@example.com", "bob@example.com", "carol@example.com"].iter().enumerate() {
                         let mut p = empty(i as i64 + 1);
                         p.email = Some(Encrypted::new((*email).to_owned()));
@@ -318,7 +319,7 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn large_values_round_trip() {
                 let Some(s) = Setup::new().await else { return };
-                s.keyring.clone().scope(async {
+                s.keyring.clone().install_for(async {
                     let mut p = empty(1);
                     let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
                     p.photo = Some(Encrypted::new(big.clone()));
@@ -336,7 +337,7 @@ macro_rules! suite {
                 for w in 0..8i64 {
                     let s = s.clone();
                     let k = s.keyring.clone();
-                    set.spawn(k.scope(async move {
+                    set.spawn(k.install_for(async move {
                         for i in 0..25 {
                             let mut p = empty(w * 1000 + i);
                             p.name = Encrypted::new(format!("writer {w} row {i}"));
@@ -350,7 +351,7 @@ macro_rules! suite {
                 }
                 // Another instance: same key table, its own keyring and cache.
                 let reader = keyring(&s.kms, s.store.clone());
-                reader.scope(async {
+                reader.install_for(async {
                     let q = format!("SELECT * FROM {} ORDER BY id", s.table);
                     let all: Vec<Person> = sqlx::query_as(sqlx::AssertSqlSafe(q)).fetch_all(&s.pool).await.unwrap();
                     assert_eq!(all.len(), 200);
@@ -371,15 +372,15 @@ macro_rules! suite {
                 // Tencent KMS on the emulator, which runs on a thread of its own.
                 let t = envelope_tests::TencentTarget::new();
                 let cmk = t.kms.create_key(&format!("sqlx-{}", stringify!($module)), "").await.unwrap().key_id;
-                let writer = Keyring::builder(t.kms.clone(), cmk.clone(), s.store.clone()).build().unwrap();
-                let expected = writer.scope(async { full(7) }).await;
-                writer.scope(async { s.insert(&expected).await; }).await;
-                let reader = Keyring::builder(t.kms.clone(), cmk, s.store.clone())
+                let writer = Keyring::builder(t.kms.clone(), s.store.clone()).cmk(cmk.clone()).build().unwrap();
+                let expected = writer.install_for(async { full(7) }).await;
+                writer.install_for(async { s.insert(&expected).await; }).await;
+                let reader = Keyring::builder(t.kms.clone(), s.store.clone()).cmk(cmk)
                     .policy(Policy::default())
                     .build()
                     .unwrap();
                 t.emulator.reset_counters();
-                let p = reader.scope(async { s.get(7).await.unwrap() }).await;
+                let p = reader.install_for(async { s.get(7).await.unwrap() }).await;
                 same(&p, &expected);
                 assert_eq!(t.emulator.calls("Decrypt"), 1, "the row's data key, unwrapped once");
                 s.drop_tables().await;
@@ -546,7 +547,10 @@ async fn a_missing_key_table_says_so() {
         let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
         // The keyring may find out at build time (its first key-table read) or at the first
         // write; either way it must say what is wrong.
-        let text = match Keyring::builder(kms.clone(), kms.cmk_id(), store).build() {
+        let text = match Keyring::builder(kms.clone(), store)
+            .cmk(kms.cmk_id())
+            .build()
+        {
             Err(e) => e.to_string(),
             Ok(keyring) => keyring
                 .encrypt(&Label::new("t.c").unwrap(), b"x")

@@ -17,19 +17,18 @@ fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
-        let cmk = kms.cmk_id().to_owned();
-        let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+        let keyring = Keyring::builder(kms, MemoryKeyStore::new())
             .build()
             .unwrap();
         let label = Label::new("fuzz.value").unwrap();
-        let sealed = keyring.encrypt_blocking(&label, b"the one real value").unwrap();
+        let sealed = keyring.blocking().encrypt(&label, b"the one real value").unwrap();
         Setup { keyring, label, sealed }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let s = setup();
-    if let Ok(plaintext) = s.keyring.decrypt_blocking(&s.label, data) {
+    if let Ok(plaintext) = s.keyring.blocking().decrypt(&s.label, data) {
         assert_eq!(data, &s.sealed[..]);
         assert_eq!(plaintext, b"the one real value");
     }

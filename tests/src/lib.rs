@@ -150,7 +150,8 @@ impl Fixture {
         let faults = kms.faults.clone();
         let kms: Arc<dyn KmsProvider> = Arc::new(kms);
         let store = Arc::new(MemoryKeyStore::new());
-        let keyring = Keyring::builder(kms.clone(), cmk.clone(), store.clone())
+        let keyring = Keyring::builder(kms.clone(), store.clone())
+            .cmk(cmk.clone())
             .policy(policy)
             .build()
             .expect("keyring");
@@ -167,7 +168,8 @@ impl Fixture {
     /// Another keyring over the same KMS and key store, with a cold cache: what a second
     /// application instance, or this one after a restart, sees.
     pub fn cold_keyring(&self, policy: Policy) -> Keyring {
-        Keyring::builder(self.kms.clone(), self.cmk.clone(), self.store.clone())
+        Keyring::builder(self.kms.clone(), self.store.clone())
+            .cmk(self.cmk.clone())
             .policy(policy)
             .build()
             .expect("keyring")

@@ -57,7 +57,8 @@ async fn keyring(
 ) -> Keyring {
     let cmk = cmk.to_owned();
     tokio::task::spawn_blocking(move || {
-        Keyring::builder(kms, cmk, store)
+        Keyring::builder(kms, store)
+            .cmk(cmk)
             .policy(policy)
             .build()
             .expect("keyring")

@@ -18,7 +18,8 @@ fn cold_reader(delay_ms: u64) -> (Fixture, Keyring, Vec<u8>) {
     let fx = Fixture::new();
     let blob = fx
         .keyring
-        .encrypt_blocking(&label(), b"078-05-1120")
+        .blocking()
+        .encrypt(&label(), b"078-05-1120")
         .unwrap();
     fx.faults.delay_ms.store(delay_ms, Ordering::SeqCst);
     let reader = fx.cold_keyring(Policy::default());
@@ -29,7 +30,8 @@ fn hung_reader() -> (Fixture, Keyring, Vec<u8>) {
     let fx = Fixture::new();
     let blob = fx
         .keyring
-        .encrypt_blocking(&label(), b"078-05-1120")
+        .blocking()
+        .encrypt(&label(), b"078-05-1120")
         .unwrap();
     fx.faults.hang.store(true, Ordering::SeqCst);
     let reader = fx.cold_keyring(Policy {
@@ -57,7 +59,7 @@ fn plain_thread_miss() {
         .map(|_| {
             let reader = reader.clone();
             let blob = blob.clone();
-            std::thread::spawn(move || reader.decrypt_blocking(&label(), &blob).unwrap())
+            std::thread::spawn(move || reader.blocking().decrypt(&label(), &blob).unwrap())
         })
         .collect();
     for h in handles {
@@ -74,7 +76,7 @@ fn run_on_workers(rt: tokio::runtime::Runtime, tasks: usize) {
             let reader = reader.clone();
             let blob = blob.clone();
             // Decode runs right in the task, as sqlx's Decode does: not in spawn_blocking.
-            set.spawn(async move { reader.decrypt_blocking(&label(), &blob).unwrap() });
+            set.spawn(async move { reader.blocking().decrypt(&label(), &blob).unwrap() });
         }
         while let Some(r) = set.join_next().await {
             assert_eq!(r.unwrap(), b"078-05-1120");
@@ -126,7 +128,7 @@ fn spawn_blocking_miss() {
         for _ in 0..8 {
             let reader = reader.clone();
             let blob = blob.clone();
-            set.spawn_blocking(move || reader.decrypt_blocking(&label(), &blob).unwrap());
+            set.spawn_blocking(move || reader.blocking().decrypt(&label(), &blob).unwrap());
         }
         while let Some(r) = set.join_next().await {
             assert_eq!(r.unwrap(), b"078-05-1120");
@@ -156,7 +158,7 @@ fn first_write_from_every_context() {
     let fx = Fixture::new();
     fx.faults.delay_ms.store(20, Ordering::SeqCst);
     let k = fx.keyring.clone();
-    std::thread::spawn(move || k.encrypt_blocking(&label(), b"a").unwrap())
+    std::thread::spawn(move || k.blocking().encrypt(&label(), b"a").unwrap())
         .join()
         .unwrap();
 
@@ -178,7 +180,7 @@ fn first_write_from_every_context() {
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..8 {
                 let k = k.clone();
-                set.spawn(async move { k.encrypt_blocking(&label(), b"a").unwrap() });
+                set.spawn(async move { k.blocking().encrypt(&label(), b"a").unwrap() });
             }
             while let Some(r) = set.join_next().await {
                 r.unwrap();
@@ -192,7 +194,7 @@ fn first_write_from_every_context() {
 #[test]
 fn hung_kms_times_out_on_a_plain_thread() {
     let (_fx, reader, blob) = hung_reader();
-    assert_timeout(reader.decrypt_blocking(&label(), &blob));
+    assert_timeout(reader.blocking().decrypt(&label(), &blob));
     assert_eq!(reader.metrics().bridge_timeouts, 1);
 }
 
@@ -211,7 +213,7 @@ fn hung_kms_times_out_on_runtimes() {
     ] {
         let (_fx, reader, blob) = hung_reader();
         let r = rt.block_on(async move {
-            let task = tokio::spawn(async move { reader.decrypt_blocking(&label(), &blob) });
+            let task = tokio::spawn(async move { reader.blocking().decrypt(&label(), &blob) });
             task.await.unwrap()
         });
         assert_timeout(r);
@@ -219,7 +221,7 @@ fn hung_kms_times_out_on_runtimes() {
     let (_fx, reader, blob) = hung_reader();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt.block_on(async move {
-        tokio::task::spawn_blocking(move || reader.decrypt_blocking(&label(), &blob))
+        tokio::task::spawn_blocking(move || reader.blocking().decrypt(&label(), &blob))
             .await
             .unwrap()
     });
@@ -235,16 +237,16 @@ async fn hung_kms_times_out_in_the_async_api() {
 #[test]
 fn timed_out_load_is_retried_once_the_kms_answers() {
     let (fx, reader, blob) = hung_reader();
-    assert_timeout(reader.decrypt_blocking(&label(), &blob));
+    assert_timeout(reader.blocking().decrypt(&label(), &blob));
     fx.faults.hang.store(false, Ordering::SeqCst);
     // For `refresh_retry` the failure is remembered: readers fail at once, no new KMS call.
     let decrypts = fx.calls.decrypts();
-    assert_timeout(reader.decrypt_blocking(&label(), &blob));
+    assert_timeout(reader.blocking().decrypt(&label(), &blob));
     assert_eq!(fx.calls.decrypts(), decrypts);
     // After it, the key is loaded again.
     std::thread::sleep(RETRY + Duration::from_millis(200));
     assert_eq!(
-        reader.decrypt_blocking(&label(), &blob).unwrap(),
+        reader.blocking().decrypt(&label(), &blob).unwrap(),
         b"078-05-1120"
     );
 }
@@ -262,5 +264,5 @@ fn dropping_a_keyring_inside_a_runtime_does_not_panic() {
     let k = fx.keyring.clone();
     drop(fx);
     let survivors = Arc::new(k);
-    assert!(survivors.encrypt_blocking(&label(), b"y").is_ok());
+    assert!(survivors.blocking().encrypt(&label(), b"y").is_ok());
 }

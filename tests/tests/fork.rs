@@ -62,11 +62,12 @@ fn parent_and_child_never_share_nonces_or_data_keys() {
     let label = Label::new("users.ssn").unwrap();
     let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
     let cmk = kms.cmk_id().to_owned();
-    let keyring = Keyring::builder(kms.clone(), cmk.clone(), Arc::new(MemoryKeyStore::new()))
+    let keyring = Keyring::builder(kms.clone(), MemoryKeyStore::new())
+        .cmk(cmk.clone())
         .build()
         .unwrap();
     // Seal once before the fork, so this thread's nonce generator and the active key exist.
-    let before = keyring.encrypt_blocking(&label, b"before").unwrap();
+    let before = keyring.blocking().encrypt(&label, b"before").unwrap();
     let context = EncryptionContext::new().with("purpose", "fork test");
     let material = KeyMaterial::generate().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -78,7 +79,7 @@ fn parent_and_child_never_share_nonces_or_data_keys() {
     let out = dir.path().join("child");
     let code = in_forked_child(|| {
         // The inherited keyring refuses to write, with a typed error that says what to do.
-        let refused = match keyring.encrypt_blocking(&label, b"child") {
+        let refused = match keyring.blocking().encrypt(&label, b"child") {
             Err(Error::ForkedProcess { built_in }) if built_in != std::process::id() => 0,
             Err(_) => 2,
             Ok(_) => 3,
@@ -98,9 +99,9 @@ fn parent_and_child_never_share_nonces_or_data_keys() {
     );
 
     // The parent goes on under its key.
-    let parent = keyring.encrypt_blocking(&label, b"parent").unwrap();
+    let parent = keyring.blocking().encrypt(&label, b"parent").unwrap();
     assert_eq!(
-        keyring.decrypt_blocking(&label, &parent).unwrap(),
+        keyring.blocking().decrypt(&label, &parent).unwrap(),
         b"parent"
     );
     // Local KMS wrapped form: 0x01 || nonce (12) || ciphertext || tag.
@@ -120,29 +121,31 @@ fn a_keyring_built_after_the_fork_works_in_the_child() {
     let label = Label::new("users.ssn").unwrap();
     // A keyring in the parent first: its clock thread is not inherited by the child.
     let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
-    let parent = Keyring::builder(kms.clone(), kms.cmk_id(), Arc::new(MemoryKeyStore::new()))
+    let parent = Keyring::builder(kms.clone(), MemoryKeyStore::new())
+        .cmk(kms.cmk_id())
         .build()
         .unwrap();
-    parent.encrypt_blocking(&label, b"parent").unwrap();
+    parent.blocking().encrypt(&label, b"parent").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("child");
     let code = in_forked_child(|| {
         let kms = LocalKms::from_key(KeyMaterial::generate().unwrap());
         let cmk = kms.cmk_id().to_owned();
-        let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new()))
+        let keyring = Keyring::builder(kms, MemoryKeyStore::new())
+            .cmk(cmk)
             .policy(envelope_core::Policy {
                 dek_max_age: Duration::from_millis(200),
                 ..envelope_core::Policy::default()
             })
             .build()
             .unwrap();
-        let blob = keyring.encrypt_blocking(&label, b"in the child").unwrap();
-        if keyring.decrypt_blocking(&label, &blob).unwrap() != b"in the child" {
+        let blob = keyring.blocking().encrypt(&label, b"in the child").unwrap();
+        if keyring.blocking().decrypt(&label, &blob).unwrap() != b"in the child" {
             return 4;
         }
         // Key ages advance in the child: its keyring started a clock of its own.
         std::thread::sleep(Duration::from_millis(500));
-        let later = keyring.encrypt_blocking(&label, b"later").unwrap();
+        let later = keyring.blocking().encrypt(&label, b"later").unwrap();
         if format::peek_key_id(&later).unwrap() == format::peek_key_id(&blob).unwrap() {
             return 5;
         }

@@ -2,7 +2,7 @@
 //! for arbitrary values and labels, and the parser never panics on arbitrary bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use envelope_core::{Error, Label, format};
+use envelope_core::{Error, Keyring, Label, format};
 use envelope_tests::Fixture;
 use proptest::prelude::*;
 
@@ -11,12 +11,12 @@ fn every_single_bit_flip_is_rejected() {
     let fx = Fixture::new();
     let label = Label::new("users.ssn").unwrap();
     for plaintext in [&b""[..], b"078-05-1120", &[0xa5; 200][..]] {
-        let blob = fx.keyring.encrypt_blocking(&label, plaintext).unwrap();
+        let blob = fx.keyring.blocking().encrypt(&label, plaintext).unwrap();
         let text = format::to_text(&blob);
         for bit in 0..blob.len() * 8 {
             let mut bad = blob.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            match fx.keyring.decrypt_blocking(&label, &bad) {
+            match fx.keyring.blocking().decrypt(&label, &bad) {
                 Ok(_) => panic!(
                     "flipping bit {bit} of a {}-byte value went unnoticed",
                     blob.len()
@@ -27,12 +27,9 @@ fn every_single_bit_flip_is_rejected() {
             }
             // The same through the text form.
             let bad_text = format::to_text(&bad);
-            assert!(fx.keyring.decrypt_text_blocking(&label, &bad_text).is_err());
+            assert!(open_text(&fx.keyring, &label, &bad_text).is_err());
         }
-        assert_eq!(
-            fx.keyring.decrypt_text_blocking(&label, &text).unwrap(),
-            plaintext
-        );
+        assert_eq!(open_text(&fx.keyring, &label, &text).unwrap(), plaintext);
     }
 }
 
@@ -40,14 +37,24 @@ fn every_single_bit_flip_is_rejected() {
 fn truncation_at_every_length_is_rejected() {
     let fx = Fixture::new();
     let label = Label::new("users.ssn").unwrap();
-    let blob = fx.keyring.encrypt_blocking(&label, b"078-05-1120").unwrap();
+    let blob = fx
+        .keyring
+        .blocking()
+        .encrypt(&label, b"078-05-1120")
+        .unwrap();
     for len in 0..blob.len() {
         let err = fx
             .keyring
-            .decrypt_blocking(&label, &blob[..len])
+            .blocking()
+            .decrypt(&label, &blob[..len])
             .unwrap_err();
         assert!(matches!(err, Error::Format(_)), "length {len}: {err}");
     }
+}
+
+/// A text-form value opened the way the text column types open it.
+fn open_text(keyring: &Keyring, label: &Label, text: &str) -> Result<Vec<u8>, Error> {
+    keyring.blocking().decrypt(label, &format::from_text(text)?)
 }
 
 fn arb_label() -> impl Strategy<Value = Label> {
@@ -61,12 +68,12 @@ proptest! {
     fn round_trips(plaintext in proptest::collection::vec(any::<u8>(), 0..2048), label in arb_label()) {
         thread_local! { static FX: Fixture = Fixture::new(); }
         FX.with(|fx| {
-            let blob = fx.keyring.encrypt_blocking(&label, &plaintext).unwrap();
+            let blob = fx.keyring.blocking().encrypt(&label, &plaintext).unwrap();
             prop_assert_eq!(blob.len(), format::sealed_len(plaintext.len()));
             prop_assert!(blob.len() - plaintext.len() <= 48 || plaintext.len() >= 16384);
-            prop_assert_eq!(fx.keyring.decrypt_blocking(&label, &blob).unwrap(), plaintext.clone());
-            let text = fx.keyring.encrypt_text_blocking(&label, &plaintext).unwrap();
-            prop_assert_eq!(fx.keyring.decrypt_text_blocking(&label, &text).unwrap(), plaintext.clone());
+            prop_assert_eq!(fx.keyring.blocking().decrypt(&label, &blob).unwrap(), plaintext.clone());
+            let text = fx.keyring.blocking().encrypt(&label, &plaintext).map(|b| format::to_text(&b)).unwrap();
+            prop_assert_eq!(open_text(&fx.keyring, &label, &text).unwrap(), plaintext.clone());
             Ok(())
         })?;
     }
@@ -86,8 +93,8 @@ proptest! {
         prop_assume!(a != b);
         thread_local! { static FX: Fixture = Fixture::new(); }
         FX.with(|fx| {
-            let blob = fx.keyring.encrypt_blocking(&a, &plaintext).unwrap();
-            prop_assert!(matches!(fx.keyring.decrypt_blocking(&b, &blob), Err(Error::Decrypt)));
+            let blob = fx.keyring.blocking().encrypt(&a, &plaintext).unwrap();
+            prop_assert!(matches!(fx.keyring.blocking().decrypt(&b, &blob), Err(Error::Decrypt)));
             Ok(())
         })?;
     }

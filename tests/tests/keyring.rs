@@ -61,7 +61,7 @@ fn sixty_four_cold_readers_make_one_kms_call_per_key() {
                     let got = if task % 2 == 0 {
                         reader.decrypt(&label(), blob).await.unwrap()
                     } else {
-                        reader.decrypt_blocking(&label(), blob).unwrap()
+                        reader.blocking().decrypt(&label(), blob).unwrap()
                     };
                     assert_eq!(got, pt.as_bytes());
                 }
@@ -83,7 +83,8 @@ fn writes_make_at_most_one_generate_per_max_uses() {
     });
     for i in 0..1000 {
         fx.keyring
-            .encrypt_blocking(&label(), format!("{i}").as_bytes())
+            .blocking()
+            .encrypt(&label(), format!("{i}").as_bytes())
             .unwrap();
     }
     // ceil(1000 / 100) = 10 keys in use; the last one's successor may already be prepared.
@@ -102,16 +103,16 @@ fn kms_outage_keeps_the_current_key_until_its_hard_limit() {
     });
     let mut sealed = Vec::new();
     for i in 0..5 {
-        sealed.push(fx.keyring.encrypt_blocking(&label(), &[i]).unwrap());
+        sealed.push(fx.keyring.blocking().encrypt(&label(), &[i]).unwrap());
     }
     fx.faults.fail.store(true, Ordering::SeqCst);
     // Uses 6..10: past the 80 % mark a refresh is tried in the background and fails, but the
     // current key still takes writes.
     for i in 5..10 {
-        sealed.push(fx.keyring.encrypt_blocking(&label(), &[i]).unwrap());
+        sealed.push(fx.keyring.blocking().encrypt(&label(), &[i]).unwrap());
     }
     // The 11th write finds the key used up and no way to make another.
-    let err = fx.keyring.encrypt_blocking(&label(), b"x").unwrap_err();
+    let err = fx.keyring.blocking().encrypt(&label(), b"x").unwrap_err();
     match &err {
         Error::WriteKeyUnavailable { scope, source } => {
             assert_eq!(scope, "default");
@@ -127,7 +128,7 @@ fn kms_outage_keeps_the_current_key_until_its_hard_limit() {
     // Reads of cached keys go on.
     for (i, blob) in sealed.iter().enumerate() {
         assert_eq!(
-            fx.keyring.decrypt_blocking(&label(), blob).unwrap(),
+            fx.keyring.blocking().decrypt(&label(), blob).unwrap(),
             [i as u8]
         );
     }
@@ -136,7 +137,7 @@ fn kms_outage_keeps_the_current_key_until_its_hard_limit() {
     // "now" may each read up to one tick late: wait the back-off plus two ticks and a margin.
     fx.faults.fail.store(false, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(50 + 2 * 20 + 100));
-    let blob = fx.keyring.encrypt_blocking(&label(), b"back").unwrap();
+    let blob = fx.keyring.blocking().encrypt(&label(), b"back").unwrap();
     assert_ne!(
         format::peek_key_id(&blob).unwrap(),
         format::peek_key_id(&sealed[0]).unwrap()
@@ -151,11 +152,11 @@ fn writers_fail_fast_while_the_kms_is_down() {
         ..Policy::default()
     });
     fx.faults.fail.store(true, Ordering::SeqCst);
-    assert!(fx.keyring.encrypt_blocking(&label(), b"a").is_err());
+    assert!(fx.keyring.blocking().encrypt(&label(), b"a").is_err());
     let calls = fx.calls.generates();
     for _ in 0..50 {
         assert!(matches!(
-            fx.keyring.encrypt_blocking(&label(), b"a"),
+            fx.keyring.blocking().encrypt(&label(), b"a"),
             Err(Error::WriteKeyUnavailable { .. })
         ));
     }
@@ -171,11 +172,13 @@ fn scopes_get_their_own_keys_and_can_be_shredded() {
     let b = Scope::new("tenant-b").unwrap();
     let blob_a = fx
         .keyring
-        .encrypt_scoped_blocking(&a, &label(), b"a")
+        .blocking()
+        .encrypt_scoped(&a, &label(), b"a")
         .unwrap();
     let blob_b = fx
         .keyring
-        .encrypt_scoped_blocking(&b, &label(), b"b")
+        .blocking()
+        .encrypt_scoped(&b, &label(), b"b")
         .unwrap();
     let ka = format::peek_key_id(&blob_a).unwrap();
     assert_ne!(ka, format::peek_key_id(&blob_b).unwrap());
@@ -190,10 +193,10 @@ fn scopes_get_their_own_keys_and_can_be_shredded() {
     rt.block_on(fx.store.delete(&ka)).unwrap();
     let fresh = fx.cold_keyring(Policy::default());
     assert!(matches!(
-        fresh.decrypt_blocking(&label(), &blob_a),
+        fresh.blocking().decrypt(&label(), &blob_a),
         Err(Error::UnknownKey { key_id }) if key_id == ka
     ));
-    assert_eq!(fresh.decrypt_blocking(&label(), &blob_b).unwrap(), b"b");
+    assert_eq!(fresh.blocking().decrypt(&label(), &blob_b).unwrap(), b"b");
 }
 
 #[test]
@@ -205,12 +208,14 @@ fn blind_index_key_is_shared_through_the_key_table() {
     );
     let a = fx
         .keyring
-        .blind_index_blocking(&spec, b"Alice@Example.com")
+        .blocking()
+        .blind_index(&spec, b"Alice@Example.com")
         .unwrap();
     // Another instance finds the same index key and computes the same index.
     let other = fx.cold_keyring(Policy::default());
     let b = other
-        .blind_index_blocking(&spec, b"alice@example.com")
+        .blocking()
+        .blind_index(&spec, b"alice@example.com")
         .unwrap();
     assert_eq!(a, b);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -223,11 +228,11 @@ fn blind_index_key_is_shared_through_the_key_table() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].scope, "customers.email");
     // An index key cannot open values, and a data key cannot make indexes.
-    let blob = fx.keyring.encrypt_blocking(&label(), b"v").unwrap();
+    let blob = fx.keyring.blocking().encrypt(&label(), b"v").unwrap();
     let mut forged = blob.clone();
     forged[2..18].copy_from_slice(rows[0].id.as_bytes());
     assert!(matches!(
-        other.decrypt_blocking(&label(), &forged),
+        other.blocking().decrypt(&label(), &forged),
         Err(Error::KeyKindMismatch { .. })
     ));
 }
@@ -240,7 +245,7 @@ fn concurrent_first_index_use_agrees_on_one_key() {
     let indexes: Vec<Vec<u8>> = std::thread::scope(|s| {
         let hs: Vec<_> = keyrings
             .iter()
-            .map(|k| s.spawn(|| k.blind_index_blocking(&spec, b"+1 555 0100").unwrap()))
+            .map(|k| s.spawn(|| k.blocking().blind_index(&spec, b"+1 555 0100").unwrap()))
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -258,7 +263,7 @@ async fn registry_resolves_task_then_thread_then_default() {
 
     let inside = b
         .keyring
-        .scope(async { current().unwrap().encrypt(&label(), b"y").await.unwrap() })
+        .install_for(async { current().unwrap().encrypt(&label(), b"y").await.unwrap() })
         .await;
     assert!(a.keyring.decrypt(&label(), &inside).await.is_err());
     assert_eq!(b.keyring.decrypt(&label(), &inside).await.unwrap(), b"y");
@@ -266,7 +271,11 @@ async fn registry_resolves_task_then_thread_then_default() {
     let kb = b.keyring.clone();
     let from_thread = tokio::task::spawn_blocking(move || {
         let _g = kb.enter();
-        current().unwrap().encrypt_blocking(&label(), b"z").unwrap()
+        current()
+            .unwrap()
+            .blocking()
+            .encrypt(&label(), b"z")
+            .unwrap()
     })
     .await
     .unwrap();
@@ -282,13 +291,15 @@ fn debug_output_never_shows_secrets() {
     let fx = Fixture::new();
     let blob = fx
         .keyring
-        .encrypt_blocking(&label(), b"078-05-1120")
+        .blocking()
+        .encrypt(&label(), b"078-05-1120")
         .unwrap();
     let dbg = format!("{:?} {:?}", fx.keyring, fx.kms.name());
     assert!(!dbg.contains("078-05-1120"));
     let err = fx
         .keyring
-        .decrypt_blocking(&Label::new("other.col").unwrap(), &blob)
+        .blocking()
+        .decrypt(&Label::new("other.col").unwrap(), &blob)
         .unwrap_err();
     let text = format!("{err} {err:?}");
     assert!(!text.contains("078-05-1120"), "{text}");

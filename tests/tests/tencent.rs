@@ -428,7 +428,8 @@ fn tencent_keyring(
     store: Arc<MemoryKeyStore>,
     policy: Policy,
 ) -> Keyring {
-    Keyring::builder(t.kms.clone(), cmk, store)
+    Keyring::builder(t.kms.clone(), store)
+        .cmk(cmk)
         .policy(policy)
         .build()
         .unwrap()
@@ -472,7 +473,7 @@ fn thirty_percent_failures_under_32_writers_lose_nothing() {
                         let k2 = k.clone();
                         let p2 = pt.clone();
                         tokio::task::spawn_blocking(move || {
-                            k2.encrypt_blocking(&label(), p2.as_bytes())
+                            k2.blocking().encrypt(&label(), p2.as_bytes())
                         })
                         .await
                         .unwrap()
@@ -548,7 +549,7 @@ fn keyring_on_the_emulator_makes_one_decrypt_per_key_for_64_cold_readers() {
                     let got = if task % 2 == 0 {
                         reader.decrypt(&label(), blob).await.unwrap()
                     } else {
-                        reader.decrypt_blocking(&label(), blob).unwrap()
+                        reader.blocking().decrypt(&label(), blob).unwrap()
                     };
                     assert_eq!(got, pt.as_bytes());
                 }
@@ -584,21 +585,21 @@ fn disabled_cmk_stops_new_keys_but_cached_reads_go_on() {
         },
     );
     let mut blobs: Vec<_> = (0..3)
-        .map(|i| k.encrypt_blocking(&label(), &[i]).unwrap())
+        .map(|i| k.blocking().encrypt(&label(), &[i]).unwrap())
         .collect();
     rt.block_on(t.kms.disable_key(&cmk)).unwrap();
     // The current key takes writes up to its limit (its successor cannot be prepared)...
-    blobs.extend((3..10).map(|i| k.encrypt_blocking(&label(), &[i]).unwrap()));
+    blobs.extend((3..10).map(|i| k.blocking().encrypt(&label(), &[i]).unwrap()));
     // ...then no new one can be made: a clear error.
-    let err = k.encrypt_blocking(&label(), b"x").unwrap_err();
+    let err = k.blocking().encrypt(&label(), b"x").unwrap_err();
     assert!(err.to_string().contains("master key is disabled"), "{err}");
     // Cached keys still open.
     for (i, b) in blobs.iter().enumerate() {
-        assert_eq!(k.decrypt_blocking(&label(), b).unwrap(), [i as u8]);
+        assert_eq!(k.blocking().decrypt(&label(), b).unwrap(), [i as u8]);
     }
     // A cold reader cannot unwrap under a disabled CMK.
     let cold = tencent_keyring(&t, &cmk, store, Policy::default());
-    let err = cold.decrypt_blocking(&label(), &blobs[0]).unwrap_err();
+    let err = cold.blocking().decrypt(&label(), &blobs[0]).unwrap_err();
     assert!(err.to_string().contains("disabled"), "{err}");
 }
 
@@ -673,7 +674,7 @@ fn a_key_record_naming_cmk_a_but_holding_a_key_under_cmk_b_is_refused() {
     });
     let store = Arc::new(MemoryKeyStore::new());
     let writer = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
-    let blob = writer.encrypt_blocking(&label(), b"078-05-1120").unwrap();
+    let blob = writer.blocking().encrypt(&label(), b"078-05-1120").unwrap();
     let id = format::peek_key_id(&blob).unwrap();
 
     // The attacker edits the key table: the record still names CMK A, but its wrapped key is
@@ -694,7 +695,7 @@ fn a_key_record_naming_cmk_a_but_holding_a_key_under_cmk_b_is_refused() {
 
     // A reader with a cold cache refuses the record, naming both CMKs.
     let cold = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
-    let err = cold.decrypt_blocking(&label(), &blob).unwrap_err();
+    let err = cold.blocking().decrypt(&label(), &blob).unwrap_err();
     match &err {
         Error::Kms(e) => {
             assert_eq!(e.kind(), KmsErrorKind::InvalidCiphertext, "{err}");
@@ -710,8 +711,14 @@ fn a_key_record_naming_cmk_a_but_holding_a_key_under_cmk_b_is_refused() {
     let trusting = client_for(&t.emulator.endpoint(), |c| {
         c.also_accept_cmks = vec![cmk_b.clone()];
     });
-    let k = Keyring::builder(trusting, &cmk_a, store).build().unwrap();
-    assert_eq!(k.decrypt_blocking(&label(), &blob).unwrap(), b"078-05-1120");
+    let k = Keyring::builder(trusting, store)
+        .cmk(&cmk_a)
+        .build()
+        .unwrap();
+    assert_eq!(
+        k.blocking().decrypt(&label(), &blob).unwrap(),
+        b"078-05-1120"
+    );
 }
 
 #[test]
@@ -922,7 +929,8 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
         c.request_timeout = Duration::from_millis(600);
         c.max_attempts = 1;
     });
-    let keyring = Keyring::builder(kms, "cmk-never-answers", Arc::new(MemoryKeyStore::new()))
+    let keyring = Keyring::builder(kms, MemoryKeyStore::new())
+        .cmk("cmk-never-answers")
         .policy(Policy {
             kms_timeout: Duration::from_secs(3),
             ..Policy::default()
@@ -930,7 +938,7 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
         .build()
         .unwrap();
     for write in 0..3 {
-        let err = keyring.encrypt_blocking(&label(), b"v").unwrap_err();
+        let err = keyring.blocking().encrypt(&label(), b"v").unwrap_err();
         // The provider's own timeout surfaces (its budget fits inside kms_timeout), not the
         // keyring's cut-off.
         let Error::WriteKeyUnavailable { source, .. } = &err else {

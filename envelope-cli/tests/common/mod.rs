@@ -184,12 +184,9 @@ impl Target {
         let store = envelope_sqlx::key_store_for_url(&url, &table)
             .await
             .unwrap();
-        tokio::task::spawn_blocking(move || {
-            let cmk = kms.cmk_id().to_owned();
-            Keyring::builder(kms, cmk, store).build().unwrap()
-        })
-        .await
-        .unwrap()
+        tokio::task::spawn_blocking(move || Keyring::builder(kms, store).build().unwrap())
+            .await
+            .unwrap()
     }
 
     /// A hex literal of bytes in this dialect.

@@ -2,18 +2,14 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), envelope_core::Error> {
-//! use std::sync::Arc;
 //! use envelope_core::kms::aws::{AwsConfig, AwsKms};
 //! use envelope_core::{Keyring, MemoryKeyStore};
 //!
 //! // Credentials from the standard chain: environment, profile, web identity, instance metadata.
 //! let kms = AwsKms::new(AwsConfig::new("eu-west-1")).await?;
-//! let keyring = Keyring::builder(
-//!     Arc::new(kms),
-//!     "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-//!     Arc::new(MemoryKeyStore::new()),
-//! )
-//! .build()?;
+//! let keyring = Keyring::builder(kms, MemoryKeyStore::new())
+//!     .cmk("arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab")
+//!     .build()?;
 //! # Ok(()) }
 //! ```
 //!
@@ -296,7 +292,7 @@ fn check_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<()> {
 }
 
 /// Map an AWS error code (and its message) to the kind of failure it is.
-pub fn classify(code: &str, message: &str) -> KmsErrorKind {
+pub(crate) fn classify(code: &str, message: &str) -> KmsErrorKind {
     match code {
         "AccessDeniedException"
         | "UnrecognizedClientException"

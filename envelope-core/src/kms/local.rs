@@ -1,14 +1,4 @@
-//! The local KMS: master keys held by this process, read from a file or an environment variable.
-//!
-//! This is the embedded default for development, tests and single-machine deployments. It wraps
-//! data keys with AES-256-GCM under a 32-byte master key, bound to the encryption context, so the
-//! key table alone is useless without the master key. It is **not** a substitute for a real KMS
-//! when several machines or operators are involved: whoever can read the master key file can
-//! unwrap every key. Keep the file out of backups of the database and out of version control.
-//!
-//! A master key's CMK id is derived from the key itself (`local:` and 16 hex characters of a
-//! SHA-256 fingerprint), so the key table records which master key each data key needs and a
-//! wrong key file fails with a clear error instead of a decryption failure.
+//! The local KMS ([`crate::LocalKms`]).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -26,8 +16,7 @@ use crate::error::{Error, KmsError, KmsErrorKind, Result};
 use crate::keys::KeyMaterial;
 use crate::kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
 
-/// The environment variable holding a base64 master key for [`LocalKms::from_env`].
-pub const MASTER_KEY_ENV: &str = "ENVELOPE_LOCAL_MASTER_KEY";
+const MASTER_KEY_ENV: &str = LocalKms::MASTER_KEY_ENV;
 
 const PROVIDER: &str = "local";
 const AAD_DOMAIN: &[u8] = b"envelope-local-kms/v1\0";
@@ -37,7 +26,17 @@ struct MasterKey {
     cipher: WrapCipher,
 }
 
-/// A KMS whose master keys live in this process. See the module docs for when to use it.
+/// The local KMS: master keys held by this process, read from a file or an environment variable.
+///
+/// This is the embedded default for development, tests and single-machine deployments. It wraps
+/// data keys with AES-256-GCM under a 32-byte master key, bound to the encryption context, so the
+/// key table alone is useless without the master key. It is **not** a substitute for a real KMS
+/// when several machines or operators are involved: whoever can read the master key file can
+/// unwrap every key. Keep the file out of backups of the database and out of version control.
+///
+/// A master key's CMK id is derived from the key itself (`local:` and 16 hex characters of a
+/// SHA-256 fingerprint), so the key table records which master key each data key needs and a
+/// wrong key file fails with a clear error instead of a decryption failure.
 pub struct LocalKms {
     /// The first key is the primary one; the others can still unwrap (for rewrapping).
     keys: Vec<MasterKey>,
@@ -46,6 +45,9 @@ pub struct LocalKms {
 }
 
 impl LocalKms {
+    /// The environment variable holding a base64 master key for [`LocalKms::from_env`].
+    pub const MASTER_KEY_ENV: &'static str = "ENVELOPE_LOCAL_MASTER_KEY";
+
     /// A local KMS holding one master key.
     pub fn from_key(master: KeyMaterial) -> Self {
         Self::with_origin(master, "a key given in code".to_owned())
@@ -147,7 +149,7 @@ impl LocalKms {
         }
     }
 
-    /// Read the master key from [`MASTER_KEY_ENV`] (standard base64 of 32 bytes). `Ok(None)` when
+    /// Read the master key from [`LocalKms::MASTER_KEY_ENV`] (standard base64 of 32 bytes). `Ok(None)` when
     /// the variable is not set.
     ///
     /// # Errors
@@ -231,6 +233,10 @@ fn file_origin(path: &Path) -> String {
 impl KmsProvider for LocalKms {
     fn name(&self) -> &str {
         PROVIDER
+    }
+
+    fn default_cmk(&self) -> Option<&str> {
+        Some(self.cmk_id())
     }
 
     fn holds_cmk(&self, cmk: &str) -> Option<bool> {

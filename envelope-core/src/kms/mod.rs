@@ -17,7 +17,7 @@ use crate::keys::KeyMaterial;
 pub mod aws;
 #[cfg(any(feature = "kms-tencent", feature = "kms-vault"))]
 mod http;
-pub mod local;
+pub(crate) mod local;
 #[cfg(feature = "kms-tencent")]
 pub mod tencent;
 pub mod uri;
@@ -134,6 +134,13 @@ pub trait KmsProvider: Send + Sync + 'static {
     /// A short name for logs, errors and the key table's `provider` column (`local`, `tencent`).
     fn name(&self) -> &str;
 
+    /// The master key new data keys are made under when the keyring is not told another one
+    /// ([`crate::KeyringBuilder::cmk`]): the local KMS's own key, a [`Connected`] provider's
+    /// key; `None`, the default, for a provider that holds many.
+    fn default_cmk(&self) -> Option<&str> {
+        None
+    }
+
     /// The longest one call can take, every retry and back-off included, for a provider that
     /// bounds its own calls (`None`, the default, when it does not). The keyring refuses to
     /// start when this exceeds [`crate::Policy::kms_timeout`]: the provider's own typed error
@@ -193,6 +200,75 @@ pub trait KmsProvider: Send + Sync + 'static {
     ) -> Result<Vec<u8>, KmsError> {
         let key = self.decrypt(source_cmk, wrapped, source_context).await?;
         self.encrypt(destination_cmk, &key, destination_context)
+            .await
+    }
+}
+
+/// A shared provider is a provider: `Keyring::builder(Arc::clone(&kms), ..)`.
+#[async_trait]
+impl<T: KmsProvider + ?Sized> KmsProvider for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn default_cmk(&self) -> Option<&str> {
+        (**self).default_cmk()
+    }
+
+    fn call_budget(&self) -> Option<Duration> {
+        (**self).call_budget()
+    }
+
+    fn holds_cmk(&self, cmk: &str) -> Option<bool> {
+        (**self).holds_cmk(cmk)
+    }
+
+    fn master_key_origin(&self) -> Option<String> {
+        (**self).master_key_origin()
+    }
+
+    async fn generate_data_key(
+        &self,
+        cmk: &str,
+        context: &EncryptionContext,
+    ) -> Result<GeneratedDataKey, KmsError> {
+        (**self).generate_data_key(cmk, context).await
+    }
+
+    async fn decrypt(
+        &self,
+        cmk: &str,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<KeyMaterial, KmsError> {
+        (**self).decrypt(cmk, wrapped, context).await
+    }
+
+    async fn encrypt(
+        &self,
+        cmk: &str,
+        plaintext: &KeyMaterial,
+        context: &EncryptionContext,
+    ) -> Result<Vec<u8>, KmsError> {
+        (**self).encrypt(cmk, plaintext, context).await
+    }
+
+    async fn re_encrypt(
+        &self,
+        wrapped: &[u8],
+        source_cmk: &str,
+        source_context: &EncryptionContext,
+        destination_cmk: &str,
+        destination_context: &EncryptionContext,
+    ) -> Result<Vec<u8>, KmsError> {
+        (**self)
+            .re_encrypt(
+                wrapped,
+                source_cmk,
+                source_context,
+                destination_cmk,
+                destination_context,
+            )
             .await
     }
 }

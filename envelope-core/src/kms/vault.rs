@@ -9,7 +9,7 @@
 //! // VAULT_ADDR (or BAO_ADDR), VAULT_TOKEN (or BAO_TOKEN), optionally VAULT_NAMESPACE.
 //! let kms = VaultKms::new(VaultConfig::from_env()?)?;
 //! // The master key is MOUNT/KEY: the transit key `users` of the engine mounted at `transit`.
-//! let keyring = Keyring::builder(Arc::new(kms), "transit/users", Arc::new(MemoryKeyStore::new()))
+//! let keyring = Keyring::builder(kms, MemoryKeyStore::new()).cmk("transit/users")
 //!     .build()?;
 //! # Ok(()) }
 //! ```
@@ -429,7 +429,7 @@ fn context_b64(context: &EncryptionContext) -> String {
 
 /// Map an error response to the kind of failure it is. Vault has no error codes: the status
 /// and the message tell.
-pub fn classify(status: u16, message: &str) -> KmsErrorKind {
+pub(crate) fn classify(status: u16, message: &str) -> KmsErrorKind {
     let has = |s: &str| message.contains(s);
     match status {
         401 | 403 => KmsErrorKind::Auth,

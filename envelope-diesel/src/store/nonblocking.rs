@@ -9,8 +9,9 @@ use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::result::QueryResult;
 use diesel_async::methods::{ExecuteDsl, LoadQuery};
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use envelope_core::__private::IoRuntime;
 use envelope_core::key_table;
-use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
+use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{

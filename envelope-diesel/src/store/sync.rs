@@ -10,8 +10,9 @@ use diesel::r2d2::{
     ConnectionManager, CustomizeConnection, Pool, PooledConnection, R2D2Connection,
 };
 use diesel::result::QueryResult;
+use envelope_core::__private::IoRuntime;
 use envelope_core::key_table;
-use envelope_core::{IoRuntime, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
+use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 
 use super::{
     DEFAULT_TABLE, KeyRowSql, KeyTableBackend, Queries, Rewrap, Statement, backend, records,
@@ -56,8 +57,7 @@ where
 /// let store = DieselKeyStore::<PgConnection>::connect("postgres://app@db/app")?;
 /// store.create_table()?; // or run the migrations this crate ships
 /// let kms = LocalKms::open("master.key")?;
-/// let cmk = kms.cmk_id().to_owned();
-/// let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(store)).build()?;
+/// let keyring = Keyring::builder(kms, store).build()?;
 /// keyring.install_default();
 /// # Ok(()) }
 /// ```

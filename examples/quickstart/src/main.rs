@@ -4,8 +4,6 @@
 //! current directory on first run and keeps wrapped keys in memory.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-
 use envelope_core::{BlindIndexSpec, Keyring, Label, LocalKms, MemoryKeyStore, Normalizer, format};
 
 #[tokio::main]
@@ -20,7 +18,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cmk = kms.cmk_id().to_owned();
     println!("local KMS master key {cmk}");
 
-    let keyring = Keyring::builder(Arc::new(kms), cmk, Arc::new(MemoryKeyStore::new())).build()?;
+    let keyring = Keyring::builder(kms, MemoryKeyStore::new())
+        .cmk(cmk)
+        .build()?;
     keyring.warm().await?;
 
     let ssn = Label::new("users.ssn")?;
@@ -49,7 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => return Err("a value opened under the wrong label".into()),
     }
 
-    let text = keyring.encrypt_text(&email, b"alice@example.com").await?;
+    let text = format::to_text(&keyring.encrypt(&email, b"alice@example.com").await?);
     println!("text form for text columns: {}...", &text[..24]);
 
     let bidx = BlindIndexSpec::new(email.clone(), Normalizer::CaseFolded);

@@ -321,7 +321,8 @@ impl App {
         let (db, store, database) = tokio::task::spawn_blocking(move || open(&url, &table))
             .await
             .map_err(|e| e.to_string())??;
-        let keyring = Keyring::builder(kms, cmk, store)
+        let keyring = Keyring::builder(kms, store)
+            .cmk(cmk)
             .build()
             .map_err(|e| e.to_string())?;
         keyring
@@ -384,7 +385,7 @@ async fn with_keyring(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    app.inner.keyring.scope(next.run(request)).await
+    app.inner.keyring.install_for(next.run(request)).await
 }
 
 /// An error answer: a status and `{"error": "..."}`.

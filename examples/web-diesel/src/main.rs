@@ -30,7 +30,7 @@ async fn main() -> std::process::ExitCode {
     println!(
         "web-diesel listening on http://127.0.0.1:{port} ({}; KMS {})",
         app.database(),
-        app.keyring().provider()
+        app.keyring().provider_name()
     );
     if let Err(e) = axum::serve(listener, app.router()).await {
         eprintln!("web-diesel: {e}");

@@ -113,7 +113,7 @@ impl Config {
                 KmsChoice::Tencent(Box::new(config), cmk)
             }
             Ok("local") | Err(_) => {
-                if std::env::var_os(envelope_core::kms::local::MASTER_KEY_ENV).is_some() {
+                if std::env::var_os(envelope_core::LocalKms::MASTER_KEY_ENV).is_some() {
                     KmsChoice::LocalEnv
                 } else {
                     KmsChoice::LocalFile(
@@ -286,7 +286,7 @@ impl App {
         }
         let keyring = readers
             .into_iter()
-            .fold(Keyring::builder(kms, cmk, store), |b, r| {
+            .fold(Keyring::builder(kms, store).cmk(cmk), |b, r| {
                 b.also_read_with(r)
             })
             .policy(config.policy.clone())
@@ -337,7 +337,7 @@ impl App {
 /// Every request runs with this app's keyring as the task-local one, so several apps (or tests)
 /// can share a process.
 async fn with_keyring(State(app): State<App>, request: Request, next: Next) -> Response {
-    app.inner.keyring.scope(next.run(request)).await
+    app.inner.keyring.install_for(next.run(request)).await
 }
 
 /// An error answer: a status and `{"error": "..."}`.

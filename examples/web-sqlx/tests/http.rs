@@ -254,7 +254,7 @@ async fn sqlite_with_tencent_kms_on_the_emulator() {
     .with_endpoint(t.emulator.endpoint());
     let r = start(None, Some(KmsChoice::Tencent(Box::new(config), cmk))).await;
     crud(&r).await;
-    assert_eq!(r.app.keyring().provider(), "tencent");
+    assert_eq!(r.app.keyring().provider_name(), "tencent");
     assert!(
         t.emulator.calls("GenerateDataKey") >= 2,
         "a data key and an index key"

@@ -9,7 +9,7 @@
 //! // TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY, TENCENTCLOUD_REGION
 //! // (and TENCENTCLOUD_SESSION_TOKEN for temporary credentials).
 //! let kms = TencentKms::new(TencentConfig::from_env()?)?;
-//! let keyring = Keyring::builder(Arc::new(kms), "<your CMK id>", Arc::new(MemoryKeyStore::new()))
+//! let keyring = Keyring::builder(kms, MemoryKeyStore::new()).cmk("<your CMK id>")
 //!     .build()?;
 //! # Ok(()) }
 //! ```
@@ -521,7 +521,7 @@ fn from_response<T: serde::de::DeserializeOwned>(v: Value) -> std::result::Resul
 }
 
 /// Map a Tencent error code to the kind of failure it is.
-pub fn classify(code: &str) -> KmsErrorKind {
+pub(crate) fn classify(code: &str) -> KmsErrorKind {
     let family = |prefix: &str| code == prefix || code.starts_with(&format!("{prefix}."));
     match code {
         "ResourceUnavailable.CmkDisabled" | "ResourceUnavailable.KeyDisabled" => {
