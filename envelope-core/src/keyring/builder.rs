@@ -1,0 +1,169 @@
+//! [`KeyringBuilder`]: checks the configuration and starts a keyring.
+
+use super::*;
+
+/// Builds a [`Keyring`].
+pub struct KeyringBuilder {
+    pub(super) kms: Arc<dyn KmsProvider>,
+    pub(super) readers: Vec<Arc<dyn KmsProvider>>,
+    pub(super) cmk: Option<String>,
+    pub(super) store: Arc<dyn KeyStore>,
+    pub(super) policy: Policy,
+    pub(super) default_scope: Scope,
+    pub(super) scoped: bool,
+    pub(super) clock: Clock,
+}
+
+impl KeyringBuilder {
+    /// Make new data keys under the master key `cmk` instead of the provider's own
+    /// ([`KmsProvider::default_cmk`]). Required for a provider that holds many master keys and
+    /// names none (an `AwsKms`, a `TencentKms` or a `VaultKms` built by hand).
+    pub fn cmk(mut self, cmk: impl Into<String>) -> Self {
+        self.cmk = Some(cmk.into());
+        self
+    }
+
+    /// Replace the policy.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Make this a scoped keyring (for one tenant, say): [`Keyring::encrypt`] writes under
+    /// `scope`'s data keys, and [`Keyring::decrypt`] and the column types open only values
+    /// sealed under keys of `scope`; a value of another scope fails with
+    /// [`Error::ScopeMismatch`]. Without this the keyring writes under the `default` scope and
+    /// reads values of any scope.
+    pub fn default_scope(mut self, scope: Scope) -> Self {
+        self.default_scope = scope;
+        self.scoped = true;
+        self
+    }
+
+    /// Also unwrap keys made by `kms`: a key record names the provider that wrapped it, and
+    /// the keyring unwraps each key with the provider of that name. New keys are always made
+    /// with the provider given to [`Keyring::builder`].
+    ///
+    /// This is how an application keeps reading while `envelope keys rewrap` moves its keys
+    /// from one KMS to another (Tencent to AWS, local to Vault): give it both providers for
+    /// the time of the move. One provider per name: two Vault servers cannot be read side by
+    /// side.
+    pub fn also_read_with(mut self, kms: impl KmsProvider) -> Self {
+        self.readers.push(Arc::new(kms));
+        self
+    }
+
+    #[cfg(test)]
+    pub(super) fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Start the keyring: its runtime thread and its maintenance task. Makes no KMS call; call
+    /// [`Keyring::warm`] to create the first data key up front.
+    ///
+    /// When the provider can tell which master keys it holds (the local KMS can), the key table
+    /// is read once to check that it holds at least one of the master keys its keys were made
+    /// under: a master key file that went missing and was replaced by a new key would otherwise
+    /// start a healthy-looking service that cannot read a single existing row.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid policy or CMK id, a provider whose retry budget exceeds
+    /// [`Policy::kms_timeout`], or when the runtime thread cannot start;
+    /// [`Error::MasterKeyMissing`] when the key table's keys need master keys this provider does
+    /// not hold; a key-store error while reading the key table for that check.
+    pub fn build(self) -> Result<Keyring> {
+        self.policy.validate()?;
+        let cmk = match (self.cmk, self.kms.default_cmk()) {
+            (Some(cmk), _) => cmk,
+            (None, Some(own)) => own.to_owned(),
+            (None, None) => {
+                return Err(Error::Config(
+                    format!(
+                        "the '{}' KMS provider names no master key of its own: give the keyring one with KeyringBuilder::cmk",
+                        self.kms.name()
+                    )
+                    .into(),
+                ));
+            }
+        };
+        if cmk.is_empty() {
+            return Err(Error::Config("the CMK id must not be empty".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for kms in std::iter::once(&self.kms).chain(&self.readers) {
+            if !names.insert(kms.name().to_owned()) {
+                return Err(Error::Config(
+                    format!(
+                        "two KMS providers named '{}' were given to one keyring: a key record names its provider only by name, so only one of each can be read",
+                        kms.name()
+                    )
+                    .into(),
+                ));
+            }
+            if let Some(budget) = kms.call_budget()
+                && budget > self.policy.kms_timeout
+            {
+                return Err(Error::Config(
+                    format!(
+                        "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
+                        kms.name(),
+                        self.policy.kms_timeout
+                    )
+                    .into(),
+                ));
+            }
+        }
+        let read_scope = self.scoped.then(|| self.default_scope.clone());
+        let first_key_refresh = crate::clock::ms(self.policy.key_refresh);
+        crate::clock::start();
+        let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
+        let cache = moka::sync::Cache::builder()
+            .name("envelope-keys")
+            .max_capacity(self.policy.cache_capacity)
+            .time_to_live(self.policy.cache_ttl)
+            // TinyLFU may refuse to admit a brand-new key; a refused key would cost a KMS call on
+            // every read. LRU always admits.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build_with_hasher(KeyIdHash::default());
+        let inner = Arc::new(Inner {
+            kms: self.kms,
+            readers: self.readers,
+            store: self.store,
+            cmk,
+            soft_uses: self.policy.soft_uses(),
+            policy: self.policy,
+            default_scope: self.default_scope,
+            cache,
+            active: ArcSwap::from_pointee(ActiveSet::default()),
+            generation: AtomicU64::new(0),
+            id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
+            rotate_locks: Mutex::default(),
+            index_locks: Mutex::default(),
+            index_sets: RwLock::default(),
+            presence: Mutex::default(),
+            key_refresh_running: AtomicBool::new(false),
+            next_key_refresh_ms: AtomicU64::new(first_key_refresh),
+            load_failures: Mutex::default(),
+            read_scope,
+            pid: std::process::id(),
+            recent_failures: Mutex::default(),
+            pending: Mutex::default(),
+            migration_windows: RwLock::default(),
+            metrics: Metrics::default(),
+            bridge,
+            epoch: Instant::now(),
+            clock: self.clock,
+        });
+        inner
+            .bridge
+            .handle()
+            .spawn(maintenance(Arc::downgrade(&inner)));
+        let keyring = Keyring {
+            inner,
+            _runtime: Arc::new(guard),
+        };
+        keyring.inner.check_master_keys()?;
+        Ok(keyring)
+    }
+}
