@@ -72,9 +72,15 @@ def open_vector(v) -> bytes:
     if v["form"] == "text":
         blob = from_text(blob.decode("utf-8"))
     header, ciphertext, tag = parse(blob)
+    # The harness holds one key: `dek` under `key_id`. Any other id is not in its key table.
+    if header[2:18] != bytes.fromhex(v["key_id"]):
+        raise Reject("UnknownKey")
+    dek = bytes.fromhex(v["dek"])
+    if len(dek) != 32:
+        raise Reject("BadKeyLength")
     aad = header + v["context"].encode("ascii")
     try:
-        return AESGCM(bytes.fromhex(v["dek"])).decrypt(header[18:30], ciphertext + tag, aad)
+        return AESGCM(dek).decrypt(header[18:30], ciphertext + tag, aad)
     except InvalidTag:
         raise Reject("Decrypt")
 

@@ -77,10 +77,10 @@ impl From<Stop> for Failure {
 pub(crate) fn core_failure(context: &str, e: envelope_core::Error) -> Failure {
     use envelope_core::Error as E;
     match e {
-        E::Config(_) | E::InvalidName { .. } | E::MasterKeyMissing(_) | E::Io { .. } => {
-            Failure::Usage(format!("{context}: {e}"))
+        E::Config(_) | E::Misuse(_) | E::MasterKeyMissing(_) => {
+            Failure::Usage(format!("{context}: {}", e.report()))
         }
-        _ => Failure::Unavailable(format!("{context}: {e}")),
+        _ => Failure::Unavailable(format!("{context}: {}", e.report())),
     }
 }
 

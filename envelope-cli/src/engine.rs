@@ -246,9 +246,9 @@ pub fn error_name(e: &Error) -> &'static str {
         Error::KeyKindMismatch { .. } => "KeyKindMismatch",
         Error::ScopeMismatch { .. } => "ScopeMismatch",
         Error::PlaintextType { .. } => "PlaintextType",
-        Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
+        Error::Misuse(envelope_core::Misuse::PlaintextTooLarge { .. }) => "PlaintextTooLarge",
         Error::Kms(_) => "Kms",
-        Error::KmsTimeout { .. } => "KmsTimeout",
+        Error::Unavailable(envelope_core::Unavailable::Timeout { .. }) => "KmsTimeout",
         Error::Store(_) => "Store",
         _ => "Other",
     }

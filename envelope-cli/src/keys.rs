@@ -434,12 +434,14 @@ impl Rewrapper {
         else {
             let configured: Vec<String> = self.sources.iter().map(|(u, _)| u.to_string()).collect();
             return Err(envelope_core::Error::Config(
-                format!(
-                    "it is wrapped by the '{}' KMS, which neither kms nor also_read names ({}): add that KMS's key URI to also_read",
-                    record.provider,
-                    configured.join(", ")
-                )
-                .into(),
+                envelope_core::ConfigError::new(
+                    "also_read",
+                    format!(
+                        "it is wrapped by the '{}' KMS, which neither kms nor also_read names ({}): add that KMS's key URI to also_read",
+                        record.provider,
+                        configured.join(", ")
+                    ),
+                ),
             ));
         };
         let to = &self.to;
@@ -484,7 +486,7 @@ where
 fn transient(e: &envelope_core::Error) -> bool {
     match e {
         envelope_core::Error::Kms(k) => k.is_retryable(),
-        envelope_core::Error::KmsTimeout { .. } => true,
+        envelope_core::Error::Unavailable(envelope_core::Unavailable::Timeout { .. }) => true,
         envelope_core::Error::Store(StoreError::Backend(_)) => true,
         _ => false,
     }

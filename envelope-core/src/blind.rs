@@ -92,12 +92,12 @@ impl BlindIndexSpec {
     /// leakage; changing it changes every index value, so pick it once.
     ///
     /// # Errors
-    /// [`Error::Config`] outside 4..=32.
+    /// [`Misuse::BlindIndex`](crate::Misuse::BlindIndex) outside 4..=32.
     pub fn with_len(mut self, len: usize) -> Result<Self> {
         if !(4..=32).contains(&len) {
-            return Err(Error::Config(Cow::Owned(format!(
-                "blind index length must be 4 to 32 bytes, got {len}"
-            ))));
+            return Err(Error::Misuse(crate::error::Misuse::BlindIndex(
+                "a blind index is 4 to 32 bytes long (BlindIndexSpec::with_len)",
+            )));
         }
         self.len = len;
         Ok(self)
@@ -150,7 +150,7 @@ impl IndexKey {
             Normalizer::Exact => Cow::Borrowed(value),
             n => {
                 let text = std::str::from_utf8(value).map_err(|_| {
-                    Error::Config(Cow::Borrowed(
+                    Error::Misuse(crate::error::Misuse::BlindIndex(
                         "a trimmed or case-folded blind index needs UTF-8 text; use Normalizer::Exact for bytes",
                     ))
                 })?;

@@ -6,7 +6,7 @@
 //! timeout. This is safe from a plain thread, a multi-thread tokio worker (the wait runs inside
 //! `block_in_place`), a current-thread runtime (that runtime stalls for the call, but the work
 //! runs elsewhere), and `spawn_blocking`. The one unsupported case, a KMS served by the very
-//! current-thread runtime that is waiting, ends in [`Error::KmsTimeout`], never a hang.
+//! current-thread runtime that is waiting, ends in [`Unavailable::Timeout`](crate::Unavailable::Timeout), never a hang.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -53,7 +53,7 @@ fn runtime_thread(name: &str, kms_thread: bool) -> Result<(Handle, RuntimeGuard)
         .enable_all()
         .thread_name(format!("{name}-blocking"))
         .build()
-        .map_err(|e| Error::Config(format!("cannot start the {name} runtime: {e}").into()))?;
+        .map_err(|e| thread_error(format!("{name} runtime"), e))?;
     let handle = runtime.handle().clone();
     let (tx, rx) = oneshot::channel::<()>();
     std::thread::Builder::new()
@@ -67,8 +67,15 @@ fn runtime_thread(name: &str, kms_thread: bool) -> Result<(Handle, RuntimeGuard)
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
         })
-        .map_err(|e| Error::Config(format!("cannot start the {name} thread: {e}").into()))?;
+        .map_err(|e| thread_error(format!("{name} thread"), e))?;
     Ok((handle, RuntimeGuard { shutdown: Some(tx) }))
+}
+
+fn thread_error(what: String, e: std::io::Error) -> Error {
+    Error::System(crate::error::SystemError::Thread {
+        what: what.into(),
+        source: std::sync::Arc::new(e),
+    })
 }
 
 /// A tokio runtime on a thread of its own, for I/O that must never depend on the caller's
@@ -109,7 +116,7 @@ impl IoRuntime {
     /// Run `fut` on this runtime and await it from any executor.
     ///
     /// # Errors
-    /// [`Error::KeyringShutDown`] when the runtime has stopped.
+    /// [`Unavailable::ShutDown`](crate::Unavailable::ShutDown) when the runtime has stopped.
     pub async fn run<F>(&self, fut: F) -> Result<F::Output>
     where
         F: Future + Send + 'static,
@@ -118,7 +125,7 @@ impl IoRuntime {
         self.handle
             .spawn(fut)
             .await
-            .map_err(|_| Error::KeyringShutDown)
+            .map_err(|_| Error::Unavailable(crate::error::Unavailable::ShutDown))
     }
 }
 
@@ -151,7 +158,9 @@ impl Bridge {
         if std::process::id() == self.pid {
             Ok(())
         } else {
-            Err(Error::ForkedProcess { built_in: self.pid })
+            Err(Error::Misuse(crate::error::Misuse::ForkedProcess {
+                built_in: self.pid,
+            }))
         }
     }
 
@@ -166,7 +175,7 @@ impl Bridge {
         F: Future<Output = Result<T>> + Send + 'static,
     {
         if ON_KMS_THREAD.with(Cell::get) {
-            return Err(Error::BridgeReentrant);
+            return Err(Error::Misuse(crate::error::Misuse::BridgeReentrant));
         }
         self.check_process()?;
         let started = Instant::now();
@@ -181,11 +190,15 @@ impl Bridge {
         // that blocks), where the task's timer cannot fire.
         match rx.recv_timeout(timeout + 2 * GRACE) {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::KmsTimeout {
-                waited: started.elapsed(),
-                what: what.into(),
-            }),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::KeyringShutDown),
+            Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(Error::Unavailable(crate::error::Unavailable::Timeout {
+                    waited: started.elapsed(),
+                    what: what.into(),
+                }))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Error::Unavailable(crate::error::Unavailable::ShutDown))
+            }
         }
     }
 
@@ -246,7 +259,7 @@ impl Bridge {
         self.check_process()?;
         match self.handle.spawn_blocking(f).await {
             Ok(result) => result,
-            Err(_) => Err(Error::KeyringShutDown),
+            Err(_) => Err(Error::Unavailable(crate::error::Unavailable::ShutDown)),
         }
     }
 }

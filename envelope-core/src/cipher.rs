@@ -16,7 +16,11 @@ use crate::nonce;
 fn aead_key(material: &[u8]) -> Result<LessSafeKey> {
     UnboundKey::new(&AES_256_GCM, material)
         .map(LessSafeKey::new)
-        .map_err(|_| Error::Crypto("AES-256-GCM refused a 32-byte key"))
+        .map_err(|_| {
+            Error::System(crate::error::SystemError::Crypto(
+                "AES-256-GCM refused a 32-byte key",
+            ))
+        })
 }
 
 /// An opened data key: the initialized cipher (key schedule already expanded) and its id.
@@ -28,7 +32,7 @@ pub(crate) struct DataCipher {
 
 impl DataCipher {
     /// # Errors
-    /// [`Error::Crypto`] if the AES implementation refuses the key, which only a broken build
+    /// [`SystemError::Crypto`](crate::SystemError::Crypto) if the AES implementation refuses the key, which only a broken build
     /// can cause.
     pub(crate) fn new(id: KeyId, material: &KeyMaterial) -> Result<Self> {
         Ok(DataCipher {
@@ -59,10 +63,10 @@ impl DataCipher {
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
         if plaintext.len() > format::MAX_PLAINTEXT_LEN {
-            return Err(Error::PlaintextTooLarge {
+            return Err(Error::Misuse(crate::error::Misuse::PlaintextTooLarge {
                 len: plaintext.len(),
                 max: format::MAX_PLAINTEXT_LEN,
-            });
+            }));
         }
         // One allocation of the exact final size: no reallocation copies plaintext around.
         let mut out = Vec::with_capacity(format::sealed_len(plaintext.len()));
@@ -86,7 +90,9 @@ impl DataCipher {
             Err(_) => {
                 // Only possible past GCM's 2^36-byte limit, far above MAX_PLAINTEXT_LEN.
                 out.zeroize();
-                Err(Error::Crypto("AES-256-GCM refused to seal a value"))
+                Err(Error::System(crate::error::SystemError::Crypto(
+                    "AES-256-GCM refused to seal a value",
+                )))
             }
         }
     }
@@ -155,7 +161,9 @@ impl WrapCipher {
             Err(_) => {
                 // Never leave plaintext key bytes behind.
                 out.zeroize();
-                Err(Error::Crypto("AES-256-GCM refused to wrap a key"))
+                Err(Error::System(crate::error::SystemError::Crypto(
+                    "AES-256-GCM refused to wrap a key",
+                )))
             }
         }
     }

@@ -167,7 +167,7 @@ macro_rules! __blind_index_wrapper {
             /// The index of `value` under the current keyring's index key for `I`.
             ///
             /// # Errors
-            /// [`envelope_core::Error::NoKeyring`], or a KMS or key-store error while the index
+            /// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or a KMS or key-store error while the index
             /// key is first loaded or created.
             pub fn of(
                 value: impl ::core::convert::AsRef<[u8]>,
@@ -432,7 +432,7 @@ fn scope_of<C: Column>(keyring: &crate::Keyring) -> Result<Scope> {
 /// synchronous encoders of the column types.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Blocking::encrypt_scoped`].
+/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or any error of [`crate::Blocking::encrypt_scoped`].
 pub fn seal<T: Plaintext, C: Column>(value: &T) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
     let scope = scope_of::<C>(&keyring)?;
@@ -460,7 +460,7 @@ pub fn seal_text<T: Plaintext, C: Column>(value: &T) -> Result<String> {
 /// must be an envelope (fail closed). `docs/FORMAT.md` states the rule.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], any error of [`crate::Blocking::decrypt`], or
+/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), any error of [`crate::Blocking::decrypt`], or
 /// [`Error::PlaintextType`].
 pub fn open<T: Plaintext, C: Column>(stored: &[u8]) -> Result<T> {
     let keyring = crate::current()?;
@@ -507,7 +507,7 @@ pub fn open_text<T: Plaintext, C: Column>(stored: &str) -> Result<T> {
 /// The blind index of `value` for index column `I`, with the current keyring.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Blocking::blind_index`].
+/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or any error of [`crate::Blocking::blind_index`].
 pub fn blind_index<I: IndexColumn>(value: &[u8]) -> Result<Vec<u8>> {
     let keyring = crate::current()?;
     keyring.blocking().blind_index(&index_spec::<I>()?, value)
@@ -517,7 +517,7 @@ pub fn blind_index<I: IndexColumn>(value: &[u8]) -> Result<Vec<u8>> {
 /// keyring.
 ///
 /// # Errors
-/// [`Error::NoKeyring`], or any error of [`crate::Blocking::blind_index_probes`].
+/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or any error of [`crate::Blocking::blind_index_probes`].
 pub fn blind_index_probes<I: IndexColumn>(value: &[u8]) -> Result<Vec<Vec<u8>>> {
     let keyring = crate::current()?;
     keyring

@@ -14,6 +14,22 @@ use std::time::Duration;
 use crate::keys::{KeyId, KeyKind};
 
 /// Everything that can go wrong in envelope-core.
+///
+/// The variants fall into four groups, so that a caller can act on the group without knowing
+/// every case:
+///
+/// - **the value**: [`Error::Format`], [`Error::Decrypt`], [`Error::UnknownKey`],
+///   [`Error::KeyKindMismatch`], [`Error::ScopeMismatch`], [`Error::PlaintextType`],
+///   [`Error::PlaintextEncode`]: this value cannot be written or read; others can;
+/// - **the services**: [`Error::Kms`], [`Error::Store`], [`Error::Unavailable`]: the KMS or the
+///   key table failed or did not answer in time; retrying later may succeed;
+/// - **the deployment**: [`Error::Config`], [`Error::MasterKeyMissing`]: a setting, a
+///   credential or a master key is missing or wrong; fix it and restart;
+/// - **the program**: [`Error::Misuse`]: the API was used in a way it cannot serve; fix the
+///   code. [`Error::System`]: the operating system or the crypto library failed.
+///
+/// A message never repeats its cause: the cause is [`std::error::Error::source`]. Print the
+/// whole chain with [`Error::report`].
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -62,15 +78,115 @@ pub enum Error {
         found: Box<str>,
     },
 
+    /// A value opened, but its bytes are not a value of the field's type (the column's Rust type
+    /// changed, or the value was written for another type).
+    #[error("value opened but is not a valid {expected}: {detail}")]
+    PlaintextType {
+        /// The field's type.
+        expected: &'static str,
+        /// What did not fit.
+        detail: String,
+    },
+
+    /// A field's value could not be encoded as plaintext (an `AsJson` value whose `Serialize`
+    /// failed). The write fails; nothing was sealed or stored.
+    #[error("cannot encode the value as {ty}: {detail}; nothing was written")]
+    PlaintextEncode {
+        /// The field's type.
+        ty: &'static str,
+        /// What failed, without the data.
+        detail: String,
+    },
+
     /// The KMS refused or failed a call.
     #[error(transparent)]
     Kms(#[from] KmsError),
+
+    /// The key store (the key table) failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The keyring cannot serve the call now: a wait ran out, no data key can take writes, or
+    /// the keyring was shut down.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
 
     /// The key table holds keys of this provider, but the provider holds none of the master keys
     /// they were made under: a master key file that went missing and was replaced, or the wrong
     /// one. Writing under the new master key would leave every existing row unreadable.
     #[error(transparent)]
     MasterKeyMissing(Box<MasterKeyMissing>),
+
+    /// A setting, credential or file the deployment provides is missing or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// The program used the API in a way it cannot serve.
+    #[error(transparent)]
+    Misuse(#[from] Misuse),
+
+    /// The operating system or the crypto library failed where it should not.
+    #[error(transparent)]
+    System(#[from] SystemError),
+}
+
+/// Why the keyring cannot serve a call now ([`Error::Unavailable`]). Retrying later may succeed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// A caller waited for the KMS or the key store longer than the keyring allows.
+    #[error(
+        "timed out after {waited:?} waiting for the KMS or key store ({what}); check the KMS endpoint and network, or raise Policy::kms_timeout"
+    )]
+    Timeout {
+        /// How long the caller waited.
+        waited: Duration,
+        /// What was being done.
+        what: Cow<'static, str>,
+    },
+
+    /// No data key can take writes in this scope: there is no active key, or it reached its
+    /// hard limit (age or use count), and a new one could not be made. Reads of cached keys go
+    /// on; writes resume when the cause is gone.
+    #[error("{}", write_key_message(scope, cause))]
+    WriteKey {
+        /// The scope being written.
+        scope: String,
+        /// Why the new key could not be made.
+        #[source]
+        cause: Box<Error>,
+    },
+
+    /// Concurrent writers used up every new data key of the scope before this write could use
+    /// one, for longer than [`crate::Policy::kms_timeout`].
+    #[error(
+        "new data keys of scope '{scope}' were used up by concurrent writers for longer than Policy::kms_timeout before this write could use one; raise Policy::dek_max_uses"
+    )]
+    KeysUsedUp {
+        /// The scope being written.
+        scope: String,
+    },
+
+    /// The keyring was dropped (its runtime is shut down) while a call was in flight.
+    #[error("the keyring has been shut down; build a new one")]
+    ShutDown,
+}
+
+/// How the program used the API in a way it cannot serve ([`Error::Misuse`]). Fix the code.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Misuse {
+    /// A column type needed a keyring and none was installed.
+    #[error(
+        "no keyring is installed: call Keyring::install_default() at start-up, or wrap the work in keyring.install_for(..) / keyring.enter()"
+    )]
+    NoKeyring,
+
+    /// A blocking call was made from the keyring's own KMS thread, which would deadlock.
+    #[error(
+        "a blocking keyring call was made on the keyring's own KMS thread; use the async API there"
+    )]
+    BridgeReentrant,
 
     /// This process is a fork of the one the keyring was built in.
     #[error(
@@ -80,47 +196,6 @@ pub enum Error {
         /// The process the keyring was built in.
         built_in: u32,
     },
-
-    /// The key store (the key table) failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-
-    /// A synchronous caller waited for the KMS or the key store longer than the keyring allows.
-    #[error(
-        "timed out after {waited:?} waiting for the KMS or key store ({what}); check the KMS endpoint and network, or raise Policy::kms_timeout"
-    )]
-    KmsTimeout {
-        /// How long the caller waited.
-        waited: Duration,
-        /// What was being done.
-        what: Cow<'static, str>,
-    },
-
-    /// No data key can be used for writing in this scope: there is no active key, or it reached
-    /// its hard limit (age or use count), and a new one could not be made.
-    #[error("{}", write_unavailable_message(scope, source))]
-    WriteKeyUnavailable {
-        /// The scope being written.
-        scope: String,
-        /// Why the new key could not be made.
-        source: Box<Error>,
-    },
-
-    /// A column type needed a keyring and none was installed.
-    #[error(
-        "no keyring is installed: call Keyring::install_default() at start-up, or wrap the work in keyring.install_for(..) / keyring.enter()"
-    )]
-    NoKeyring,
-
-    /// The keyring was dropped (its runtime is shut down) while a call was in flight.
-    #[error("the keyring has been shut down; build a new one")]
-    KeyringShutDown,
-
-    /// A blocking call was made from the keyring's own KMS thread, which would deadlock.
-    #[error(
-        "a blocking keyring call was made on the keyring's own KMS thread; use the async API there"
-    )]
-    BridgeReentrant,
 
     /// A context label or scope is not valid.
     #[error("invalid {what} {value:?}: {reason}")]
@@ -142,29 +217,119 @@ pub enum Error {
         max: usize,
     },
 
-    /// A value opened, but its bytes are not a value of the field's type (the column's Rust type
-    /// changed, or the value was written for another type).
-    #[error("value opened but is not a valid {expected}: {detail}")]
-    PlaintextType {
-        /// The field's type.
-        expected: &'static str,
-        /// What did not fit.
+    /// A [`crate::Policy`] field is out of range.
+    #[error("Policy::{field} {problem}")]
+    Policy {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with its value.
+        problem: Cow<'static, str>,
+    },
+
+    /// A [`crate::KeyringBuilder`] cannot start a keyring with what it was given.
+    #[error("{0}")]
+    Builder(Cow<'static, str>),
+
+    /// A [`crate::BlindIndexSpec`] asks for what an index cannot do.
+    #[error("{0}")]
+    BlindIndex(&'static str),
+
+    /// Key material of the wrong length.
+    #[error("key material must be {expected} bytes, got {len}")]
+    KeyLength {
+        /// The length a key has.
+        expected: usize,
+        /// The length given.
+        len: usize,
+    },
+}
+
+/// A setting, credential or file of the deployment that is missing or invalid
+/// ([`Error::Config`]): which one, and what is wrong with it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{setting}: {problem}")]
+pub struct ConfigError {
+    setting: Cow<'static, str>,
+    problem: Cow<'static, str>,
+    #[source]
+    source: Option<Arc<std::io::Error>>,
+}
+
+impl ConfigError {
+    /// `setting` (an environment variable, a key URI, a file, a provider option) is wrong in
+    /// the way `problem` says.
+    pub fn new(
+        setting: impl Into<Cow<'static, str>>,
+        problem: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ConfigError {
+            setting: setting.into(),
+            problem: problem.into(),
+            source: None,
+        }
+    }
+
+    /// The same, caused by an I/O error (a file that cannot be read).
+    pub fn with_io(mut self, source: std::io::Error) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The setting: an environment variable, a key URI, a file path, a provider option.
+    pub fn setting(&self) -> &str {
+        &self.setting
+    }
+
+    /// What is wrong with it, and what to do.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+/// The operating system or the crypto library failed where it should not ([`Error::System`]).
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SystemError {
+    /// The operating system's random number generator failed.
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+
+    /// A thread or runtime the keyring needs could not start.
+    #[error("cannot start the {what}")]
+    Thread {
+        /// Which thread or runtime.
+        what: Cow<'static, str>,
+        /// Why.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+
+    /// The fork handler that reseeds the nonce generator could not be registered.
+    #[error("cannot register the fork handler of the nonce generator: {0}")]
+    ForkHandler(String),
+
+    /// The HTTP client of a KMS provider could not be built (its TLS roots, say).
+    #[error("cannot build the KMS provider's HTTP client: {detail}")]
+    HttpClient {
+        /// Why.
         detail: String,
     },
 
-    /// A field's value could not be encoded as plaintext (a `Json` value whose `Serialize`
-    /// failed). The write fails; nothing was sealed or stored.
-    #[error("cannot encode the value as {ty}: {detail}; nothing was written")]
-    PlaintextEncode {
-        /// The field's type.
-        ty: &'static str,
-        /// What failed, without the data.
-        detail: String,
+    /// A local file (the local KMS master key) could not be written.
+    #[error("{path}: cannot {action}")]
+    File {
+        /// The file.
+        path: String,
+        /// What was being done.
+        action: &'static str,
+        /// Why.
+        #[source]
+        source: Arc<std::io::Error>,
     },
 
-    /// The keyring or a provider was configured wrongly.
-    #[error("configuration error: {0}")]
-    Config(Cow<'static, str>),
+    /// An invariant of envelope itself failed: a bug, never a property of the data.
+    #[error("an internal invariant failed: {0} (a bug in envelope; please report it)")]
+    Internal(&'static str),
 
     /// The AES-GCM implementation failed where it cannot fail on valid input: a broken build or
     /// a failed self-test of the crypto library, never a property of the data.
@@ -172,15 +337,6 @@ pub enum Error {
         "the AES-256-GCM implementation failed: {0} (a broken build of aws-lc-rs; rebuild, and report it if it persists)"
     )]
     Crypto(&'static str),
-
-    /// A local file (such as the local KMS master key) could not be read or written.
-    #[error("{path}: {message}")]
-    Io {
-        /// The file.
-        path: String,
-        /// What failed and what to do.
-        message: String,
-    },
 }
 
 impl Error {
@@ -192,30 +348,66 @@ impl Error {
             Error::UnknownKey { .. } => "UnknownKey",
             Error::KeyKindMismatch { .. } => "KeyKindMismatch",
             Error::ScopeMismatch { .. } => "ScopeMismatch",
-            Error::Kms(_) => "Kms",
-            Error::MasterKeyMissing(_) => "MasterKeyMissing",
-            Error::ForkedProcess { .. } => "ForkedProcess",
-            Error::Store(_) => "Store",
-            Error::KmsTimeout { .. } => "KmsTimeout",
-            Error::WriteKeyUnavailable { .. } => "WriteKeyUnavailable",
-            Error::NoKeyring => "NoKeyring",
-            Error::KeyringShutDown => "KeyringShutDown",
-            Error::BridgeReentrant => "BridgeReentrant",
-            Error::InvalidName { .. } => "InvalidName",
-            Error::PlaintextTooLarge { .. } => "PlaintextTooLarge",
             Error::PlaintextType { .. } => "PlaintextType",
             Error::PlaintextEncode { .. } => "PlaintextEncode",
+            Error::Kms(_) => "Kms",
+            Error::Store(_) => "Store",
+            Error::Unavailable(_) => "Unavailable",
+            Error::MasterKeyMissing(_) => "MasterKeyMissing",
             Error::Config(_) => "Config",
-            Error::Crypto(_) => "Crypto",
-            Error::Io { .. } => "Io",
+            Error::Misuse(_) => "Misuse",
+            Error::System(_) => "System",
         }
     }
 
-    pub(crate) fn io(path: &std::path::Path, message: impl Into<String>) -> Self {
-        Error::Io {
-            path: path.display().to_string(),
-            message: message.into(),
+    /// The message and every cause after it, `: `-separated: `{}` of this prints the whole
+    /// chain, where `{}` of the error prints only its own message.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+
+    /// A problem with the file at `path` (the local KMS master key), as a [`ConfigError`].
+    pub(crate) fn io(path: &std::path::Path, problem: impl Into<Cow<'static, str>>) -> Self {
+        Error::config(path.display().to_string(), problem)
+    }
+
+    /// [`Error::io`] caused by an I/O error.
+    pub(crate) fn file_io(
+        path: &std::path::Path,
+        problem: &'static str,
+        e: std::io::Error,
+    ) -> Self {
+        Error::Config(ConfigError::new(path.display().to_string(), problem).with_io(e))
+    }
+
+    /// A [`ConfigError`] as an [`Error`].
+    pub(crate) fn config(
+        setting: impl Into<Cow<'static, str>>,
+        problem: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Error::Config(ConfigError::new(setting, problem))
+    }
+}
+
+/// The whole chain of an error: see [`Error::report`].
+#[derive(Clone, Copy)]
+pub struct Report<'a>(&'a Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
         }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -489,9 +681,9 @@ pub enum StoreError {
         table: String,
     },
 
-    /// The backing database failed.
-    #[error("key store backend error: {0}")]
-    Backend(Arc<dyn std::error::Error + Send + Sync + 'static>),
+    /// The backing database failed; the database's error is the source.
+    #[error("the key store's database failed")]
+    Backend(#[source] Arc<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl StoreError {
@@ -501,15 +693,16 @@ impl StoreError {
     }
 }
 
-/// The message of [`Error::WriteKeyUnavailable`]: what stopped the new key, and what follows.
-fn write_unavailable_message(scope: &str, source: &Error) -> String {
-    match source {
-        Error::Kms(_) | Error::KmsTimeout { .. } => format!(
-            "no usable data key for writes in scope '{scope}': a new one could not be made ({source}); reads of cached keys go on, writes resume when the KMS answers"
+/// The message of [`Unavailable::WriteKey`]: what follows from its cause, without repeating the
+/// cause (that is its `source()`).
+fn write_key_message(scope: &str, cause: &Error) -> String {
+    match cause {
+        Error::Kms(_) | Error::Unavailable(Unavailable::Timeout { .. }) => format!(
+            "no usable data key for writes in scope '{scope}': a new one could not be made; reads of cached keys go on, writes resume when the KMS answers"
         ),
-        _ => format!(
-            "no usable data key for writes in scope '{scope}': a new one could not be made: {source}"
-        ),
+        _ => {
+            format!("no usable data key for writes in scope '{scope}': a new one could not be made")
+        }
     }
 }
 

@@ -32,7 +32,7 @@ pub mod ddl {
 /// (so it can be spliced into SQL unquoted on every database).
 ///
 /// # Errors
-/// [`Error::InvalidName`] for anything else.
+/// [`Misuse::InvalidName`](crate::Misuse::InvalidName) for anything else.
 pub fn check_table_name(table: &str) -> Result<(), Error> {
     let ok = !table.is_empty()
         && table.len() <= 63
@@ -43,11 +43,11 @@ pub fn check_table_name(table: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidName {
+        Err(Error::Misuse(crate::error::Misuse::InvalidName {
             what: "key table name",
             value: table.to_owned(),
             reason: "use letters, digits and `_`, up to 63, not starting with a digit",
-        })
+        }))
     }
 }
 

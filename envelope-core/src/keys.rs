@@ -62,10 +62,12 @@ impl FromStr for KeyId {
 
     fn from_str(s: &str) -> Result<Self> {
         let mut id = [0u8; Self::LEN];
-        hex::decode_to_slice(s, &mut id).map_err(|_| Error::InvalidName {
-            what: "key id",
-            value: s.to_owned(),
-            reason: "a key id is 32 hex characters",
+        hex::decode_to_slice(s, &mut id).map_err(|_| {
+            Error::Misuse(crate::error::Misuse::InvalidName {
+                what: "key id",
+                value: s.to_owned(),
+                reason: "a key id is 32 hex characters",
+            })
         })?;
         Ok(KeyId(id))
     }
@@ -75,10 +77,12 @@ impl TryFrom<&[u8]> for KeyId {
     type Error = Error;
 
     fn try_from(bytes: &[u8]) -> Result<Self> {
-        let arr: [u8; Self::LEN] = bytes.try_into().map_err(|_| Error::InvalidName {
-            what: "key id",
-            value: format!("<{} bytes>", bytes.len()),
-            reason: "a key id is 16 bytes",
+        let arr: [u8; Self::LEN] = bytes.try_into().map_err(|_| {
+            Error::Misuse(crate::error::Misuse::InvalidName {
+                what: "key id",
+                value: format!("<{} bytes>", bytes.len()),
+                reason: "a key id is 16 bytes",
+            })
         })?;
         Ok(KeyId(arr))
     }
@@ -138,11 +142,11 @@ impl FromStr for KeyKind {
         match s {
             "data" => Ok(KeyKind::Data),
             "index" => Ok(KeyKind::Index),
-            _ => Err(Error::InvalidName {
+            _ => Err(Error::Misuse(crate::error::Misuse::InvalidName {
                 what: "key kind",
                 value: s.to_owned(),
                 reason: "expected 'data' or 'index'",
-            }),
+            })),
         }
     }
 }
@@ -172,14 +176,13 @@ impl KeyMaterial {
     /// own copy (see [`KeyMaterial::from_zeroizing`]).
     ///
     /// # Errors
-    /// [`Error::Config`] when the slice is not 32 bytes.
+    /// [`Misuse::KeyLength`](crate::Misuse::KeyLength) when the slice is not 32 bytes.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         if bytes.len() != Self::LEN {
-            return Err(Error::Config(Cow::Owned(format!(
-                "key material must be {} bytes, got {}",
-                Self::LEN,
-                bytes.len()
-            ))));
+            return Err(Error::Misuse(crate::error::Misuse::KeyLength {
+                expected: Self::LEN,
+                len: bytes.len(),
+            }));
         }
         let mut k = KeyMaterial(Box::new([0u8; Self::LEN]));
         k.0.copy_from_slice(bytes);
@@ -189,7 +192,7 @@ impl KeyMaterial {
     /// Take key material from a buffer that is wiped when it drops.
     ///
     /// # Errors
-    /// [`Error::Config`] when the buffer is not 32 bytes.
+    /// [`Misuse::KeyLength`](crate::Misuse::KeyLength) when the buffer is not 32 bytes.
     pub fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Result<Self> {
         Self::from_slice(&bytes)
     }
@@ -207,11 +210,9 @@ impl fmt::Debug for KeyMaterial {
 }
 
 pub(crate) fn os_random(buf: &mut [u8]) -> Result<()> {
-    rand::rngs::SysRng.try_fill_bytes(buf).map_err(|e| {
-        Error::Config(Cow::Owned(format!(
-            "the operating system's random number generator failed: {e}"
-        )))
-    })
+    rand::rngs::SysRng
+        .try_fill_bytes(buf)
+        .map_err(|e| Error::System(crate::error::SystemError::Random(e.to_string())))
 }
 
 /// One row of the key table: a wrapped key and what it is for.
@@ -281,11 +282,11 @@ pub(crate) const fn name_problem(value: &str) -> Option<&'static str> {
 /// Checks shared by [`Label`] and [`Scope`]: 1 to 255 bytes of visible ASCII.
 fn check_name(what: &'static str, value: &str) -> Result<()> {
     match name_problem(value) {
-        Some(reason) => Err(Error::InvalidName {
+        Some(reason) => Err(Error::Misuse(crate::error::Misuse::InvalidName {
             what,
             value: value.to_owned(),
             reason,
-        }),
+        })),
         None => Ok(()),
     }
 }
@@ -300,7 +301,7 @@ macro_rules! name_type {
             /// Validate and wrap a name: 1 to 255 bytes of visible ASCII (no spaces).
             ///
             /// # Errors
-            /// [`Error::InvalidName`] when the rules are broken.
+            /// [`Misuse::InvalidName`](crate::Misuse::InvalidName) when the rules are broken.
             pub fn new(value: impl Into<Cow<'static, str>>) -> Result<Self> {
                 let value = value.into();
                 check_name($what, &value)?;

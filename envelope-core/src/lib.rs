@@ -40,7 +40,7 @@
 //!   wait of [`Policy::kms_timeout`], after which callers fail at once for
 //!   [`Policy::refresh_retry`].
 //! - Nonces never repeat across `fork()`: the generator reseeds in the child, and a keyring
-//!   built before the fork refuses to write there ([`Error::ForkedProcess`]): build the keyring
+//!   built before the fork refuses to write there ([`Misuse::ForkedProcess`]): build the keyring
 //!   in each worker after forking.
 //! - A keyring refuses to start on a key table whose keys need master keys its provider does
 //!   not hold ([`Error::MasterKeyMissing`]).
@@ -82,7 +82,10 @@ mod store;
 mod vectors;
 
 pub use blind::{BlindIndexSpec, Normalizer};
-pub use error::{Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Result, StoreError};
+pub use error::{
+    ConfigError, Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Misuse, Report,
+    Result, StoreError, SystemError, Unavailable,
+};
 pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 pub use kms::local::LocalKms;

@@ -49,7 +49,7 @@ impl Source {
         Ok(Source {
             rng: seed()?,
             fork: forkguard::Guard::try_new().map_err(|e| {
-                Error::Config(format!("cannot register the fork handler for nonces: {e}").into())
+                Error::System(crate::error::SystemError::ForkHandler(e.to_string()))
             })?,
             left: RESEED_AFTER,
             epoch: RESEED_EPOCH.load(Ordering::Relaxed),
@@ -69,9 +69,8 @@ impl Source {
 }
 
 fn seed() -> Result<StdRng> {
-    StdRng::try_from_rng(&mut SysRng).map_err(|e| {
-        Error::Config(format!("the operating system's random number generator failed: {e}").into())
-    })
+    StdRng::try_from_rng(&mut SysRng)
+        .map_err(|e| Error::System(crate::error::SystemError::Random(e.to_string())))
 }
 
 thread_local! {
@@ -81,7 +80,7 @@ thread_local! {
 /// Fill `nonce` with fresh random bytes; returns the id of the process that made it.
 ///
 /// # Errors
-/// [`Error::Config`] when the operating system's generator fails.
+/// [`SystemError::Random`](crate::SystemError::Random) when the operating system's generator fails.
 #[inline]
 pub(crate) fn fill(nonce: &mut [u8; NONCE_LEN]) -> Result<u32> {
     SOURCE.with(|cell| {

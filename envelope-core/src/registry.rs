@@ -28,7 +28,7 @@ static DEFAULT_KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
 /// The keyring that applies here: task-local, then thread-local, then the process default.
 ///
 /// # Errors
-/// [`Error::NoKeyring`] when none is installed.
+/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring) when none is installed.
 pub fn current() -> Result<Keyring> {
     if let Ok(k) = TASK_KEYRING.try_with(Keyring::clone) {
         return Ok(k);
@@ -40,7 +40,7 @@ pub fn current() -> Result<Keyring> {
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .ok_or(Error::NoKeyring)
+        .ok_or(Error::Misuse(crate::error::Misuse::NoKeyring))
 }
 
 /// Removes its thread-local keyring when dropped, so the one entered before it applies again.

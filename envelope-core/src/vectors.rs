@@ -67,6 +67,8 @@ struct Case {
     description: &'static str,
     text: bool,
     dek: [u8; 32],
+    /// The id the harness holds `dek` under.
+    key_id: [u8; 16],
     nonce: [u8; 12],
     context: String,
     plaintext: Vec<u8>,
@@ -81,6 +83,7 @@ fn ok(name: &'static str, description: &'static str, n: u8, context: &str, pt: V
         description,
         text: false,
         dek: DEK,
+        key_id: KEY_ID,
         nonce: nonce(n),
         context: context.to_owned(),
         plaintext: pt,
@@ -202,9 +205,12 @@ fn cases() -> Vec<Case> {
         ),
         bad(
             "key_id_flipped",
-            "One key-id bit is flipped (the key id is in the AAD); opened with the vector's dek.",
+            "One key-id bit is flipped (the key id is in the AAD); the harness holds the vector's dek under the flipped id, so the tag fails.",
             "Decrypt",
-            |c| c.blob[5] ^= 0x10,
+            |c| {
+                c.blob[5] ^= 0x10;
+                c.key_id[3] ^= 0x10;
+            },
         ),
         bad(
             "context_mismatch",
@@ -273,6 +279,38 @@ fn cases() -> Vec<Case> {
             },
         ),
         bad(
+            "length_five_bytes",
+            "A minimal five-byte length field (ff ff ff ff 01): only the four-byte limit rejects it.",
+            "MalformedLength",
+            |c| {
+                c.blob.splice(30..31, [0xff, 0xff, 0xff, 0xff, 0x01]);
+            },
+        ),
+        bad(
+            "length_four_continuations",
+            "The value ends right after four length bytes that all have the high bit set: the limit is reached before the end.",
+            "MalformedLength",
+            |c| {
+                c.blob.truncate(30);
+                c.blob.extend_from_slice(&[0x80, 0x80, 0x80, 0x80]);
+            },
+        ),
+        bad(
+            "length_runs_out",
+            "The value ends inside its length field, after three bytes with the high bit set.",
+            "Truncated",
+            |c| {
+                c.blob.truncate(30);
+                c.blob.extend_from_slice(&[0x80, 0x80, 0x80]);
+            },
+        ),
+        bad(
+            "unknown_key",
+            "A well-formed value under a key id the harness does not hold (a shredded key, or a value from another database).",
+            "UnknownKey",
+            |c| c.key_id = [0x11; 16],
+        ),
+        bad(
             "not_envelope_text",
             "Legacy plaintext `hello`.",
             "NotEnvelope",
@@ -327,7 +365,7 @@ fn to_vector(c: &Case) -> Vector {
         description: c.description.into(),
         form: if c.text { "text" } else { "binary" }.into(),
         dek: hex::encode(c.dek),
-        key_id: hex::encode(KEY_ID),
+        key_id: hex::encode(c.key_id),
         nonce: hex::encode(c.nonce),
         context: c.context.clone(),
         plaintext: hex::encode(&c.plaintext),
@@ -338,15 +376,22 @@ fn to_vector(c: &Case) -> Vector {
 
 /// What an implementation does with a vector: decode the form, parse, open with `dek`.
 fn evaluate(v: &Vector) -> Result<Vec<u8>> {
-    let raw = hex::decode(&v.blob).map_err(|_| Error::Config("bad hex".into()))?;
+    let raw = hex::decode(&v.blob).map_err(|_| Error::config("the vector's hex", "is not hex"))?;
     let bytes = if v.form == "text" {
-        let text = String::from_utf8(raw).map_err(|_| Error::Config("bad utf-8".into()))?;
+        let text = String::from_utf8(raw)
+            .map_err(|_| Error::config("the vector's text form", "is not UTF-8"))?;
         format::from_text(&text)?
     } else {
         raw
     };
     let envelope = format::parse(&bytes)?;
-    let dek = hex::decode(&v.dek).map_err(|_| Error::Config("bad hex".into()))?;
+    // The harness's key table holds one key: `dek` under `key_id`.
+    if envelope.key_id().to_hex() != v.key_id {
+        return Err(Error::UnknownKey {
+            key_id: envelope.key_id(),
+        });
+    }
+    let dek = hex::decode(&v.dek).map_err(|_| Error::config("the vector's hex", "is not hex"))?;
     let cipher = DataCipher::new(envelope.key_id(), &KeyMaterial::from_slice(&dek)?)?;
     cipher.open(&envelope, &Label::new(v.context.clone())?)
 }

@@ -9,7 +9,7 @@ use std::fmt;
 /// ```
 /// # fn handle(e: diesel::result::Error) {
 /// match envelope_diesel::envelope_error(&e) {
-///     Some(envelope_core::Error::NoKeyring) => { /* install or enter a keyring */ }
+///     Some(envelope_core::Error::Misuse(envelope_core::Misuse::NoKeyring)) => { /* install or enter a keyring */ }
 ///     Some(other) => eprintln!("envelope: {other}"),
 ///     None => eprintln!("database: {e}"),
 /// }

@@ -328,7 +328,10 @@ macro_rules! suite {
                 // No guard, no default: reads and writes say what is missing.
                 let err = load(&mut conn, 1).unwrap_err();
                 assert!(
-                    matches!(the_envelope_error(&err), Error::NoKeyring),
+                    matches!(
+                        the_envelope_error(&err),
+                        Error::Misuse(envelope_core::Misuse::NoKeyring)
+                    ),
                     "{err}"
                 );
                 let err = diesel::insert_into(people::table)
@@ -336,7 +339,10 @@ macro_rules! suite {
                     .execute(&mut conn)
                     .unwrap_err();
                 assert!(
-                    matches!(the_envelope_error(&err), Error::NoKeyring),
+                    matches!(
+                        the_envelope_error(&err),
+                        Error::Misuse(envelope_core::Misuse::NoKeyring)
+                    ),
                     "{err}"
                 );
             }

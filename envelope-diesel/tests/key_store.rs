@@ -120,10 +120,11 @@ macro_rules! sync_suite {
                 let fx = Fixture::new();
                 // Found at build time (the first key-table read) or at the first write.
                 let text = match Keyring::builder(fx.kms.clone(), store).cmk(fx.cmk.clone()).build() {
-                    Err(e) => e.to_string(),
+                    Err(e) => e.report().to_string(),
                     Ok(keyring) => keyring
                         .blocking().encrypt(&envelope_core::Label::new("t.c").unwrap(), b"x")
                         .unwrap_err()
+                        .report()
                         .to_string(),
                 };
                 assert!(text.contains("does not exist"), "{text}");
@@ -570,7 +571,8 @@ fn an_unreachable_key_table_fails_the_read_in_time_with_a_clear_error() {
     assert!(
         matches!(
             cause,
-            envelope_core::Error::KmsTimeout { .. } | envelope_core::Error::Store(_)
+            envelope_core::Error::Unavailable(envelope_core::Unavailable::Timeout { .. })
+                | envelope_core::Error::Store(_)
         ),
         "{cause:?}"
     );

@@ -51,7 +51,7 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// the type's docs), made on first use.
     ///
     /// # Errors
-    /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
+    /// [`envelope_core::SystemError::Thread`] when the store's runtime thread cannot start.
     pub fn same_database_as(pool: &Pool<DB>) -> Result<Self, envelope_core::Error> {
         Self::with_options((*pool.connect_options()).clone())
     }
@@ -60,12 +60,12 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// connection is made until the first query.
     ///
     /// # Errors
-    /// [`envelope_core::Error::Config`] for a URL this database cannot use.
+    /// [`envelope_core::ConfigError`] for a URL this database cannot use.
     pub fn connect_lazy(url: &str) -> Result<Self, envelope_core::Error> {
         use std::str::FromStr;
         let options = <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(url)
             .map_err(|e| {
-                envelope_core::Error::Config(format!("bad {} URL: {e}", DB::NAME).into())
+                envelope_core::ConfigError::new(format!("the {} URL", DB::NAME), e.to_string())
             })?;
         Self::with_options(options)
     }
@@ -92,7 +92,7 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// Use another table name (letters, digits and `_`, not starting with a digit).
     ///
     /// # Errors
-    /// [`envelope_core::Error::InvalidName`] for anything else.
+    /// [`Misuse::InvalidName`](envelope_core::Misuse::InvalidName) for anything else.
     pub fn with_table(mut self, table: &str) -> Result<Self, envelope_core::Error> {
         key_table::check_table_name(table)?;
         self.table = table.to_owned();
@@ -174,7 +174,7 @@ where
 /// that pick the database at run time (for example through `sqlx::Any`).
 ///
 /// # Errors
-/// [`envelope_core::Error::Config`] for another scheme or a bad URL; a store error if the table
+/// [`envelope_core::ConfigError`] for another scheme or a bad URL; a store error if the table
 /// cannot be created.
 pub async fn key_store_for_url(
     url: &str,
@@ -200,18 +200,18 @@ fn unsupported_scheme(scheme: &str) -> envelope_core::Error {
         "postgres" | "postgresql" => "postgres",
         "mysql" | "mariadb" => "mysql",
         other => {
-            return envelope_core::Error::Config(
-                format!("a key store URL starts with sqlite:, postgres: or mysql:, not {other:?}:")
-                    .into(),
-            );
+            return envelope_core::ConfigError::new(
+                "the key store URL",
+                format!("starts with sqlite:, postgres: or mysql:, not {other:?}:"),
+            )
+            .into();
         }
     };
-    envelope_core::Error::Config(
-        format!(
-            "this build of envelope-sqlx has no {scheme:?} support: enable its `{feature}` cargo feature"
-        )
-        .into(),
+    envelope_core::ConfigError::new(
+        format!("the {scheme}: key store URL"),
+        format!("this build of envelope-sqlx has no {scheme} support: enable its `{feature}` cargo feature"),
     )
+    .into()
 }
 
 macro_rules! sqlx_key_store {

@@ -7,7 +7,7 @@
 //!   writing under its current key until the key's hard limit;
 //! - a cold keyring's read fails with a typed, retryable error inside `kms_timeout`, both when
 //!   connections are refused and when the server hangs;
-//! - past the hard limit writes fail with `WriteKeyUnavailable`, nothing is written;
+//! - past the hard limit writes fail with `Unavailable::WriteKey`, nothing is written;
 //! - once the KMS answers again, writes resume and the cold keyring reads everything.
 
 use std::sync::Arc;
@@ -79,7 +79,7 @@ fn policy() -> Policy {
 fn assert_transient(what: &str, e: &Error, started: Instant) {
     let ok = match e {
         Error::Kms(k) => k.is_retryable(),
-        Error::KmsTimeout { .. } => true,
+        Error::Unavailable(envelope_core::Unavailable::Timeout { .. }) => true,
         _ => false,
     };
     assert!(ok, "{what}: expected a retryable KMS error, got {e:?}");
@@ -129,8 +129,8 @@ pub async fn kms_outage(kms: Arc<dyn KmsProvider>, cmk: &str, proxy: &Proxy) {
     }
     let started = Instant::now();
     match warm.encrypt(&label(), b"x").await {
-        Err(Error::WriteKeyUnavailable { .. }) => {}
-        other => panic!("expected WriteKeyUnavailable, got {other:?}"),
+        Err(Error::Unavailable(envelope_core::Unavailable::WriteKey { .. })) => {}
+        other => panic!("expected Unavailable::WriteKey, got {other:?}"),
     }
     assert!(started.elapsed() <= policy().kms_timeout + Duration::from_secs(1));
 

@@ -47,7 +47,7 @@ const RETRY: Duration = Duration::from_millis(400);
 
 fn assert_timeout(result: Result<Vec<u8>, Error>) {
     match result {
-        Err(Error::KmsTimeout { .. }) => {}
+        Err(Error::Unavailable(envelope_core::Unavailable::Timeout { .. })) => {}
         other => panic!("expected a KMS timeout, got {other:?}"),
     }
 }

@@ -80,7 +80,11 @@ fn parent_and_child_never_share_nonces_or_data_keys() {
     let code = in_forked_child(|| {
         // The inherited keyring refuses to write, with a typed error that says what to do.
         let refused = match keyring.blocking().encrypt(&label, b"child") {
-            Err(Error::ForkedProcess { built_in }) if built_in != std::process::id() => 0,
+            Err(Error::Misuse(envelope_core::Misuse::ForkedProcess { built_in }))
+                if built_in != std::process::id() =>
+            {
+                0
+            }
             Err(_) => 2,
             Ok(_) => 3,
         };

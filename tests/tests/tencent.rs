@@ -592,7 +592,10 @@ fn disabled_cmk_stops_new_keys_but_cached_reads_go_on() {
     blobs.extend((3..10).map(|i| k.blocking().encrypt(&label(), &[i]).unwrap()));
     // ...then no new one can be made: a clear error.
     let err = k.blocking().encrypt(&label(), b"x").unwrap_err();
-    assert!(err.to_string().contains("master key is disabled"), "{err}");
+    assert!(
+        err.report().to_string().contains("master key is disabled"),
+        "{err}"
+    );
     // Cached keys still open.
     for (i, b) in blobs.iter().enumerate() {
         assert_eq!(k.blocking().decrypt(&label(), b).unwrap(), [i as u8]);
@@ -941,7 +944,8 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
         let err = keyring.blocking().encrypt(&label(), b"v").unwrap_err();
         // The provider's own timeout surfaces (its budget fits inside kms_timeout), not the
         // keyring's cut-off.
-        let Error::WriteKeyUnavailable { source, .. } = &err else {
+        let Error::Unavailable(envelope_core::Unavailable::WriteKey { cause: source, .. }) = &err
+        else {
             panic!("write {write}: {err}");
         };
         assert!(

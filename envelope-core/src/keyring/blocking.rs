@@ -17,7 +17,7 @@ impl Blocking<'_> {
     /// for the KMS in steady state; when a new data key is needed it waits through the bridge.
     ///
     /// # Errors
-    /// As [`Keyring::encrypt`], plus [`Error::KmsTimeout`].
+    /// As [`Keyring::encrypt`], plus [`Unavailable::Timeout`](crate::Unavailable::Timeout).
     pub fn encrypt(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
         self.encrypt_scoped(&self.keyring.inner.default_scope, label, plaintext)
     }
@@ -82,7 +82,7 @@ impl Blocking<'_> {
     /// loaded once through the bridge, however many callers ask for it at the same time.
     ///
     /// # Errors
-    /// As [`Keyring::decrypt`], plus [`Error::KmsTimeout`].
+    /// As [`Keyring::decrypt`], plus [`Unavailable::Timeout`](crate::Unavailable::Timeout).
     pub fn decrypt(&self, label: &Label, blob: &[u8]) -> Result<Vec<u8>> {
         self.decrypt_in(self.keyring.inner.read_scope.as_ref(), label, blob)
     }
@@ -107,7 +107,7 @@ impl Blocking<'_> {
     /// [`Keyring::blind_index`].
     ///
     /// # Errors
-    /// As [`Keyring::blind_index`], plus [`Error::KmsTimeout`].
+    /// As [`Keyring::blind_index`], plus [`Unavailable::Timeout`](crate::Unavailable::Timeout).
     pub fn blind_index(&self, spec: &BlindIndexSpec, value: &[u8]) -> Result<Vec<u8>> {
         let set = self.index_set(spec.label())?;
         let key = self.keyring.inner.key_blocking(set.write)?;

@@ -68,8 +68,10 @@ impl KeyringBuilder {
     /// start a healthy-looking service that cannot read a single existing row.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid policy or CMK id, a provider whose retry budget exceeds
-    /// [`Policy::kms_timeout`], or when the runtime thread cannot start;
+    /// [`Misuse::Policy`](crate::Misuse::Policy) for an invalid policy;
+    /// [`Misuse::Builder`](crate::Misuse::Builder) for no or an empty CMK id, two providers of
+    /// one name, or a provider whose retry budget exceeds [`Policy::kms_timeout`];
+    /// [`SystemError::Thread`](crate::SystemError::Thread) when the runtime thread cannot start;
     /// [`Error::MasterKeyMissing`] when the key table's keys need master keys this provider does
     /// not hold; a key-store error while reading the key table for that check.
     pub fn build(self) -> Result<Keyring> {
@@ -78,40 +80,42 @@ impl KeyringBuilder {
             (Some(cmk), _) => cmk,
             (None, Some(own)) => own.to_owned(),
             (None, None) => {
-                return Err(Error::Config(
+                return Err(Error::Misuse(crate::error::Misuse::Builder(
                     format!(
                         "the '{}' KMS provider names no master key of its own: give the keyring one with KeyringBuilder::cmk",
                         self.kms.name()
                     )
                     .into(),
-                ));
+                )));
             }
         };
         if cmk.is_empty() {
-            return Err(Error::Config("the CMK id must not be empty".into()));
+            return Err(Error::Misuse(crate::error::Misuse::Builder(
+                "the CMK id must not be empty".into(),
+            )));
         }
         let mut names = std::collections::HashSet::new();
         for kms in std::iter::once(&self.kms).chain(&self.readers) {
             if !names.insert(kms.name().to_owned()) {
-                return Err(Error::Config(
+                return Err(Error::Misuse(crate::error::Misuse::Builder(
                     format!(
                         "two KMS providers named '{}' were given to one keyring: a key record names its provider only by name, so only one of each can be read",
                         kms.name()
                     )
                     .into(),
-                ));
+                )));
             }
             if let Some(budget) = kms.call_budget()
                 && budget > self.policy.kms_timeout
             {
-                return Err(Error::Config(
+                return Err(Error::Misuse(crate::error::Misuse::Builder(
                     format!(
                         "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
                         kms.name(),
                         self.policy.kms_timeout
                     )
                     .into(),
-                ));
+                )));
             }
         }
         let read_scope = self.scoped.then(|| self.default_scope.clone());

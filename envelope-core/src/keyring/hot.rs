@@ -46,7 +46,9 @@ impl Inner {
     ) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         if nonce::fill(&mut nonce)? != self.pid {
-            return Err(Error::ForkedProcess { built_in: self.pid });
+            return Err(Error::Misuse(crate::error::Misuse::ForkedProcess {
+                built_in: self.pid,
+            }));
         }
         cipher.seal_with_nonce(label, &nonce, plaintext)
     }
@@ -119,22 +121,19 @@ impl Inner {
 
 pub(super) fn write_unavailable(scope: &Scope, e: Error) -> Error {
     match e {
-        e @ (Error::WriteKeyUnavailable { .. }
-        | Error::PlaintextTooLarge { .. }
-        | Error::KeyringShutDown
-        | Error::BridgeReentrant) => e,
-        e => Error::WriteKeyUnavailable {
+        e @ (Error::Unavailable(crate::error::Unavailable::WriteKey { .. })
+        | Error::Misuse(crate::error::Misuse::PlaintextTooLarge { .. })
+        | Error::Unavailable(crate::error::Unavailable::ShutDown)
+        | Error::Misuse(crate::error::Misuse::BridgeReentrant)) => e,
+        e => Error::Unavailable(crate::error::Unavailable::WriteKey {
             scope: scope.to_string(),
-            source: Box::new(e),
-        },
+            cause: Box::new(e),
+        }),
     }
 }
 
 pub(super) fn exhausted(scope: &Scope) -> Error {
-    Error::WriteKeyUnavailable {
+    Error::Unavailable(crate::error::Unavailable::KeysUsedUp {
         scope: scope.to_string(),
-        source: Box::new(Error::Config(
-            "new data keys were used up by concurrent writers for longer than Policy::kms_timeout before this write could use one; raise Policy::dek_max_uses".into(),
-        )),
-    }
+    })
 }

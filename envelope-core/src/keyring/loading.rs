@@ -47,13 +47,13 @@ impl Inner {
                 .map(|k| k.name())
                 .collect();
             given.sort_unstable();
-            return Err(Error::Config(
+            return Err(Error::config(
+                "the keyring's KMS providers",
                 format!(
                     "key {id} was wrapped by the '{}' KMS provider, but this keyring has only {}: give it that provider too (KeyringBuilder::also_read_with, or the CLI's also_read setting) while keys move between KMSs",
                     record.provider,
                     given.join(", ")
-                )
-                .into(),
+                ),
             ));
         };
         let material = self
@@ -112,7 +112,7 @@ impl Inner {
     /// row) are not remembered: they cost no wait.
     pub(super) fn note_load_failure(&self, id: KeyId, e: &Error) {
         let transient = match e {
-            Error::KmsTimeout { .. } => true,
+            Error::Unavailable(crate::error::Unavailable::Timeout { .. }) => true,
             Error::Kms(k) => k.is_retryable(),
             Error::Store(StoreError::Backend(_)) => true,
             _ => false,
@@ -169,7 +169,10 @@ impl Inner {
     }
 
     pub(super) fn note_timeout(&self, e: Error) -> Error {
-        if matches!(e, Error::KmsTimeout { .. }) {
+        if matches!(
+            e,
+            Error::Unavailable(crate::error::Unavailable::Timeout { .. })
+        ) {
             bump(&self.metrics.bridge_timeouts);
         }
         e
@@ -237,10 +240,10 @@ impl Inner {
             let timeout = inner.policy.kms_timeout;
             let result = tokio::time::timeout(timeout, inner.clone().refresh_key_states()).await;
             if let Err(e) = result.unwrap_or_else(|_| {
-                Err(Error::KmsTimeout {
+                Err(Error::Unavailable(crate::error::Unavailable::Timeout {
                     waited: timeout,
                     what: "reading the key table".into(),
-                })
+                }))
             }) {
                 tracing::warn!(target: "envelope::keyring", error = %e, "could not read the key table for retired and deleted keys; trying again at the next interval");
             }

@@ -248,7 +248,7 @@ impl Keyring {
     /// Seal `plaintext` for the column `label`, under the default scope's active data key.
     ///
     /// # Errors
-    /// [`Error::WriteKeyUnavailable`] when no data key can be made; [`Error::PlaintextTooLarge`].
+    /// [`Unavailable::WriteKey`](crate::Unavailable::WriteKey) when no data key can be made; [`Misuse::PlaintextTooLarge`](crate::Misuse::PlaintextTooLarge).
     pub async fn encrypt(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>> {
         self.encrypt_scoped(&self.inner.default_scope, label, plaintext)
             .await

@@ -61,38 +61,46 @@ impl Default for Policy {
 
 impl Policy {
     pub(super) fn validate(&self) -> Result<()> {
-        let bad = |m: &'static str| Err(Error::Config(m.into()));
+        let bad = |field: &'static str, problem: &'static str| {
+            Err(Error::Misuse(crate::error::Misuse::Policy {
+                field,
+                problem: problem.into(),
+            }))
+        };
         if self.dek_max_uses == 0 || self.dek_max_uses > MAX_USES_CEILING {
-            return bad("Policy::dek_max_uses must be between 1 and 2^31");
+            return bad("dek_max_uses", "must be between 1 and 2^31");
         }
         if self.dek_max_age.is_zero() {
-            return bad("Policy::dek_max_age must be positive");
+            return bad("dek_max_age", "must be positive");
         }
         if !(1..=99).contains(&self.refresh_at_percent) {
-            return bad("Policy::refresh_at_percent must be between 1 and 99");
+            return bad("refresh_at_percent", "must be between 1 and 99");
         }
         if self.cache_capacity == 0 {
-            return bad("Policy::cache_capacity must be at least 1");
+            return bad("cache_capacity", "must be at least 1");
         }
-        if self.kms_timeout.is_zero() || self.cache_ttl.is_zero() {
-            return bad("Policy::kms_timeout and Policy::cache_ttl must be positive");
+        if self.kms_timeout.is_zero() {
+            return bad("kms_timeout", "must be positive");
+        }
+        if self.cache_ttl.is_zero() {
+            return bad("cache_ttl", "must be positive");
         }
         // Upper bounds keep every deadline computation (`now + limit`) far from overflow, and
         // anything longer is a mistake: a key, a cached key or a wait that outlives a deploy.
         if self.dek_max_age > MAX_AGE_LIMIT {
-            return bad("Policy::dek_max_age must be at most 366 days");
+            return bad("dek_max_age", "must be at most 366 days");
         }
         if self.cache_ttl > MAX_AGE_LIMIT {
-            return bad("Policy::cache_ttl must be at most 366 days");
+            return bad("cache_ttl", "must be at most 366 days");
         }
         if self.kms_timeout > MAX_WAIT_LIMIT {
-            return bad("Policy::kms_timeout must be at most one hour");
+            return bad("kms_timeout", "must be at most one hour");
         }
         if self.refresh_retry > MAX_WAIT_LIMIT {
-            return bad("Policy::refresh_retry must be at most one hour");
+            return bad("refresh_retry", "must be at most one hour");
         }
         if self.key_refresh.is_zero() || self.key_refresh > MAX_WAIT_LIMIT {
-            return bad("Policy::key_refresh must be positive and at most one hour");
+            return bad("key_refresh", "must be positive and at most one hour");
         }
         Ok(())
     }

@@ -29,10 +29,10 @@ impl Inner {
                 tokio::time::timeout(timeout, inner.clone().rotate(scope.clone(), Rotation::IfDue))
                     .await
                     .unwrap_or_else(|_| {
-                        Err(Error::KmsTimeout {
+                        Err(Error::Unavailable(crate::error::Unavailable::Timeout {
                             waited: timeout,
                             what: "refreshing a data key".into(),
-                        })
+                        }))
                     });
             // On success the successor is prepared (or the key was already replaced): the flag
             // stays set so later writes do not schedule again. On failure, back off and retry.
@@ -81,10 +81,10 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + timeout;
         let lock = self.rotate_lock(&scope);
         let Ok(_serial) = tokio::time::timeout_at(deadline, lock.lock()).await else {
-            return Err(Error::KmsTimeout {
+            return Err(Error::Unavailable(crate::error::Unavailable::Timeout {
                 waited: timeout,
                 what: "waiting for another rotation of the same scope".into(),
-            });
+            }));
         };
         let current = self.active_key(&scope);
         match (&current, when) {
@@ -109,10 +109,10 @@ impl Inner {
             tokio::time::timeout_at(deadline, self.create_key(KeyKind::Data, scope.as_str()))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(Error::KmsTimeout {
+                    Err(Error::Unavailable(crate::error::Unavailable::Timeout {
                         waited: timeout,
                         what: "making a data key".into(),
-                    })
+                    }))
                 });
         let (record, key) = match made {
             Ok(made) => {
@@ -219,7 +219,12 @@ impl Inner {
                 me.rotate(scope, Rotation::Always).await
             })
             .await?;
-        id.ok_or_else(|| Error::Config("rotation made no key".into()))
+        // An unconditional rotation always makes a key or fails; a missing id is a bug here.
+        id.ok_or_else(|| {
+            Error::System(crate::error::SystemError::Internal(
+                "an unconditional rotation returned no key",
+            ))
+        })
     }
 
     /// Generate, persist and open a new key.
@@ -266,7 +271,11 @@ impl Inner {
     /// runtime itself may be held up), record that as the scope's recent failure, as `rotate`
     /// does for failures it sees itself.
     pub(super) fn note_write_failure(&self, scope: &Scope, e: Error) -> Error {
-        if matches!(e, Error::KmsTimeout { .. }) && self.recent_failure(scope).is_none() {
+        if matches!(
+            e,
+            Error::Unavailable(crate::error::Unavailable::Timeout { .. })
+        ) && self.recent_failure(scope).is_none()
+        {
             self.failures()
                 .insert(scope.clone(), (self.clock.now(), e.clone()));
         }

@@ -31,7 +31,6 @@
 //! The encryption context is sent as the map itself, so AWS CloudTrail logs show the key id,
 //! kind and scope of each data key.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
@@ -174,7 +173,7 @@ impl AwsKms {
         use aws_config::timeout::TimeoutConfig;
 
         if config.region.is_empty() {
-            return Err(Error::Config("the AWS region must not be empty".into()));
+            return Err(Error::config("AwsConfig::region", "must not be empty"));
         }
         let endpoint = config.endpoint.clone().or_else(|| {
             ["AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL"]
@@ -265,9 +264,10 @@ fn same_key(requested: &str, reported: &str) -> bool {
 
 fn check_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<()> {
     let bad = |why: &str| {
-        Err(Error::Config(Cow::Owned(format!(
-            "AWS endpoint {endpoint:?} {why}"
-        ))))
+        Err(Error::config(
+            format!("AWS endpoint {endpoint:?}"),
+            why.to_owned(),
+        ))
     };
     let (scheme, rest) = match endpoint.split_once("://") {
         Some((s, r)) if matches!(s, "http" | "https") && !r.is_empty() => (s, r),

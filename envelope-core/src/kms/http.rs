@@ -1,7 +1,6 @@
 //! What the providers that speak HTTP themselves (Tencent, Vault/OpenBao) share: the endpoint
 //! rules, the client settings, and bounded retries with jittered exponential back-off.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use rand::RngExt as _;
@@ -99,19 +98,24 @@ pub(crate) fn endpoint(
     allow_insecure_http: bool,
 ) -> Result<reqwest::Url> {
     let url = reqwest::Url::parse(endpoint).map_err(|e| {
-        Error::Config(Cow::Owned(format!(
-            "{provider} endpoint {endpoint:?} is not a URL: {e}"
-        )))
+        Error::config(
+            format!("{provider} endpoint {endpoint:?}"),
+            format!("is not a URL: {e}"),
+        )
     })?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-        return Err(Error::Config(Cow::Owned(format!(
-            "{provider} endpoint {endpoint:?} must be an http(s) URL with a host"
-        ))));
+        return Err(Error::config(
+            format!("{provider} endpoint {endpoint:?}"),
+            "must be an http(s) URL with a host",
+        ));
     }
     if url.scheme() == "http" && !is_loopback(&url) && !allow_insecure_http {
-        return Err(Error::Config(Cow::Owned(format!(
-            "{provider} endpoint {endpoint:?} is plain http to a host that is not a loopback address: KMS responses carry plaintext data keys, so use https (or set {what} on a network you control)"
-        ))));
+        return Err(Error::config(
+            format!("{provider} endpoint {endpoint:?}"),
+            format!(
+                "is plain http to a host that is not a loopback address: KMS responses carry plaintext data keys, so use https (or set {what} on a network you control)"
+            ),
+        ));
     }
     Ok(url)
 }
@@ -144,9 +148,11 @@ pub(crate) fn client(
     for cert in extra_roots {
         builder = builder.add_root_certificate(cert);
     }
-    builder
-        .build()
-        .map_err(|e| Error::Config(Cow::Owned(format!("cannot build the HTTP client: {e}"))))
+    builder.build().map_err(|e| {
+        Error::System(crate::error::SystemError::HttpClient {
+            detail: e.to_string(),
+        })
+    })
 }
 
 /// A failed send or read, as a retryable network or timeout error.

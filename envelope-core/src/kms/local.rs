@@ -1,6 +1,5 @@
 //! The local KMS ([`crate::LocalKms`]).
 
-use std::borrow::Cow;
 use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
@@ -91,7 +90,7 @@ impl LocalKms {
     /// cannot read ([`Error::MasterKeyMissing`]).
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be read or written, is readable by group or others, or
+    /// [`Error::Config`] naming the file when it cannot be read or written, is readable by group or others, or
     /// does not hold a base64 32-byte key.
     pub fn open_or_create_for_development(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -126,7 +125,7 @@ impl LocalKms {
     /// existing key (perhaps the only copy) is never overwritten.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file exists or cannot be written.
+    /// [`Error::Config`] naming the file when it exists or cannot be written.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         create_key_file(path, false)?;
@@ -158,13 +157,16 @@ impl LocalKms {
         let Some(value) = std::env::var_os(MASTER_KEY_ENV) else {
             return Ok(None);
         };
-        let value = Zeroizing::new(value.into_string().map_err(|_| {
-            Error::Config(Cow::Owned(format!("{MASTER_KEY_ENV} is not valid UTF-8")))
-        })?);
+        let value = Zeroizing::new(
+            value
+                .into_string()
+                .map_err(|_| Error::config(MASTER_KEY_ENV, "is not valid UTF-8"))?,
+        );
         let key = decode_key(&value).ok_or_else(|| {
-            Error::Config(Cow::Owned(format!(
-                "{MASTER_KEY_ENV} must be standard base64 of 32 random bytes (generate one with `head -c32 /dev/urandom | base64`)"
-            )))
+            Error::config(
+                MASTER_KEY_ENV,
+                "must be standard base64 of 32 random bytes (generate one with `head -c32 /dev/urandom | base64`)",
+            )
         })?;
         Ok(Some(Self::with_origin(
             key,
@@ -326,7 +328,7 @@ fn read_key_file(path: &Path) -> std::result::Result<KeyMaterial, KeyFileError> 
 fn check_permissions(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, format!("cannot stat master key file: {e}")))?;
+        .map_err(|e| Error::file_io(path, "cannot stat master key file", e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::io(
@@ -371,11 +373,11 @@ fn create_key_file(path: &Path, allow_existing: bool) -> Result<()> {
         }
         let mut file = opts
             .open(&tmp)
-            .map_err(|e| Error::io(&tmp, format!("cannot create master key file: {e}")))?;
+            .map_err(|e| Error::file_io(&tmp, "cannot create master key file", e))?;
         file.write_all(encoded.as_bytes())
             .and_then(|()| file.write_all(b"\n"))
             .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(&tmp, format!("cannot write master key file: {e}")))?;
+            .map_err(|e| Error::file_io(&tmp, "cannot write master key file", e))?;
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => {
                 tracing::info!(target: "envelope::kms::local", path = %path.display(), "created a new local master key file");
@@ -387,10 +389,7 @@ fn create_key_file(path: &Path, allow_existing: bool) -> Result<()> {
                 path,
                 "a master key file already exists here; refusing to overwrite it (it may be the only key to your data)",
             )),
-            Err(e) => Err(Error::io(
-                path,
-                format!("cannot create master key file: {e}"),
-            )),
+            Err(e) => Err(Error::file_io(path, "cannot create master key file", e)),
         }
     })();
     let _ = std::fs::remove_file(&tmp);

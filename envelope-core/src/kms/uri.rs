@@ -59,7 +59,7 @@ pub enum KeyUri {
 const FORMS: &str = "a key URI is local://PATH, tencent://REGION/CMK_ID, aws://REGION/KEY_ID_OR_ARN, or vault://HOST[:PORT]/MOUNT/KEY (see docs/PROVIDERS.md)";
 
 fn bad(uri: &str, why: impl fmt::Display) -> Error {
-    Error::Config(format!("key URI {uri:?}: {why}").into())
+    Error::config(format!("key URI {uri:?}"), why.to_string())
 }
 
 impl FromStr for KeyUri {
@@ -206,13 +206,13 @@ impl KeyUri {
                 })
             }
             #[allow(unreachable_patterns)]
-            other => Err(Error::Config(
+            other => Err(Error::config(
+                other.to_string(),
                 format!(
-                    "{other}: this build has no '{}' provider; enable envelope-core's kms-{} feature",
+                    "this build has no '{}' provider; enable envelope-core's kms-{} feature",
                     other.provider_name(),
                     other.provider_name()
-                )
-                .into(),
+                ),
             )),
         }
     }

@@ -43,7 +43,6 @@
 //! or standby node) and 429 (a rate-limit quota) are retried with jittered exponential
 //! back-off; nothing else is. No request or response body is ever logged.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -136,7 +135,10 @@ impl VaultConfig {
     /// [`Error::Config`] naming what is missing or unreadable.
     pub fn from_env() -> Result<Self> {
         let address = env_either("VAULT_ADDR", "BAO_ADDR").ok_or_else(|| {
-            Error::Config("VAULT_ADDR (or BAO_ADDR) is not set: the Vault/OpenBao server's URL, for example https://vault.example.com:8200".into())
+            Error::config(
+                "VAULT_ADDR",
+                "is not set (nor BAO_ADDR): the Vault/OpenBao server's URL, for example https://vault.example.com:8200",
+            )
         })?;
         Self::for_address_from_env(address)
     }
@@ -149,15 +151,22 @@ impl VaultConfig {
     /// [`Error::Config`] when no token is set or the CA file cannot be read.
     pub fn for_address_from_env(address: impl Into<String>) -> Result<Self> {
         let token = env_either("VAULT_TOKEN", "BAO_TOKEN").ok_or_else(|| {
-            Error::Config("VAULT_TOKEN (or BAO_TOKEN) is not set: Vault/OpenBao needs a token whose policy allows the transit calls (see docs/PROVIDERS.md)".into())
+            Error::config(
+                "VAULT_TOKEN",
+                "is not set (nor BAO_TOKEN): Vault/OpenBao needs a token whose policy allows the transit calls (see docs/PROVIDERS.md)",
+            )
         })?;
         let mut config = VaultConfig::new(address, SecretString::new(token));
         config.namespace = env_either("VAULT_NAMESPACE", "BAO_NAMESPACE");
         if let Some(path) = env_either("VAULT_CACERT", "BAO_CACERT") {
             config.ca_certificate_pem = Some(std::fs::read(&path).map_err(|e| {
-                Error::Config(Cow::Owned(format!(
-                    "VAULT_CACERT {path:?} cannot be read: {e}"
-                )))
+                Error::Config(
+                    crate::error::ConfigError::new(
+                        format!("VAULT_CACERT {path:?}"),
+                        "cannot be read",
+                    )
+                    .with_io(e),
+                )
             })?);
         }
         Ok(config)
@@ -223,7 +232,7 @@ impl VaultKms {
     /// [`VaultConfig::danger_allow_insecure_http`] is set).
     pub fn new(config: VaultConfig) -> Result<Self> {
         if config.token.is_empty() {
-            return Err(Error::Config("the Vault token must not be empty".into()));
+            return Err(Error::config("VaultConfig::token", "must not be empty"));
         }
         let base = http::endpoint(
             "Vault",
@@ -232,24 +241,26 @@ impl VaultKms {
             config.danger_allow_insecure_http,
         )?;
         if base.query().is_some() || base.fragment().is_some() {
-            return Err(Error::Config(Cow::Owned(format!(
-                "Vault address {:?} must not carry a query or fragment",
-                config.address
-            ))));
+            return Err(Error::config(
+                format!("Vault address {:?}", config.address),
+                "must not carry a query or fragment",
+            ));
         }
         let roots = match config.ca_certificate_pem.as_deref() {
             None => Vec::new(),
             Some(pem) => match reqwest::Certificate::from_pem_bundle(pem) {
                 Ok(certs) if !certs.is_empty() => certs,
                 Ok(_) => {
-                    return Err(Error::Config(
-                        "the Vault CA certificate file holds no PEM certificate".into(),
+                    return Err(Error::config(
+                        "the Vault CA certificate",
+                        "holds no PEM certificate",
                     ));
                 }
                 Err(e) => {
-                    return Err(Error::Config(Cow::Owned(format!(
-                        "the Vault CA certificate is not a PEM certificate: {e}"
-                    ))));
+                    return Err(Error::config(
+                        "the Vault CA certificate",
+                        format!("is not a PEM certificate: {e}"),
+                    ));
                 }
             },
         };

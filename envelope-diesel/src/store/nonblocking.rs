@@ -170,7 +170,7 @@ where
     /// `envelope_keys`. No connection is made until the first query.
     ///
     /// # Errors
-    /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
+    /// [`envelope_core::SystemError::Thread`] when the store's runtime thread cannot start.
     pub fn connect(url: &str) -> Result<Self, envelope_core::Error> {
         Ok(AsyncDieselKeyStore {
             connections: Arc::new(Connections {
@@ -186,7 +186,7 @@ where
     /// Use another table name (letters, digits and `_`, not starting with a digit).
     ///
     /// # Errors
-    /// [`envelope_core::Error::InvalidName`] for anything else.
+    /// [`Misuse::InvalidName`](envelope_core::Misuse::InvalidName) for anything else.
     pub fn with_table(mut self, table: &str) -> Result<Self, envelope_core::Error> {
         self.queries = Queries::new::<C::Backend>(table)?;
         Ok(self)

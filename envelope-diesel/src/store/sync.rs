@@ -116,7 +116,7 @@ where
     /// opened on first use. Uses the table `envelope_keys`.
     ///
     /// # Errors
-    /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
+    /// [`envelope_core::SystemError::Thread`] when the store's runtime thread cannot start.
     pub fn connect(url: &str) -> Result<Self, envelope_core::Error> {
         let pool = Pool::builder()
             .max_size(2)
@@ -133,7 +133,7 @@ where
     /// SQLite, set a busy timeout on the pool's connections ([`connect`](Self::connect) does).
     ///
     /// # Errors
-    /// [`envelope_core::Error::Config`] when the store's runtime thread cannot start.
+    /// [`envelope_core::SystemError::Thread`] when the store's runtime thread cannot start.
     pub fn from_pool(pool: Pool<ConnectionManager<C>>) -> Result<Self, envelope_core::Error> {
         Ok(DieselKeyStore {
             pool,
@@ -145,7 +145,7 @@ where
     /// Use another table name (letters, digits and `_`, not starting with a digit).
     ///
     /// # Errors
-    /// [`envelope_core::Error::InvalidName`] for anything else.
+    /// [`Misuse::InvalidName`](envelope_core::Misuse::InvalidName) for anything else.
     pub fn with_table(mut self, table: &str) -> Result<Self, envelope_core::Error> {
         self.queries = Queries::new::<C::Backend>(table)?;
         Ok(self)

@@ -364,8 +364,8 @@ fn internal(e: &sqlx::Error) -> ApiError {
     let message = match envelope_sqlx::envelope_error(e) {
         Some(
             envelope_core::Error::Kms(_)
-            | envelope_core::Error::KmsTimeout { .. }
-            | envelope_core::Error::WriteKeyUnavailable { .. },
+            | envelope_core::Error::Unavailable(envelope_core::Unavailable::Timeout { .. })
+            | envelope_core::Error::Unavailable(envelope_core::Unavailable::WriteKey { .. }),
         ) => "the key service is unavailable; try again shortly",
         _ => "internal error",
     };

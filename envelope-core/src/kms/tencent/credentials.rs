@@ -2,7 +2,6 @@
 //! token), or the CAM role of the CVM instance (or TKE node) it runs on, read from the instance
 //! metadata service and refreshed before it expires.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -114,10 +113,13 @@ impl RoleSource {
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
             .ok_or_else(|| {
-                Error::Config(Cow::Owned(format!(
-                    "InstanceRole::metadata_endpoint {:?} is not an http(s) URL with a host",
-                    role.metadata_endpoint
-                )))
+                Error::config(
+                    format!(
+                        "InstanceRole::metadata_endpoint {:?}",
+                        role.metadata_endpoint
+                    ),
+                    "is not an http(s) URL with a host",
+                )
             })?;
         Ok(RoleSource {
             base,

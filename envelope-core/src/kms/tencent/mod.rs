@@ -46,7 +46,6 @@ pub mod sign;
 pub use credentials::InstanceRole;
 use credentials::{Credentials, RoleSource, Source};
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -173,8 +172,9 @@ impl TencentConfig {
     /// [`Error::Config`] naming the missing variable.
     pub fn from_env() -> Result<Self> {
         let region = std::env::var("TENCENTCLOUD_REGION").map_err(|_| {
-            Error::Config(
-                "TENCENTCLOUD_REGION is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY and TENCENTCLOUD_REGION)".into(),
+            Error::config(
+                "TENCENTCLOUD_REGION",
+                "is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID, TENCENTCLOUD_SECRET_KEY and TENCENTCLOUD_REGION)",
             )
         })?;
         Self::for_region_from_env(region)
@@ -218,16 +218,18 @@ impl TencentConfig {
                 return Ok(config);
             }
             Some(other) => {
-                return Err(Error::Config(Cow::Owned(format!(
-                    "ENVELOPE_TENCENT_CREDENTIALS={other:?}: expected `environment` (TENCENTCLOUD_SECRET_ID/KEY) or `instance-role` (the CVM instance's CAM role)"
-                ))));
+                return Err(Error::config(
+                    format!("ENVELOPE_TENCENT_CREDENTIALS={other:?}"),
+                    "expected `environment` (TENCENTCLOUD_SECRET_ID/KEY) or `instance-role` (the CVM instance's CAM role)",
+                ));
             }
         }
         let var = |name: &'static str| {
             std::env::var(name).ok().filter(|v| !v.is_empty()).ok_or_else(|| {
-                Error::Config(Cow::Owned(format!(
-                    "{name} is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment, or ENVELOPE_TENCENT_CREDENTIALS=instance-role on a CVM instance with a CAM role; credentials are never read from a config file)"
-                )))
+                Error::config(
+                    name,
+                    "is not set (Tencent Cloud KMS needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY in the environment, or ENVELOPE_TENCENT_CREDENTIALS=instance-role on a CVM instance with a CAM role; credentials are never read from a config file)",
+                )
             })
         };
         let mut config = TencentConfig::new(
@@ -295,8 +297,9 @@ impl TencentKms {
         let credentials = match &config.instance_role {
             Some(role) => Source::Role(RoleSource::new(role)?),
             None if config.secret_id.is_empty() || config.secret_key.is_empty() => {
-                return Err(Error::Config(
-                    "Tencent SecretId and SecretKey must not be empty (or set TencentConfig::instance_role)".into(),
+                return Err(Error::config(
+                    "TencentConfig::secret_id / secret_key",
+                    "must not be empty (or set TencentConfig::instance_role)",
                 ));
             }
             None => Source::Fixed(Arc::new(Credentials::fixed(
@@ -306,7 +309,7 @@ impl TencentKms {
             ))),
         };
         if config.region.is_empty() {
-            return Err(Error::Config("Tencent region must not be empty".into()));
+            return Err(Error::config("TencentConfig::region", "must not be empty"));
         }
         let url = http::endpoint(
             "Tencent",
