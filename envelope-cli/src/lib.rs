@@ -1,12 +1,11 @@
-//! The `envelope` command's library: the configuration, the migration engine over live tables,
-//! and the Tencent-compatible KMS emulator. The binary is a thin layer over these modules; tests
-//! use them directly.
+//! The `envelope` command's library: the configuration and the migration engine over live
+//! tables. The binary is a thin layer over these modules (its `kms-emulator` command runs the
+//! envelope-kms-emulator crate); tests use them directly.
 #![forbid(unsafe_code)]
 
 pub mod commands;
 pub mod config;
 pub mod db;
-pub mod emulator;
 pub mod engine;
 pub mod job;
 pub mod keys;

@@ -13,11 +13,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use envelope_cli::commands::{self, Failure, RotateSelection, RunOptions};
 use envelope_cli::config::{self, Overrides};
-use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults, InstanceRole};
 use envelope_cli::engine::{Op, Settings};
 use envelope_cli::keys;
 use envelope_cli::report::Output;
 use envelope_core::{KeyId, LocalKms, SecretString, format};
+use envelope_kms_emulator::{Emulator, EmulatorConfig, Faults, InstanceRole};
 
 const EXIT_CODES: &str = "\
 Exit codes:

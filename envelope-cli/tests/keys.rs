@@ -509,8 +509,8 @@ async fn rotate_index_under_a_reader(kind: Kind) {
 /// B by a cold keyring; then B -> A uninterrupted, with exactly one `ReEncrypt` per key and no
 /// other KMS call.
 async fn rewrap_tencent_cmk_a_to_b_on_the_emulator(kind: Kind) {
-    use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
     use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+    use envelope_kms_emulator::{Emulator, EmulatorConfig, Faults};
 
     let Some(t) = Target::new(kind).await else {
         return;
@@ -825,8 +825,8 @@ async fn rewrap_local_to_openbao(kind: Kind) {
 }
 
 async fn rewrap_tencent_to_moto(kind: Kind) {
-    use envelope_cli::emulator::{Emulator, EmulatorConfig};
     use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+    use envelope_kms_emulator::{Emulator, EmulatorConfig};
     use envelope_tests::servers::{aws_kms, aws_new_key, moto_url};
     let Some(moto) = moto_url("rewrap_tencent_to_moto") else {
         return;

@@ -805,8 +805,8 @@ fn usage_and_unreachable_databases_have_their_exit_codes() {
 /// Credentials come from the environment only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tencent_key_uri_on_the_emulator() {
-    use envelope_cli::emulator::{Emulator, EmulatorConfig};
     use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+    use envelope_kms_emulator::{Emulator, EmulatorConfig};
 
     let Some(t) = Target::new(Kind::Sqlite).await else {
         return;

@@ -245,7 +245,7 @@ pub const EMULATOR_SECRET_KEY: &str = "envelopeTestSecretKey0000000000000";
 /// Tencent KMS against a fresh emulator of its own.
 pub struct TencentTarget {
     /// The running emulator.
-    pub emulator: envelope_cli::emulator::Emulator,
+    pub emulator: envelope_kms_emulator::Emulator,
     /// The provider, pointed at it.
     pub kms: Arc<envelope_core::kms::tencent::TencentKms>,
 }
@@ -263,8 +263,8 @@ impl TencentTarget {
         ) -> envelope_core::kms::tencent::TencentConfig,
     ) -> Self {
         use envelope_core::kms::tencent::{TencentConfig, TencentKms};
-        let emulator = envelope_cli::emulator::Emulator::start(
-            envelope_cli::emulator::EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY),
+        let emulator = envelope_kms_emulator::Emulator::start(
+            envelope_kms_emulator::EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY),
         )
         .expect("emulator starts");
         let config = TencentConfig::new(

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use envelope_cli::emulator::{Emulator, EmulatorConfig, Faults};
 use envelope_core::kms::tencent::{TencentConfig, TencentKms, sign};
 use envelope_core::{
     EncryptionContext, Error, KeyStore, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore,
     Policy, Scope, SecretString, format,
 };
+use envelope_kms_emulator::{Emulator, EmulatorConfig, Faults};
 use envelope_tests::{EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY, TencentTarget};
 use serde_json::Value;
 
@@ -962,7 +962,7 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
 /// An emulator that also serves a CVM instance's role credentials living `ttl`.
 fn role_emulator(ttl: Duration) -> Emulator {
     let mut config = EmulatorConfig::local(EMULATOR_SECRET_ID, EMULATOR_SECRET_KEY);
-    config.instance_role = Some(envelope_cli::emulator::InstanceRole {
+    config.instance_role = Some(envelope_kms_emulator::InstanceRole {
         name: "envelope-app".into(),
         ttl,
     });
@@ -981,7 +981,7 @@ async fn temp_credentials(emulator: &Emulator) -> Value {
     let url = format!(
         "{}{}envelope-app",
         emulator.endpoint(),
-        envelope_cli::emulator::ROLE_PATH
+        envelope_kms_emulator::ROLE_PATH
     );
     serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap()
 }

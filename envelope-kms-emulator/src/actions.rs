@@ -1,0 +1,262 @@
+//! The KMS actions: CreateKey, DescribeKey, key states, GenerateDataKey, Encrypt, Decrypt,
+//! ReEncrypt, GenerateRandom.
+
+use crate::*;
+
+pub(crate) fn new_key_id() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+pub(crate) fn metadata(m: &StoredKey) -> Value {
+    json!({
+        "KeyId": m.key_id,
+        "Alias": m.alias,
+        "Description": m.description,
+        "KeyState": m.key_state.as_str(),
+        "KeyUsage": "ENCRYPT_DECRYPT",
+        "CreateTime": m.create_time,
+        "DeletionDate": m.deletion_date.unwrap_or(0),
+        "Type": 1,
+        "Origin": "TENCENT_KMS",
+    })
+}
+
+pub(crate) fn create_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let alias = str_param(params, "Alias")?.to_owned();
+    let description = opt_str(params, "Description")?.unwrap_or("").to_owned();
+    if let Some(usage) = opt_str(params, "KeyUsage")?
+        && usage != "ENCRYPT_DECRYPT"
+    {
+        return Err(api_error(
+            "UnsupportedOperation",
+            "the emulator makes ENCRYPT_DECRYPT keys only",
+        ));
+    }
+    let material: Zeroizing<[u8; 32]> = Zeroizing::new(rand::rng().random());
+    let meta = StoredKey {
+        key_id: new_key_id(),
+        alias,
+        description,
+        key_state: KeyState::Enabled,
+        create_time: now_secs(),
+        deletion_date: None,
+        material: STANDARD.encode(*material),
+    };
+    let response = metadata(&meta);
+    let mut keys = lock(&shared.keys);
+    if keys.values().any(|k| k.meta.alias == meta.alias) {
+        return Err(api_error(
+            "InvalidParameterValue.AliasAlreadyExists",
+            "a key with this alias exists",
+        ));
+    }
+    let cipher = cmk_cipher(&material[..])
+        .ok_or_else(|| api_error("InternalError", "the key could not be initialized"))?;
+    let entry = CmkEntry { cipher, meta };
+    keys.insert(entry.meta.key_id.clone(), entry);
+    persist(shared, &keys)?;
+    Ok(response)
+}
+
+/// The entry for a KeyId (or `alias/NAME`).
+pub(crate) fn find<'a>(
+    keys: &'a BTreeMap<String, CmkEntry>,
+    id: &str,
+) -> Result<&'a CmkEntry, ApiError> {
+    let found = match id.strip_prefix("alias/") {
+        Some(alias) => keys.values().find(|k| k.meta.alias == alias),
+        None => keys.get(id),
+    };
+    found.ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", format!("no key {id}")))
+}
+
+pub(crate) fn usable<'a>(
+    keys: &'a BTreeMap<String, CmkEntry>,
+    id: &str,
+) -> Result<&'a CmkEntry, ApiError> {
+    let entry = find(keys, id)?;
+    match entry.meta.key_state {
+        KeyState::Enabled => Ok(entry),
+        KeyState::Disabled => Err(api_error(
+            "ResourceUnavailable.CmkDisabled",
+            "the key is disabled",
+        )),
+        KeyState::PendingDelete => Err(api_error(
+            "ResourceUnavailable.KeyPendingDelete",
+            "the key is pending deletion",
+        )),
+    }
+}
+
+pub(crate) fn describe_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let keys = lock(&shared.keys);
+    let entry = find(&keys, str_param(params, "KeyId")?)?;
+    Ok(json!({ "KeyMetadata": metadata(&entry.meta) }))
+}
+
+pub(crate) fn set_state(
+    shared: &Shared,
+    params: &Value,
+    state: KeyState,
+) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let mut keys = lock(&shared.keys);
+    let key_id = find(&keys, id)?.meta.key_id.clone();
+    let entry = keys
+        .get_mut(&key_id)
+        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    if entry.meta.key_state == KeyState::PendingDelete {
+        return Err(api_error(
+            "ResourceUnavailable.KeyPendingDelete",
+            "the key is pending deletion; cancel the deletion first",
+        ));
+    }
+    entry.meta.key_state = state;
+    persist(shared, &keys)?;
+    Ok(json!({}))
+}
+
+pub(crate) fn schedule_deletion(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let days = int_param(params, "PendingWindowInDays")?
+        .ok_or_else(|| api_error("MissingParameter", "PendingWindowInDays is missing"))?;
+    if !(7..=30).contains(&days) {
+        return Err(api_error(
+            "InvalidParameterValue",
+            "PendingWindowInDays must be 7 to 30",
+        ));
+    }
+    let mut keys = lock(&shared.keys);
+    let key_id = find(&keys, id)?.meta.key_id.clone();
+    let entry = keys
+        .get_mut(&key_id)
+        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    let date = now_secs() + days * 86_400;
+    entry.meta.key_state = KeyState::PendingDelete;
+    entry.meta.deletion_date = Some(date);
+    persist(shared, &keys)?;
+    Ok(json!({"KeyId": key_id, "DeletionDate": date}))
+}
+
+pub(crate) fn generate_data_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let len = match (
+        int_param(params, "NumberOfBytes")?,
+        opt_str(params, "KeySpec")?,
+    ) {
+        (Some(n), _) if (1..=1024).contains(&n) => usize::try_from(n).unwrap_or(32),
+        (Some(_), _) => {
+            return Err(api_error(
+                "InvalidParameterValue",
+                "NumberOfBytes must be 1 to 1024",
+            ));
+        }
+        (None, Some("AES_256")) => 32,
+        (None, Some("AES_128")) => 16,
+        (None, Some(_)) => {
+            return Err(api_error(
+                "InvalidParameterValue",
+                "KeySpec must be AES_128 or AES_256",
+            ));
+        }
+        (None, None) => {
+            return Err(api_error(
+                "InvalidParameter",
+                "one of KeySpec and NumberOfBytes is required",
+            ));
+        }
+    };
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let entry = usable(&keys, id)?;
+    let mut key = Zeroizing::new(vec![0u8; len]);
+    rand::rng().fill_bytes(&mut key);
+    let blob = seal_blob(entry, &context, &key)?;
+    Ok(json!({
+        "KeyId": entry.meta.key_id,
+        "Plaintext": STANDARD.encode(&*key),
+        "CiphertextBlob": blob,
+    }))
+}
+
+pub(crate) fn decrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let blob = str_param(params, "CiphertextBlob")?;
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let (key_id, plaintext) = open_blob(&keys, blob, &context)?;
+    Ok(json!({"KeyId": key_id, "Plaintext": STANDARD.encode(&*plaintext)}))
+}
+
+pub(crate) fn encrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let id = str_param(params, "KeyId")?;
+    let plaintext = Zeroizing::new(STANDARD.decode(str_param(params, "Plaintext")?).map_err(
+        |_| {
+            api_error(
+                "InvalidParameterValue.InvalidPlaintext",
+                "Plaintext is not base64",
+            )
+        },
+    )?);
+    if plaintext.len() > 4096 {
+        return Err(api_error(
+            "InvalidParameterValue.InvalidPlaintext",
+            "Plaintext is larger than 4 KB",
+        ));
+    }
+    let context = context_bytes(params, "EncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let entry = usable(&keys, id)?;
+    Ok(
+        json!({"KeyId": entry.meta.key_id, "CiphertextBlob": seal_blob(entry, &context, &plaintext)?}),
+    )
+}
+
+pub(crate) fn re_encrypt(shared: &Shared, params: &Value) -> Result<Value, ApiError> {
+    let blob = str_param(params, "CiphertextBlob")?;
+    let source_context = context_bytes(params, "SourceEncryptionContext")?;
+    let destination_context = context_bytes(params, "DestinationEncryptionContext")?;
+    let keys = lock(&shared.keys);
+    let (source_id, plaintext) = open_blob(&keys, blob, &source_context)?;
+    let destination = match opt_str(params, "DestinationKeyId")? {
+        None | Some("") => source_id.clone(),
+        Some(d) => find(&keys, d)?.meta.key_id.clone(),
+    };
+    if destination == source_id && destination_context == source_context {
+        // Nothing to change: the real service returns the blob as it is.
+        return Ok(json!({
+            "CiphertextBlob": blob, "KeyId": destination, "SourceKeyId": source_id, "ReEncrypted": false
+        }));
+    }
+    let entry = usable(&keys, &destination)?;
+    Ok(json!({
+        "CiphertextBlob": seal_blob(entry, &destination_context, &plaintext)?,
+        "KeyId": destination,
+        "SourceKeyId": source_id,
+        "ReEncrypted": true,
+    }))
+}
+
+pub(crate) fn generate_random(params: &Value) -> Result<Value, ApiError> {
+    let n = int_param(params, "NumberOfBytes")?
+        .ok_or_else(|| api_error("MissingParameter", "NumberOfBytes is missing"))?;
+    if !(1..=1024).contains(&n) {
+        return Err(api_error(
+            "InvalidParameterValue",
+            "NumberOfBytes must be 1 to 1024",
+        ));
+    }
+    let mut bytes = vec![0u8; usize::try_from(n).unwrap_or(0)];
+    rand::rng().fill_bytes(&mut bytes);
+    Ok(json!({"Plaintext": STANDARD.encode(bytes)}))
+}

@@ -1,0 +1,288 @@
+//! The HTTP side: the API 3.0 envelope of requests and answers, the metadata path, the server.
+
+use crate::*;
+
+/// An API error: HTTP 200 with `Response.Error`, as the real service answers.
+pub(crate) struct ApiError {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+pub(crate) fn api_error(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn request_id() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+pub(crate) fn respond(body: Result<Value, ApiError>) -> Response {
+    let rid = request_id();
+    let response = match body {
+        Ok(mut v) => {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("RequestId".into(), Value::String(rid));
+            }
+            json!({ "Response": v })
+        }
+        Err(e) => json!({
+            "Response": {"Error": {"Code": e.code, "Message": e.message}, "RequestId": rid}
+        }),
+    };
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        response.to_string(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match (method.as_str(), uri.path()) {
+        ("GET", "/_emulator/stats") => {
+            let c = lock(&shared.counters);
+            let v = json!({"requests": c.requests, "calls": c.calls, "errors": c.errors, "keys": lock(&shared.keys).len()});
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                v.to_string(),
+            )
+                .into_response();
+        }
+        ("POST", "/_emulator/faults") => {
+            return match serde_json::from_slice::<Faults>(&body) {
+                Ok(f) => {
+                    *lock(&shared.faults) = f;
+                    (StatusCode::OK, "faults set\n").into_response()
+                }
+                Err(e) => {
+                    (StatusCode::BAD_REQUEST, format!("bad faults JSON: {e}\n")).into_response()
+                }
+            };
+        }
+        ("GET", path) if path.starts_with(ROLE_PATH) => {
+            return instance_metadata(&shared, &path[ROLE_PATH.len()..]);
+        }
+        ("POST", "/") => {}
+        _ => {
+            return respond(Err(api_error(
+                "UnsupportedProtocol",
+                "only POST / with a JSON body is supported",
+            )));
+        }
+    }
+    let action = header(&headers, "x-tc-action").unwrap_or("").to_owned();
+    lock(&shared.counters).requests += 1;
+    if let Err(e) = authenticate(&shared, &headers, &body) {
+        return respond(Err(e));
+    }
+    *lock(&shared.counters)
+        .calls
+        .entry(action.clone())
+        .or_default() += 1;
+    let result = serve(&shared, &action, &headers, &body).await;
+    if result.is_err() {
+        *lock(&shared.counters)
+            .errors
+            .entry(action.clone())
+            .or_default() += 1;
+    }
+    respond(result)
+}
+
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `GET /latest/meta-data/cam/security-credentials/[ROLE]`: the role's name, or new temporary
+/// credentials for it, in the shape the CVM metadata service uses.
+pub(crate) fn instance_metadata(shared: &Shared, rest: &str) -> Response {
+    let Some(role) = &shared.config.instance_role else {
+        return (StatusCode::NOT_FOUND, "no role is bound to this instance\n").into_response();
+    };
+    *lock(&shared.counters)
+        .calls
+        .entry("metadata".to_owned())
+        .or_default() += 1;
+    if rest.is_empty() {
+        return (StatusCode::OK, role.name.clone()).into_response();
+    }
+    if rest != role.name {
+        return (StatusCode::NOT_FOUND, "no such role\n").into_response();
+    }
+    let random = |n: usize| {
+        let mut b = vec![0u8; n];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    };
+    let secret_id = format!("AKIDtmp{}", random(12));
+    let secret_key = random(20);
+    let token = random(32);
+    let ttl = i64::try_from(role.ttl.as_secs()).unwrap_or(i64::MAX);
+    let expires = now_secs().saturating_add(ttl);
+    let mut temp = lock(&shared.temp);
+    // Forget long-expired sets, so a long-running emulator does not grow without bound.
+    temp.retain(|_, c| c.expires > now_secs() - 3600);
+    temp.insert(
+        secret_id.clone(),
+        TempCredentials {
+            secret_key: SecretString::new(secret_key.clone()),
+            token: SecretString::new(token.clone()),
+            expires,
+        },
+    );
+    let body = json!({
+        "TmpSecretId": secret_id,
+        "TmpSecretKey": secret_key,
+        "ExpiredTime": expires,
+        "Token": token,
+        "Code": "Success",
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn serve(
+    shared: &Shared,
+    action: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    if header(headers, "x-tc-version") != Some(API_VERSION) {
+        return Err(api_error(
+            "NoSuchVersion",
+            format!("KMS speaks version {API_VERSION}"),
+        ));
+    }
+    if header(headers, "x-tc-region").is_none_or(str::is_empty) {
+        return Err(api_error("MissingParameter", "X-TC-Region is missing"));
+    }
+    let faults = *lock(&shared.faults);
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if faults.max_qps > 0 {
+        let mut w = lock(&shared.window);
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        if w.1 > faults.max_qps {
+            return Err(api_error(
+                "RequestLimitExceeded",
+                "request rate above the emulator's --max-qps",
+            ));
+        }
+    }
+    if faults.fail_rate > 0.0 && rand::rng().random::<f64>() < faults.fail_rate {
+        return Err(api_error("InternalError", "injected failure (--fail-rate)"));
+    }
+    let params: Value = serde_json::from_slice(body)
+        .map_err(|_| api_error("InvalidParameter", "the body is not a JSON object"))?;
+    if !params.is_object() {
+        return Err(api_error(
+            "InvalidParameter",
+            "the body is not a JSON object",
+        ));
+    }
+    match action {
+        "CreateKey" => create_key(shared, &params),
+        "DescribeKey" => describe_key(shared, &params),
+        "EnableKey" => set_state(shared, &params, KeyState::Enabled),
+        "DisableKey" => set_state(shared, &params, KeyState::Disabled),
+        "ScheduleKeyDeletion" => schedule_deletion(shared, &params),
+        "GenerateDataKey" => generate_data_key(shared, &params),
+        "Decrypt" => decrypt(shared, &params),
+        "Encrypt" => encrypt(shared, &params),
+        "ReEncrypt" => re_encrypt(shared, &params),
+        "GenerateRandom" => generate_random(&params),
+        "" => Err(api_error("MissingParameter", "X-TC-Action is missing")),
+        other => Err(api_error(
+            "InvalidAction",
+            format!("unknown action {other}"),
+        )),
+    }
+}
+
+pub(crate) fn str_param<'a>(params: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    match params.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) | None => Err(api_error(
+            "MissingParameter",
+            format!("the parameter {name} is missing"),
+        )),
+        Some(_) => Err(api_error(
+            "InvalidParameter",
+            format!("the parameter {name} must be a string"),
+        )),
+    }
+}
+
+pub(crate) fn opt_str<'a>(params: &'a Value, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(api_error(
+            "InvalidParameter",
+            format!("the parameter {name} must be a string"),
+        )),
+    }
+}
+
+pub(crate) fn int_param(params: &Value, name: &str) -> Result<Option<i64>, ApiError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+            api_error(
+                "InvalidParameter",
+                format!("the parameter {name} must be an integer"),
+            )
+        }),
+    }
+}
+
+/// The context as the bytes the blob is bound to: parsed, sorted and compact, so that equal
+/// maps match whatever their spacing or order.
+pub(crate) fn context_bytes(params: &Value, name: &str) -> Result<String, ApiError> {
+    match opt_str(params, name)? {
+        None | Some("") => Ok(String::new()),
+        Some(text) => {
+            if text.len() > 1024 {
+                return Err(api_error(
+                    "InvalidParameterValue",
+                    format!("{name} is longer than 1024 characters"),
+                ));
+            }
+            EncryptionContext::from_json(text)
+                .map(|c| c.canonical_json())
+                .map_err(|_| {
+                    api_error(
+                        "InvalidParameterValue",
+                        format!("{name} must be a JSON object of string values"),
+                    )
+                })
+        }
+    }
+}

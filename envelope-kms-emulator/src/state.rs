@@ -1,0 +1,129 @@
+//! Key states and the state file that keeps keys across restarts.
+
+use crate::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDelete,
+}
+
+impl KeyState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDelete => "PendingDelete",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct StoredKey {
+    pub(crate) key_id: String,
+    pub(crate) alias: String,
+    pub(crate) description: String,
+    pub(crate) key_state: KeyState,
+    pub(crate) create_time: i64,
+    pub(crate) deletion_date: Option<i64>,
+    /// The master key, base64. The state file is the emulator's own; it is never a real KMS.
+    pub(crate) material: String,
+}
+
+pub(crate) struct CmkEntry {
+    pub(crate) meta: StoredKey,
+    pub(crate) cipher: LessSafeKey,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct StateFile {
+    pub(crate) version: u32,
+    pub(crate) keys: Vec<StoredKey>,
+}
+
+pub(crate) fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => {
+            return Err(format!(
+                "{}: cannot read the state file: {e}",
+                path.display()
+            ));
+        }
+    };
+    let state: StateFile = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not an emulator state file: {e}", path.display()))?;
+    let mut keys = BTreeMap::new();
+    for meta in state.keys {
+        let material =
+            Zeroizing::new(STANDARD.decode(&meta.material).map_err(|_| {
+                format!("{}: key {} has bad material", path.display(), meta.key_id)
+            })?);
+        let cipher = cmk_cipher(&material)
+            .ok_or_else(|| format!("{}: key {} has bad material", path.display(), meta.key_id))?;
+        keys.insert(meta.key_id.clone(), CmkEntry { meta, cipher });
+    }
+    Ok(keys)
+}
+
+/// Write the keys atomically (temporary file, then rename), readable by the owner only.
+pub(crate) fn persist(shared: &Shared, keys: &BTreeMap<String, CmkEntry>) -> Result<(), ApiError> {
+    let Some(path) = &shared.config.state_file else {
+        return Ok(());
+    };
+    let state = StateFile {
+        version: 1,
+        keys: keys
+            .values()
+            .map(|k| StoredKey {
+                key_id: k.meta.key_id.clone(),
+                alias: k.meta.alias.clone(),
+                description: k.meta.description.clone(),
+                key_state: k.meta.key_state,
+                create_time: k.meta.create_time,
+                deletion_date: k.meta.deletion_date,
+                material: k.meta.material.clone(),
+            })
+            .collect(),
+    };
+    let text = Zeroizing::new(
+        serde_json::to_string_pretty(&state)
+            .map_err(|_| api_error("InternalError", "cannot serialize the state"))?,
+    );
+    // A fresh name, created exclusively with mode 0600: the file is never readable by others,
+    // not even for the moment between creating and writing it, and a stale or planted file (or
+    // a symlink) at a fixed temporary name cannot lend it wider permissions or another target.
+    let suffix: u64 = rand::rng().random();
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".{suffix:016x}.tmp"));
+    let tmp = path.with_file_name(tmp_name);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        let written = f
+            .write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    };
+    write().map_err(|e| {
+        api_error(
+            "InternalError",
+            format!("cannot write the state file {}: {e}", path.display()),
+        )
+    })
+}
