@@ -8,7 +8,7 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use envelope_core::kms::tencent::sign;
+use envelope_core::__private::tc3 as sign;
 use rand::RngExt as _;
 use serde_json::{Value, json};
 

@@ -100,6 +100,12 @@ pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
 pub mod __private {
     pub use crate::bridge::IoRuntime;
 
+    /// The TC3-HMAC-SHA256 signer, for envelope-kms-emulator's verifier and the signature tests.
+    #[cfg(feature = "kms-tencent")]
+    pub mod tc3 {
+        pub use crate::kms::tencent::sign::*;
+    }
+
     /// For `column!` and `blind_index!`: whether `label` is a valid label.
     pub const fn label_is_valid(label: &str) -> bool {
         crate::keys::name_problem(label).is_none()

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use envelope_core::kms::tencent::{TencentConfig, TencentKms, sign};
+use envelope_core::__private::tc3 as sign;
+use envelope_core::kms::tencent::{TencentConfig, TencentKms};
 use envelope_core::{
     EncryptionContext, Error, KeyStore, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore,
     Policy, Scope, SecretString, format,

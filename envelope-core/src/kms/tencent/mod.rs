@@ -41,7 +41,7 @@
 //! keyring's deadline, and an alias can be moved to another key.
 
 mod credentials;
-pub mod sign;
+pub(crate) mod sign;
 
 pub use credentials::InstanceRole;
 use credentials::{Credentials, RoleSource, Source};
