@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 
-use envelope_core::column::{self, Column, Plaintext};
+use envelope_core::column::{self, Column, IndexColumn, Plaintext};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::{Database, Decode, Encode, Type};
@@ -24,8 +24,74 @@ pub struct EncryptedText<T, C> {
     column: PhantomData<fn() -> C>,
 }
 
-envelope_core::__column_wrapper!(Encrypted);
-envelope_core::__column_wrapper!(EncryptedText);
+/// The impls `Encrypted` and `EncryptedText` share: `new`, `into_inner`, `From<T>`,
+/// `Deref`/`DerefMut` to `T`, `Clone`, `PartialEq`, `Eq`, and a `Debug` that never shows the
+/// value.
+macro_rules! value_wrapper {
+    ($ty:ident) => {
+        impl<T, C> $ty<T, C> {
+            /// Wrap a value.
+            pub fn new(value: T) -> Self {
+                $ty {
+                    value,
+                    column: PhantomData,
+                }
+            }
+
+            /// The value.
+            pub fn into_inner(self) -> T {
+                self.value
+            }
+        }
+
+        impl<T, C> From<T> for $ty<T, C> {
+            fn from(value: T) -> Self {
+                Self::new(value)
+            }
+        }
+
+        impl<T, C> std::ops::Deref for $ty<T, C> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.value
+            }
+        }
+
+        impl<T, C> std::ops::DerefMut for $ty<T, C> {
+            fn deref_mut(&mut self) -> &mut T {
+                &mut self.value
+            }
+        }
+
+        impl<T: Clone, C> Clone for $ty<T, C> {
+            fn clone(&self) -> Self {
+                Self::new(self.value.clone())
+            }
+        }
+
+        impl<T: PartialEq, C> PartialEq for $ty<T, C> {
+            fn eq(&self, other: &Self) -> bool {
+                self.value == other.value
+            }
+        }
+
+        impl<T: Eq, C> Eq for $ty<T, C> {}
+
+        impl<T, C: Column> std::fmt::Debug for $ty<T, C> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "{}<{}>(<redacted>)",
+                    stringify!($ty),
+                    <C as Column>::LABEL
+                )
+            }
+        }
+    };
+}
+
+value_wrapper!(Encrypted);
+value_wrapper!(EncryptedText);
 
 impl<T, C, DB: Database> Type<DB> for Encrypted<T, C>
 where
@@ -123,7 +189,68 @@ pub struct BlindIndex<I> {
     index: PhantomData<fn() -> I>,
 }
 
-envelope_core::__blind_index_wrapper!(BlindIndex);
+impl<I: IndexColumn> BlindIndex<I> {
+    /// The index of `value` under the current keyring's index key for `I`.
+    ///
+    /// # Errors
+    /// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or a KMS or key-store error while the index
+    /// key is first loaded or created.
+    pub fn of(value: impl AsRef<[u8]>) -> Result<Self, envelope_core::Error> {
+        Ok(BlindIndex {
+            digest: envelope_core::column::blind_index::<I>(value.as_ref())?,
+            index: PhantomData,
+        })
+    }
+
+    /// The probes that find `value` in the index column, one per index key `I`'s label
+    /// has: bind them all in `WHERE index_column IN (...)`. There is one except while
+    /// `envelope rotate --index` recomputes the column, when rows indexed under the old
+    /// key and under the new one are both found.
+    ///
+    /// # Errors
+    /// As [`Self::of`].
+    pub fn probes(value: impl AsRef<[u8]>) -> Result<Vec<Self>, envelope_core::Error> {
+        Ok(
+            envelope_core::column::blind_index_probes::<I>(value.as_ref())?
+                .into_iter()
+                .map(|digest| BlindIndex {
+                    digest,
+                    index: PhantomData,
+                })
+                .collect(),
+        )
+    }
+
+    /// The stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digest
+    }
+}
+
+impl<I> Clone for BlindIndex<I> {
+    fn clone(&self) -> Self {
+        BlindIndex {
+            digest: self.digest.clone(),
+            index: PhantomData,
+        }
+    }
+}
+
+impl<I> PartialEq for BlindIndex<I> {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl<I> Eq for BlindIndex<I> {}
+
+impl<I: IndexColumn> std::fmt::Debug for BlindIndex<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not secret in itself, but equal digests reveal equal values: keep them out of
+        // logs.
+        write!(f, "BlindIndex<{}>(<redacted>)", <I as IndexColumn>::LABEL)
+    }
+}
 
 impl<I, DB: Database> Type<DB> for BlindIndex<I>
 where
