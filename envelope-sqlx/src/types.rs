@@ -193,7 +193,7 @@ impl<I: IndexColumn> BlindIndex<I> {
     /// The index of `value` under the current keyring's index key for `I`.
     ///
     /// # Errors
-    /// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or a KMS or key-store error while the index
+    /// [`Misuse::NoKeyring`](envelope_core::Misuse::NoKeyring), or a KMS or key-store error while the index
     /// key is first loaded or created.
     pub fn of(value: impl AsRef<[u8]>) -> Result<Self, envelope_core::Error> {
         Ok(BlindIndex {

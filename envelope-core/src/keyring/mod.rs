@@ -156,9 +156,9 @@ impl fmt::Debug for Keyring {
 impl Keyring {
     /// Start building a keyring that makes new keys with `kms` and keeps their wrapped forms
     /// in `store`. New keys are made under the provider's own master key
-    /// ([`KmsProvider::default_cmk`]: the local KMS's key, a [`crate::kms::Connected`]
-    /// provider's) unless [`KeyringBuilder::cmk`] names another. Either may be shared: an
-    /// `Arc` of a provider or a store is one too.
+    /// ([`KmsProvider::default_cmk`]: the local KMS's key) unless [`KeyringBuilder::cmk`]
+    /// names another (a cloud KMS's CMK, a [`crate::kms::Connected`]'s `cmk`). Either may be
+    /// shared: an `Arc` of a provider or a store is one too.
     pub fn builder(kms: impl KmsProvider, store: impl KeyStore) -> KeyringBuilder {
         KeyringBuilder {
             kms: Arc::new(kms),

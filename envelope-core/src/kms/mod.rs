@@ -135,8 +135,8 @@ pub trait KmsProvider: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// The master key new data keys are made under when the keyring is not told another one
-    /// ([`crate::KeyringBuilder::cmk`]): the local KMS's own key, a [`Connected`] provider's
-    /// key; `None`, the default, for a provider that holds many.
+    /// ([`crate::KeyringBuilder::cmk`]): the local KMS's own key; `None`, the default, for a
+    /// provider that holds many.
     fn default_cmk(&self) -> Option<&str> {
         None
     }

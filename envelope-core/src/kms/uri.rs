@@ -19,10 +19,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::KeyMaterial;
-use crate::error::KmsError;
 use crate::error::{Error, Result};
-use crate::kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
+use crate::kms::KmsProvider;
 
 /// A parsed key URI; see the [module docs](self) for the grammar.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,8 +231,8 @@ impl fmt::Display for KeyUri {
     }
 }
 
-/// A provider built from a [`KeyUri`], and the master key it names. It is a provider itself,
-/// whose [`KmsProvider::default_cmk`] is that key: `Keyring::builder(uri.connect().await?, store)`.
+/// A provider built from a [`KeyUri`], and the master key it names:
+/// `Keyring::builder(c.kms, store).cmk(c.cmk)`.
 #[derive(Clone)]
 pub struct Connected {
     /// The provider.
@@ -249,74 +247,6 @@ impl fmt::Debug for Connected {
             .field("kms", &self.kms.name())
             .field("cmk", &self.cmk)
             .finish()
-    }
-}
-
-#[async_trait::async_trait]
-impl KmsProvider for Connected {
-    fn name(&self) -> &str {
-        self.kms.name()
-    }
-
-    fn default_cmk(&self) -> Option<&str> {
-        Some(&self.cmk)
-    }
-
-    fn call_budget(&self) -> Option<std::time::Duration> {
-        self.kms.call_budget()
-    }
-
-    fn holds_cmk(&self, cmk: &str) -> Option<bool> {
-        self.kms.holds_cmk(cmk)
-    }
-
-    fn master_key_origin(&self) -> Option<String> {
-        self.kms.master_key_origin()
-    }
-
-    async fn generate_data_key(
-        &self,
-        cmk: &str,
-        context: &EncryptionContext,
-    ) -> std::result::Result<GeneratedDataKey, KmsError> {
-        self.kms.generate_data_key(cmk, context).await
-    }
-
-    async fn decrypt(
-        &self,
-        cmk: &str,
-        wrapped: &[u8],
-        context: &EncryptionContext,
-    ) -> std::result::Result<KeyMaterial, KmsError> {
-        self.kms.decrypt(cmk, wrapped, context).await
-    }
-
-    async fn encrypt(
-        &self,
-        cmk: &str,
-        plaintext: &KeyMaterial,
-        context: &EncryptionContext,
-    ) -> std::result::Result<Vec<u8>, KmsError> {
-        self.kms.encrypt(cmk, plaintext, context).await
-    }
-
-    async fn re_encrypt(
-        &self,
-        wrapped: &[u8],
-        source_cmk: &str,
-        source_context: &EncryptionContext,
-        destination_cmk: &str,
-        destination_context: &EncryptionContext,
-    ) -> std::result::Result<Vec<u8>, KmsError> {
-        self.kms
-            .re_encrypt(
-                wrapped,
-                source_cmk,
-                source_context,
-                destination_cmk,
-                destination_context,
-            )
-            .await
     }
 }
 
