@@ -57,7 +57,7 @@
 //!
 //! ## Synchronous callers
 //!
-//! The `*_blocking` methods serve synchronous codecs. A cached key costs no I/O; a miss waits
+//! [`Keyring::blocking`] serves synchronous codecs. A cached key costs no I/O; a miss waits
 //! for the keyring's own runtime thread with a timeout ([`Policy::kms_timeout`]), which is safe on
 //! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
 #![forbid(unsafe_code)]
