@@ -78,8 +78,6 @@ mod nonce;
 mod registry;
 mod secret;
 mod store;
-#[cfg(test)]
-mod vectors;
 
 pub use blind::{BlindIndexSpec, Normalizer};
 pub use error::{
