@@ -63,9 +63,9 @@ pub const TRANSIT_MOUNT: &str = "envelope-test-transit";
 /// A Vault/OpenBao client for `address` with the test token and short timeouts.
 pub fn vault_kms(address: &str) -> VaultKms {
     let mut c = VaultConfig::new(address, SecretString::new(openbao_token()));
-    c.request_timeout = Duration::from_millis(1500);
-    c.max_attempts = 2;
-    c.backoff = Duration::from_millis(50);
+    c.limits.request_timeout = Duration::from_millis(1500);
+    c.limits.max_attempts = 2;
+    c.limits.backoff = Duration::from_millis(50);
     VaultKms::new(c).expect("vault client")
 }
 
@@ -211,9 +211,9 @@ pub async fn aws_kms(endpoint: &str) -> AwsKms {
     let mut c = AwsConfig::new("us-east-1")
         .with_endpoint(endpoint)
         .with_static_credentials("testing", SecretString::new("testing"), None);
-    c.request_timeout = Duration::from_millis(1500);
-    c.max_attempts = 2;
-    c.backoff = Duration::from_millis(50);
+    c.limits.request_timeout = Duration::from_millis(1500);
+    c.limits.max_attempts = 2;
+    c.limits.backoff = Duration::from_millis(50);
     AwsKms::new(c).await.expect("aws client")
 }
 

@@ -355,7 +355,7 @@ fn session_token_is_required_when_configured() {
 fn auth_failures_are_not_retried() {
     let t = TencentTarget::with_config(|mut c| {
         c.secret_key = SecretString::new("not-the-key");
-        c.max_attempts = 5;
+        c.limits.max_attempts = 5;
         c
     });
     let err = rt()
@@ -370,8 +370,8 @@ fn auth_failures_are_not_retried() {
 #[test]
 fn throttling_is_retried_until_it_clears() {
     let t = TencentTarget::with_config(|mut c| {
-        c.max_attempts = 8;
-        c.backoff = Duration::from_millis(100);
+        c.limits.max_attempts = 8;
+        c.limits.backoff = Duration::from_millis(100);
         c
     });
     let rt = rt();
@@ -394,7 +394,7 @@ fn throttling_is_retried_until_it_clears() {
     );
     // Without retries the limit surfaces as a typed, retryable error.
     let once = TencentTarget::with_config(|mut c| {
-        c.max_attempts = 1;
+        c.limits.max_attempts = 1;
         c
     });
     let cmk = rt
@@ -440,11 +440,11 @@ fn tencent_keyring(
 fn thirty_percent_failures_under_32_writers_lose_nothing() {
     let t = TencentTarget::with_config(|mut c| {
         // 0.3^10: a call fails for good about once in 170,000.
-        c.max_attempts = 10;
-        c.backoff = Duration::from_millis(5);
+        c.limits.max_attempts = 10;
+        c.limits.backoff = Duration::from_millis(5);
         // Ten attempts must still fit inside the keyring's kms_timeout (the emulator answers in
         // microseconds).
-        c.request_timeout = Duration::from_millis(500);
+        c.limits.request_timeout = Duration::from_millis(500);
         c
     });
     let rt = rt();
@@ -930,8 +930,8 @@ fn a_kms_that_never_answers_costs_one_attempt_then_writes_fail_fast_with_its_typ
         }
     });
     let kms = client_for(&format!("http://{addr}"), |c| {
-        c.request_timeout = Duration::from_millis(600);
-        c.max_attempts = 1;
+        c.limits.request_timeout = Duration::from_millis(600);
+        c.limits.max_attempts = 1;
     });
     let keyring = Keyring::builder(kms, MemoryKeyStore::new())
         .cmk("cmk-never-answers")
@@ -1095,9 +1095,9 @@ fn an_outage_of_the_tencent_kms_loses_nothing() {
             "ap-guangzhou",
         )
         .with_endpoint(proxy.url());
-        c.request_timeout = Duration::from_millis(1500);
-        c.max_attempts = 2;
-        c.backoff = Duration::from_millis(50);
+        c.limits.request_timeout = Duration::from_millis(1500);
+        c.limits.max_attempts = 2;
+        c.limits.backoff = Duration::from_millis(50);
         let kms = Arc::new(TencentKms::new(c).unwrap());
         envelope_tests::scenarios::kms_outage(kms, &cmk, &proxy).await;
     });

@@ -83,14 +83,8 @@ pub struct AwsConfig {
     pub credentials: Option<AwsStaticCredentials>,
     /// Accept `http://` for a host that is not a loopback address. Default `false`.
     pub danger_allow_insecure_http: bool,
-    /// Time allowed to connect. Default 1.5 s.
-    pub connect_timeout: Duration,
-    /// Time allowed for one attempt. Default 2.5 s.
-    pub request_timeout: Duration,
-    /// Attempts per call, retries included (at least 1). Default 3.
-    pub max_attempts: u32,
-    /// The SDK's first back-off; later ones double, with full jitter. Default 100 ms.
-    pub backoff: Duration,
+    /// How long one call may wait and how often it is tried ([`crate::kms::CallLimits`]).
+    pub limits: crate::kms::CallLimits,
 }
 
 impl AwsConfig {
@@ -101,10 +95,7 @@ impl AwsConfig {
             endpoint: None,
             credentials: None,
             danger_allow_insecure_http: false,
-            connect_timeout: Duration::from_millis(1500),
-            request_timeout: Duration::from_millis(2500),
-            max_attempts: 3,
-            backoff: Duration::from_millis(100),
+            limits: crate::kms::CallLimits::default(),
         }
     }
 
@@ -132,9 +123,9 @@ impl AwsConfig {
     /// The longest one call may take: every attempt at its full timeout plus the longest
     /// back-offs (the SDK's back-off is at most the doubled base, with full jitter).
     fn budget(&self) -> Duration {
-        let attempts = self.max_attempts.max(1);
-        let mut total = self.request_timeout.saturating_mul(attempts);
-        let mut wait = self.backoff;
+        let attempts = self.limits.max_attempts.max(1);
+        let mut total = self.limits.request_timeout.saturating_mul(attempts);
+        let mut wait = self.limits.backoff;
         for _ in 1..attempts {
             total = total.saturating_add(wait.min(MAX_BACKOFF));
             wait = wait.saturating_mul(2);
@@ -188,14 +179,14 @@ impl AwsKms {
             .region(aws_config::Region::new(config.region.clone()))
             .retry_config(
                 RetryConfig::standard()
-                    .with_max_attempts(config.max_attempts.max(1))
-                    .with_initial_backoff(config.backoff)
+                    .with_max_attempts(config.limits.max_attempts.max(1))
+                    .with_initial_backoff(config.limits.backoff)
                     .with_max_backoff(MAX_BACKOFF),
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(config.connect_timeout)
-                    .operation_attempt_timeout(config.request_timeout)
+                    .connect_timeout(config.limits.connect_timeout)
+                    .operation_attempt_timeout(config.limits.request_timeout)
                     .operation_timeout(budget)
                     .build(),
             );
@@ -595,7 +586,7 @@ mod tests {
         assert_eq!(c.budget(), Duration::from_millis(7800));
         assert!(c.budget() < crate::Policy::default().kms_timeout);
         let mut c = AwsConfig::new("us-east-1");
-        c.max_attempts = 0;
+        c.limits.max_attempts = 0;
         assert_eq!(c.budget(), Duration::from_millis(2500));
     }
 

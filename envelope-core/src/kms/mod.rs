@@ -101,6 +101,40 @@ impl fmt::Debug for EncryptionContext {
     }
 }
 
+/// How long a network provider waits and how often it tries: the limits of one KMS call, the
+/// same for Tencent, AWS and Vault (`TencentConfig::limits`, `AwsConfig::limits`,
+/// `VaultConfig::limits`).
+///
+/// With the defaults one call takes at most 3 x 2.5 s + (100 ms + 200 ms) x 1.5 = 7.95 s
+/// ([`KmsProvider::call_budget`]), inside the keyring's default `kms_timeout` of 10 s with room
+/// for the key-store read. The keyring refuses to start when a provider's budget exceeds its
+/// `kms_timeout`: raise one, or lower the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Time allowed to connect (part of `request_timeout`, not added to it). Default 1.5 s.
+    pub connect_timeout: Duration,
+    /// Time allowed for one attempt, connecting and reading the whole response included.
+    /// Default 2.5 s.
+    pub request_timeout: Duration,
+    /// Attempts per call, retries included (at least 1). Default 3.
+    pub max_attempts: u32,
+    /// The first retry waits about this long, each later one twice as long. Tencent and Vault
+    /// jitter each wait between 50 % and 150 %; the AWS SDK uses full jitter up to the doubled
+    /// wait. Default 100 ms.
+    pub backoff: Duration,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            connect_timeout: Duration::from_millis(1500),
+            request_timeout: Duration::from_millis(2500),
+            max_attempts: 3,
+            backoff: Duration::from_millis(100),
+        }
+    }
+}
+
 /// A new data key: the plaintext (for immediate local use, never stored) and its wrapped form
 /// (for the key table).
 pub struct GeneratedDataKey {

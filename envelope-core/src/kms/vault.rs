@@ -78,16 +78,8 @@ pub struct VaultConfig {
     /// Accept `http://` for a host that is not a loopback address. Default `false`: responses
     /// carry plaintext data keys and requests carry the token.
     pub danger_allow_insecure_http: bool,
-    /// Time allowed to connect (part of [`VaultConfig::request_timeout`]). Default 1.5 s.
-    pub connect_timeout: Duration,
-    /// Time allowed for one attempt, the whole response included. Default 2.5 s.
-    pub request_timeout: Duration,
-    /// Attempts per call, retries included (at least 1). Default 3.
-    pub max_attempts: u32,
-    /// The first retry waits about this long, each later one twice as long, with jitter
-    /// between 50 % and 150 %. Default 100 ms. With the defaults one call takes at most 7.95 s,
-    /// inside the keyring's default `kms_timeout` of 10 s.
-    pub backoff: Duration,
+    /// How long one call may wait and how often it is tried ([`crate::kms::CallLimits`]).
+    pub limits: crate::kms::CallLimits,
 }
 
 impl fmt::Debug for VaultConfig {
@@ -104,10 +96,7 @@ impl fmt::Debug for VaultConfig {
                 "danger_allow_insecure_http",
                 &self.danger_allow_insecure_http,
             )
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_attempts", &self.max_attempts)
-            .field("backoff", &self.backoff)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -121,10 +110,7 @@ impl VaultConfig {
             namespace: None,
             ca_certificate_pem: None,
             danger_allow_insecure_http: false,
-            connect_timeout: Duration::from_millis(1500),
-            request_timeout: Duration::from_millis(2500),
-            max_attempts: 3,
-            backoff: Duration::from_millis(100),
+            limits: crate::kms::CallLimits::default(),
         }
     }
 
@@ -264,9 +250,17 @@ impl VaultKms {
                 }
             },
         };
-        let client = http::client(config.connect_timeout, config.request_timeout, roots)?;
+        let client = http::client(
+            config.limits.connect_timeout,
+            config.limits.request_timeout,
+            roots,
+        )?;
         Ok(VaultKms {
-            retry: Retry::new(config.request_timeout, config.max_attempts, config.backoff),
+            retry: Retry::new(
+                config.limits.request_timeout,
+                config.limits.max_attempts,
+                config.limits.backoff,
+            ),
             base,
             client,
             config,

@@ -102,22 +102,8 @@ pub struct TencentConfig {
     /// CMK's name: the KeyId behind an `alias/NAME` CMK (Tencent's responses name KeyIds, never
     /// aliases), or the old CMK during a move from one CMK to another.
     pub also_accept_cmks: Vec<String>,
-    /// Time allowed to connect (part of [`TencentConfig::request_timeout`], not added to it).
-    /// Default 1.5 s.
-    pub connect_timeout: Duration,
-    /// Time allowed for one attempt, connecting and reading the whole response included.
-    /// Default 2.5 s.
-    pub request_timeout: Duration,
-    /// Attempts per call, retries included (at least 1). Default 3.
-    pub max_attempts: u32,
-    /// The first retry waits about this long; each later one twice as long, with jitter between
-    /// 50 % and 150 %. Default 100 ms.
-    ///
-    /// With the defaults a call takes at most 3 x 2.5 s + (100 ms + 200 ms) x 1.5 = 7.95 s
-    /// ([`KmsProvider::call_budget`]), inside the keyring's default `kms_timeout` of 10 s with
-    /// room for the key-store read. The keyring refuses to start when the budget exceeds its
-    /// `kms_timeout`: raise one, or lower the other.
-    pub backoff: Duration,
+    /// How long one call may wait and how often it is tried ([`crate::kms::CallLimits`]).
+    pub limits: crate::kms::CallLimits,
 }
 
 impl fmt::Debug for TencentConfig {
@@ -134,10 +120,7 @@ impl fmt::Debug for TencentConfig {
                 &self.danger_allow_insecure_http,
             )
             .field("also_accept_cmks", &self.also_accept_cmks)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_attempts", &self.max_attempts)
-            .field("backoff", &self.backoff)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -158,10 +141,7 @@ impl TencentConfig {
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             danger_allow_insecure_http: false,
             also_accept_cmks: Vec::new(),
-            connect_timeout: Duration::from_millis(1500),
-            request_timeout: Duration::from_millis(2500),
-            max_attempts: 3,
-            backoff: Duration::from_millis(100),
+            limits: crate::kms::CallLimits::default(),
         }
     }
 
@@ -324,13 +304,21 @@ impl TencentKms {
             (None, _) => unreachable!("checked above"),
         };
         // A 3xx is an error (see `attempt`).
-        let client = http::client(config.connect_timeout, config.request_timeout, Vec::new())?;
+        let client = http::client(
+            config.limits.connect_timeout,
+            config.limits.request_timeout,
+            Vec::new(),
+        )?;
         Ok(TencentKms {
             host,
             url,
             client,
             credentials,
-            retry: Retry::new(config.request_timeout, config.max_attempts, config.backoff),
+            retry: Retry::new(
+                config.limits.request_timeout,
+                config.limits.max_attempts,
+                config.limits.backoff,
+            ),
             config,
         })
     }
@@ -823,8 +811,8 @@ mod tests {
         assert_eq!(defaults.call_budget(), Some(Duration::from_millis(7950)));
         assert!(defaults.call_budget().unwrap() < crate::Policy::default().kms_timeout);
         let mut c = config();
-        c.max_attempts = 0; // clamped to one attempt, no back-off
-        c.request_timeout = Duration::from_secs(4);
+        c.limits.max_attempts = 0; // clamped to one attempt, no back-off
+        c.limits.request_timeout = Duration::from_secs(4);
         assert_eq!(
             TencentKms::new(c).unwrap().call_budget(),
             Some(Duration::from_secs(4))
