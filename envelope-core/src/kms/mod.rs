@@ -20,7 +20,7 @@ mod http;
 pub(crate) mod local;
 #[cfg(feature = "kms-tencent")]
 pub mod tencent;
-pub mod uri;
+mod uri;
 #[cfg(feature = "kms-vault")]
 pub mod vault;
 

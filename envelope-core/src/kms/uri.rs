@@ -1,18 +1,4 @@
-//! Key URIs: one string that names a KMS provider and a master key in it, as the CLI's config
-//! and an application's settings both take it.
-//!
-//! | URI | provider | master key | read from the environment |
-//! |---|---|---|---|
-//! | `local://PATH` | [`LocalKms`](crate::LocalKms) | the key file's key | nothing |
-//! | `tencent://REGION/CMK_ID` | Tencent Cloud KMS | `CMK_ID` | `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY`, `TENCENTCLOUD_SESSION_TOKEN`, `ENVELOPE_TENCENT_ENDPOINT`; or `ENVELOPE_TENCENT_CREDENTIALS=instance-role`: see [`TencentConfig::for_region_from_env`](crate::kms::tencent::TencentConfig::for_region_from_env) |
-//! | `aws://REGION/KEY` | AWS KMS | `KEY`: a key id, key ARN, `alias/NAME` or alias ARN | the SDK's default chain (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, web identity, instance metadata, ...), `AWS_ENDPOINT_URL_KMS` |
-//! | `vault://HOST[:PORT]/MOUNT/KEY` | Vault / OpenBao Transit over https | `MOUNT/KEY` | `VAULT_TOKEN` (or `BAO_TOKEN`), `VAULT_NAMESPACE`, `VAULT_CACERT` |
-//! | `vault+http://HOST[:PORT]/MOUNT/KEY` | the same over plain http, for a loopback host only (a dev server) | `MOUNT/KEY` | as above |
-//!
-//! `PATH` is everything after `local://` (`local:///etc/envelope/master.key` is absolute,
-//! `local://master.key` relative to the working directory). A URI never carries credentials:
-//! one with `user@` or `?query` is refused, so a secret cannot end up in a config file or a log
-//! line that prints the URI.
+//! Key URIs ([`KeyUri`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -22,7 +8,21 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kms::KmsProvider;
 
-/// A parsed key URI; see the [module docs](self) for the grammar.
+/// Key URIs: one string that names a KMS provider and a master key in it, as the CLI's config
+/// and an application's settings both take it.
+///
+/// | URI | provider | master key | read from the environment |
+/// |---|---|---|---|
+/// | `local://PATH` | [`LocalKms`](crate::LocalKms) | the key file's key | nothing |
+/// | `tencent://REGION/CMK_ID` | Tencent Cloud KMS | `CMK_ID` | `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY`, `TENCENTCLOUD_SESSION_TOKEN`, `ENVELOPE_TENCENT_ENDPOINT`; or `ENVELOPE_TENCENT_CREDENTIALS=instance-role`: see [`TencentConfig::for_region_from_env`](crate::kms::tencent::TencentConfig::for_region_from_env) |
+/// | `aws://REGION/KEY` | AWS KMS | `KEY`: a key id, key ARN, `alias/NAME` or alias ARN | the SDK's default chain (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, web identity, instance metadata, ...), `AWS_ENDPOINT_URL_KMS` |
+/// | `vault://HOST[:PORT]/MOUNT/KEY` | Vault / OpenBao Transit over https | `MOUNT/KEY` | `VAULT_TOKEN` (or `BAO_TOKEN`), `VAULT_NAMESPACE`, `VAULT_CACERT` |
+/// | `vault+http://HOST[:PORT]/MOUNT/KEY` | the same over plain http, for a loopback host only (a dev server) | `MOUNT/KEY` | as above |
+///
+/// `PATH` is everything after `local://` (`local:///etc/envelope/master.key` is absolute,
+/// `local://master.key` relative to the working directory). A URI never carries credentials:
+/// one with `user@` or `?query` is refused, so a secret cannot end up in a config file or a log
+/// line that prints the URI.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyUri {
@@ -162,7 +162,7 @@ impl KeyUri {
     }
 
     /// Build the provider this URI names, with credentials from the environment (see the
-    /// [module docs](self)), and return it with the master key id new data keys are made under.
+    /// [`KeyUri`] docs), and return it with the master key id new data keys are made under.
     ///
     /// # Errors
     /// [`Error::Config`] when a credential is missing, the key file cannot be read, or this
