@@ -4,18 +4,11 @@
 use crate::*;
 
 pub(crate) fn new_key_id() -> String {
+    // A version-4 UUID, as Tencent's KeyIds are.
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    uuid_text(b)
 }
 
 pub(crate) fn metadata(m: &StoredKey) -> Value {

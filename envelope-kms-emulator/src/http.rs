@@ -16,7 +16,11 @@ pub(crate) fn api_error(code: &'static str, message: impl Into<String>) -> ApiEr
 }
 
 pub(crate) fn request_id() -> String {
-    let b: [u8; 16] = rand::rng().random();
+    uuid_text(rand::rng().random())
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex form of a UUID.
+pub(crate) fn uuid_text(b: [u8; 16]) -> String {
     let h = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",

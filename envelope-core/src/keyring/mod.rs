@@ -275,13 +275,7 @@ impl Keyring {
             if self.inner.promote_pending(scope).is_some() {
                 continue;
             }
-            let inner = self.inner.clone();
-            let s = scope.clone();
-            self.inner
-                .bridge
-                .run("making a data key", async move {
-                    inner.rotate(s, Rotation::IfUnusable).await
-                })
+            self.make_key_if_unusable(scope)
                 .await
                 .map_err(|e| self.inner.note_write_failure(scope, e))
                 .map_err(|e| write_unavailable(scope, e))?;
@@ -343,6 +337,11 @@ impl Keyring {
     /// # Errors
     /// A KMS or key-store error.
     pub async fn warm_scope(&self, scope: &Scope) -> Result<()> {
+        self.make_key_if_unusable(scope).await.map(|_| ())
+    }
+
+    /// Make a data key for `scope` on the keyring's runtime if it has none that may take writes.
+    async fn make_key_if_unusable(&self, scope: &Scope) -> Result<Option<KeyId>> {
         let inner = self.inner.clone();
         let s = scope.clone();
         self.inner
@@ -351,7 +350,6 @@ impl Keyring {
                 inner.rotate(s, Rotation::IfUnusable).await
             })
             .await
-            .map(|_| ())
     }
 
     /// Load keys into the cache ahead of reads (for example the ids of a page of rows, from
