@@ -241,7 +241,7 @@ impl From<DbError> for BatchError {
 pub fn error_name(e: &Error) -> &'static str {
     match e {
         Error::Format(_) => "Format",
-        Error::Decrypt => "Decrypt",
+        Error::Decrypt { .. } => "Decrypt",
         Error::UnknownKey { .. } => "UnknownKey",
         Error::KeyKindMismatch { .. } => "KeyKindMismatch",
         Error::ScopeMismatch { .. } => "ScopeMismatch",
@@ -259,7 +259,7 @@ pub fn error_name(e: &Error) -> &'static str {
 fn is_value_error(e: &Error) -> bool {
     matches!(
         e,
-        Error::Decrypt
+        Error::Decrypt { .. }
             | Error::UnknownKey { .. }
             | Error::KeyKindMismatch { .. }
             | Error::ScopeMismatch { .. }

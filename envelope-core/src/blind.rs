@@ -1,11 +1,5 @@
-//! Blind indexes: a keyed HMAC-SHA256 of a normalized value, stored beside the encrypted column,
-//! so `WHERE email_bidx = ?` finds rows by exact value without decrypting the table.
-//!
-//! What a blind index reveals: which rows hold equal (normalized) values, and nothing else to
-//! someone without the index key. Truncating the output (the default keeps 16 bytes) makes
-//! unrelated values collide now and then, so always compare the decrypted value after a lookup
-//! when a false match matters. Low-entropy columns (booleans, small enums) should not get one:
-//! equality alone reveals their distribution.
+//! Blind indexes: the spec (label, normalizer, length), the normalizers, and the index keys
+//! derived from a blind-index DEK. What an index reveals is on [`BlindIndexSpec`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -67,6 +61,16 @@ fn changes_when_lowercased(c: char) -> bool {
 }
 
 /// What a blind index is over: the column's label, the normalizer and the output length.
+///
+/// A blind index is a keyed HMAC-SHA256 of a normalized value, stored beside the encrypted
+/// column, so `WHERE email_bidx = ?` finds rows by exact value without decrypting the table
+/// ([`Keyring::blind_index`](crate::Keyring::blind_index)).
+///
+/// What a blind index reveals: which rows hold equal (normalized) values, and nothing else to
+/// someone without the index key. Truncating the output (the default keeps 16 bytes) makes
+/// unrelated values collide now and then, so always compare the decrypted value after a lookup
+/// when a false match matters. Low-entropy columns (booleans, small enums) should not get one:
+/// equality alone reveals their distribution.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BlindIndexSpec {
     label: Label,

@@ -100,8 +100,8 @@ impl DataCipher {
     /// Open a parsed value. The caller has checked that the value's key id is this key's.
     pub(crate) fn open(&self, envelope: &Envelope<'_>, label: &Label) -> Result<Vec<u8>> {
         debug_assert_eq!(envelope.key_id(), self.id);
-        let nonce =
-            Nonce::try_assume_unique_for_key(envelope.nonce()).map_err(|_| Error::Decrypt)?;
+        let nonce = Nonce::try_assume_unique_for_key(envelope.nonce())
+            .map_err(|_| Error::Decrypt { key_id: self.id })?;
         // Decrypt straight from the stored bytes into the output: one pass, one allocation.
         let mut out = vec![0u8; envelope.ciphertext().len()];
         let result = format::with_aad(envelope.header(), label, |aad| {
@@ -117,7 +117,7 @@ impl DataCipher {
             Ok(()) => Ok(out),
             Err(_) => {
                 out.zeroize();
-                Err(Error::Decrypt)
+                Err(Error::Decrypt { key_id: self.id })
             }
         }
     }
@@ -233,12 +233,12 @@ mod tests {
         let env = format::parse(&blob).unwrap();
         assert!(matches!(
             c.open(&env, &Label::new("users.email").unwrap()),
-            Err(Error::Decrypt)
+            Err(Error::Decrypt { .. })
         ));
         let other = DataCipher::new(c.id(), &KeyMaterial::from_slice(&[2; 32]).unwrap()).unwrap();
         assert!(matches!(
             other.open(&env, &Label::new("users.ssn").unwrap()),
-            Err(Error::Decrypt)
+            Err(Error::Decrypt { .. })
         ));
     }
 

@@ -89,8 +89,41 @@ macro_rules! blind_index {
 
 /// A field type that can be encrypted: how it becomes bytes and comes back.
 ///
-/// Integers are stored big-endian at their full width, `bool` as one byte, UUIDs as their 16
-/// bytes, dates and times as ISO 8601 text, `AsJson` as compact JSON.
+/// Integers are stored big-endian at their full width, floats as their IEEE 754 bits,
+/// `bool` as one byte, UUIDs as their 16 bytes, dates and times as ISO 8601 text, `AsJson` as
+/// compact JSON (docs/FORMAT.md section 6.1 has the exact bytes).
+///
+/// # A type of your own
+///
+/// Implement it for a type your crate defines. For a type from another crate (the orphan rule
+/// forbids implementing a foreign trait for a foreign type), wrap it in a newtype, or store it
+/// as JSON with `AsJson<T>` (feature `json`) if it implements serde's traits:
+///
+/// ```
+/// use std::borrow::Cow;
+/// use envelope_core::column::Plaintext;
+///
+/// /// Cents, from a crate that knows nothing of envelope.
+/// #[derive(Debug, PartialEq)]
+/// struct Amount(i64);
+///
+/// impl Plaintext for Amount {
+///     fn to_plaintext(&self) -> envelope_core::Result<Cow<'_, [u8]>> {
+///         self.0.to_plaintext() // reuse an encoding the spec defines
+///     }
+///     fn from_plaintext(bytes: Vec<u8>) -> envelope_core::Result<Self> {
+///         i64::from_plaintext(bytes).map(Amount)
+///     }
+/// }
+///
+/// let bytes = Amount(1999).to_plaintext()?.into_owned();
+/// assert_eq!(Amount::from_plaintext(bytes)?, Amount(1999));
+/// // A field then reads `Encrypted<Amount, OrderTotal>` in envelope-sqlx or envelope-diesel.
+/// # Ok::<(), envelope_core::Error>(())
+/// ```
+///
+/// An encoding of your own is a contract with every reader of the column, the `envelope` CLI
+/// included: keep it stable, and prefer one the spec already defines.
 pub trait Plaintext: Sized {
     /// The bytes to seal.
     ///
@@ -145,7 +178,26 @@ macro_rules! int_plaintext {
         }
     )*};
 }
-int_plaintext!(i16, i32, i64);
+int_plaintext!(i16, i32, i64, u16, u32, u64);
+
+macro_rules! float_plaintext {
+    ($($t:ty),*) => {$(
+        /// The IEEE 754 bits, big-endian: every value round-trips exactly, `-0.0` and NaN
+        /// payloads included.
+        impl Plaintext for $t {
+            fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+                Ok(Cow::Owned(self.to_be_bytes().to_vec()))
+            }
+            fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+                let arr = bytes.as_slice().try_into().map_err(|_| {
+                    type_error(stringify!($t), format!("{} bytes", bytes.len()))
+                })?;
+                Ok(<$t>::from_be_bytes(arr))
+            }
+        }
+    )*};
+}
+float_plaintext!(f32, f64);
 
 impl Plaintext for bool {
     fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
@@ -182,6 +234,28 @@ impl Plaintext for chrono::NaiveDate {
             .map_err(|e| type_error("NaiveDate", e.to_string()))
     }
 }
+
+/// A date and time without a time zone, as `YYYY-MM-DDTHH:MM:SS[.fraction]` (docs/FORMAT.md
+/// section 6.1, `datetime`).
+#[cfg(feature = "chrono")]
+impl Plaintext for chrono::NaiveDateTime {
+    fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Owned(
+            self.format(NAIVE_DATE_TIME).to_string().into_bytes(),
+        ))
+    }
+    fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
+        let s =
+            std::str::from_utf8(&bytes).map_err(|_| type_error("NaiveDateTime", "not UTF-8"))?;
+        chrono::NaiveDateTime::parse_from_str(s, NAIVE_DATE_TIME)
+            .map_err(|e| type_error("NaiveDateTime", e.to_string()))
+    }
+}
+
+/// `%.f` writes no fraction for whole seconds, else 3, 6 or 9 digits, as `SecondsFormat::AutoSi`
+/// does for [`chrono::DateTime`].
+#[cfg(feature = "chrono")]
+const NAIVE_DATE_TIME: &str = "%Y-%m-%dT%H:%M:%S%.f";
 
 #[cfg(feature = "chrono")]
 impl Plaintext for chrono::DateTime<chrono::Utc> {
@@ -397,9 +471,64 @@ mod tests {
         round(i64::MAX);
         round(true);
         round(false);
+        round(u16::MAX);
+        round(u32::MAX);
+        round(u64::MAX);
+        round(f32::MIN_POSITIVE);
+        round(-0.0f64);
+        round(f64::INFINITY);
         assert!(String::from_plaintext(vec![0xff]).is_err());
         assert!(i32::from_plaintext(vec![1, 2]).is_err());
+        assert!(u64::from_plaintext(vec![0; 4]).is_err());
+        assert!(f32::from_plaintext(vec![0; 8]).is_err());
         assert!(bool::from_plaintext(vec![2]).is_err());
+    }
+
+    /// The encodings of docs/FORMAT.md section 6.1, byte for byte.
+    #[test]
+    fn numeric_encodings_are_the_spec() {
+        assert_eq!(&*0x0102u16.to_plaintext().unwrap(), &[1, 2]);
+        assert_eq!(&*u32::MAX.to_plaintext().unwrap(), &[0xff; 4]);
+        assert_eq!(&*1.5f32.to_plaintext().unwrap(), &[0x3f, 0xc0, 0, 0]);
+        assert_eq!(
+            &*(-2.0f64).to_plaintext().unwrap(),
+            &[0xc0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let nan = f64::from_bits(0x7ff8_0000_0000_0001);
+        let back = f64::from_plaintext(nan.to_plaintext().unwrap().into_owned()).unwrap();
+        assert_eq!(back.to_bits(), nan.to_bits());
+    }
+
+    #[cfg(feature = "chrono")]
+    #[test]
+    fn naive_date_times_are_the_spec() {
+        let at =
+            |s: &str| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").unwrap();
+        for (value, text) in [
+            (at("2024-02-29 20:30:00"), "2024-02-29T20:30:00"),
+            (at("2024-02-29 20:30:00.25"), "2024-02-29T20:30:00.250"),
+            (
+                at("0987-06-05 01:02:03.000004"),
+                "0987-06-05T01:02:03.000004",
+            ),
+            (
+                at("2024-01-01 00:00:00.123456789"),
+                "2024-01-01T00:00:00.123456789",
+            ),
+        ] {
+            assert_eq!(&*value.to_plaintext().unwrap(), text.as_bytes());
+            round(value);
+        }
+        for bad in [
+            "2024-02-29 20:30:00",
+            "2024-02-29T20:30:00Z",
+            "2023-02-29T00:00:00",
+        ] {
+            assert!(
+                chrono::NaiveDateTime::from_plaintext(bad.as_bytes().to_vec()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[cfg(feature = "json")]

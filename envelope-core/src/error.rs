@@ -40,9 +40,13 @@ pub enum Error {
     /// Authentication failed: the value was tampered with, copied from another column (context
     /// mismatch), or sealed under a different key with the same id. Deliberately opaque.
     #[error(
-        "cannot decrypt value: it was altered, belongs to another column, or was sealed under a different key"
+        "cannot decrypt a value sealed under key {key_id}: it was altered, belongs to another column, or was sealed under a different key"
     )]
-    Decrypt,
+    Decrypt {
+        /// The key id read from the value's header (not secret), so that an operator can find
+        /// the rows it sealed (`envelope inspect`, or the key-id expression in docs/FORMAT.md).
+        key_id: KeyId,
+    },
 
     /// The value names a key id that the key table does not hold.
     #[error(
@@ -344,7 +348,7 @@ impl Error {
     pub fn name(&self) -> &'static str {
         match self {
             Error::Format(f) => f.name(),
-            Error::Decrypt => "Decrypt",
+            Error::Decrypt { .. } => "Decrypt",
             Error::UnknownKey { .. } => "UnknownKey",
             Error::KeyKindMismatch { .. } => "KeyKindMismatch",
             Error::ScopeMismatch { .. } => "ScopeMismatch",
@@ -441,6 +445,14 @@ pub enum FormatError {
     )]
     NotEnvelope,
 
+    /// The bytes are PostgreSQL's hex text of an envelope value (`\x01...`): the value was
+    /// bound as `bytea` into a `TEXT`/`VARCHAR` column, which the server accepted by casting
+    /// it to text. The column must be `BYTEA` for `Encrypted` (or use `EncryptedText`).
+    #[error(
+        "the value is PostgreSQL's hex text of an envelope value (\\x01...): the column is TEXT or VARCHAR, but Encrypted needs BYTEA; convert it with `ALTER TABLE .. ALTER COLUMN .. TYPE bytea USING decode(substr(col, 3), 'hex')`, or declare the field EncryptedText for a text column"
+    )]
+    HexText,
+
     /// The value was written by a newer format version.
     #[error(
         "value uses envelope format version {0}, which this build does not support; upgrade envelope"
@@ -481,6 +493,7 @@ impl FormatError {
     pub fn name(&self) -> &'static str {
         match self {
             FormatError::NotEnvelope => "NotEnvelope",
+            FormatError::HexText => "HexText",
             FormatError::UnsupportedVersion(_) => "UnsupportedVersion",
             FormatError::UnknownAlgorithm(_) => "UnknownAlgorithm",
             FormatError::Truncated { .. } => "Truncated",
@@ -724,10 +737,14 @@ mod tests {
             "{}",
             std::mem::size_of::<Error>()
         );
-        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Decrypt);
+        let key_id = KeyId::from_bytes([0xab; KeyId::LEN]);
+        let decrypt = Error::Decrypt { key_id };
+        // The key id is not secret and lets an operator find the row.
+        assert!(decrypt.to_string().contains(&key_id.to_hex()), "{decrypt}");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(decrypt);
         assert!(matches!(
             boxed.downcast_ref::<Error>(),
-            Some(Error::Decrypt)
+            Some(Error::Decrypt { .. })
         ));
     }
 

@@ -111,12 +111,32 @@ impl std::fmt::Debug for Envelope<'_> {
 pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, FormatError> {
     let version = *bytes.first().ok_or(FormatError::NotEnvelope)?;
     if version == 0 || version > MAX_VERSION_BYTE {
+        if is_postgres_hex_text(bytes) {
+            return Err(FormatError::HexText);
+        }
         return Err(FormatError::NotEnvelope);
     }
     if version != VERSION_1 {
         return Err(FormatError::UnsupportedVersion(version));
     }
     parse_v1(bytes)
+}
+
+/// Whether `bytes` look like PostgreSQL's text output of a `bytea` value that holds an envelope
+/// value: `\x` and an even number of hex digits, the first byte a version byte. This is what a
+/// `TEXT` or `VARCHAR` column holds after a binary value was bound to it (the server casts the
+/// `bytea` parameter to its hex text).
+fn is_postgres_hex_text(bytes: &[u8]) -> bool {
+    let Some(digits) = bytes.strip_prefix(b"\\x") else {
+        return false;
+    };
+    if digits.len() < 2 || digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return false;
+    }
+    let first = hex::decode(&digits[..2])
+        .ok()
+        .and_then(|b| b.first().copied());
+    matches!(first, Some(v) if v != 0 && v <= MAX_VERSION_BYTE)
 }
 
 fn parse_v1(bytes: &[u8]) -> Result<Envelope<'_>, FormatError> {
@@ -310,6 +330,21 @@ mod tests {
         assert_eq!(parse(&[]).unwrap_err(), FormatError::NotEnvelope);
         assert_eq!(parse(b"hello").unwrap_err(), FormatError::NotEnvelope);
         assert_eq!(parse(&[0]).unwrap_err(), FormatError::NotEnvelope);
+        // PostgreSQL's hex text of a bytea envelope value, as a TEXT column holds it.
+        let blob = [0x01, 0x01, 0xab, 0xcd];
+        let hex_text = format!("\\x{}", hex::encode(blob));
+        assert_eq!(
+            parse(hex_text.as_bytes()).unwrap_err(),
+            FormatError::HexText
+        );
+        // Not hex text: odd digits, a non-hex digit, a byte that is no version, no digits.
+        for text in [&b"\\x010"[..], b"\\x01zz", b"\\x2001", b"\\x"] {
+            assert_eq!(
+                parse(text).unwrap_err(),
+                FormatError::NotEnvelope,
+                "{text:?}"
+            );
+        }
         assert_eq!(
             parse(&[2, 1, 0]).unwrap_err(),
             FormatError::UnsupportedVersion(2)

@@ -51,7 +51,7 @@
 //! - Values are bound to their column, not to their row: a value copied to another row of the
 //!   same column opens there, unless the read names a scope ([`Keyring::decrypt_scoped`], a
 //!   column's `SCOPE`, a scoped keyring) and the rows belong to different scopes.
-//! - Blind indexes reveal which rows hold equal values ([`blind`]).
+//! - Blind indexes reveal which rows hold equal values ([`BlindIndexSpec`]).
 //! - Plaintext handed back to the application, database driver buffers, and swapped memory are
 //!   outside this crate's reach.
 //!
@@ -62,7 +62,7 @@
 //! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
 #![forbid(unsafe_code)]
 
-pub mod blind;
+mod blind;
 mod bridge;
 mod cipher;
 mod clock;
@@ -73,11 +73,11 @@ pub mod key_table;
 mod keyring;
 mod keys;
 pub mod kms;
-mod metrics;
 mod nonce;
 mod registry;
 mod secret;
 mod store;
+mod telemetry;
 
 pub use blind::{BlindIndexSpec, Normalizer};
 pub use error::{
@@ -87,11 +87,11 @@ pub use error::{
 pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 pub use kms::local::LocalKms;
-pub use kms::{EncryptionContext, GeneratedDataKey, KmsProvider};
-pub use metrics::MetricsSnapshot;
+pub use kms::provider::{EncryptionContext, GeneratedDataKey, KmsProvider};
 pub use registry::{KeyringGuard, current};
 pub use secret::SecretString;
 pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
+pub use telemetry::{MetricsSnapshot, names as metric_names};
 
 /// For envelope-sqlx and envelope-diesel only: not part of the API, may change in any release.
 #[doc(hidden)]

@@ -68,8 +68,11 @@
 //! `diesel::result::Error::SerializationError` / `DeserializationError` whose source is an
 //! [`envelope_core::Error`] (see [`envelope_error`]).
 //!
-//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, and with the features below
-//! `uuid::Uuid`, `chrono::NaiveDate`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`.
+//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `u16`, `u32`, `u64`, `f32`, `f64`,
+//! `bool`, and with the features below `uuid::Uuid`, `chrono::NaiveDate`,
+//! `chrono::NaiveDateTime`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`. Any
+//! other type: implement [`Plaintext`] for it (a newtype around a foreign type), as its docs
+//! show.
 //! MySQL's `BLOB` holds at most 64 KiB: use `MEDIUMBLOB` for larger values.
 //!
 //! With diesel-async, `ToSql` and `FromSql` run inside the calling task: scope the keyring with
@@ -123,7 +126,7 @@
 //! | `async` | `AsyncDieselKeyStore`: the key table over diesel-async |
 //! | `migrations` | the key table's diesel migrations, embedded |
 //! | `uuid` | `uuid::Uuid` fields |
-//! | `chrono` | `chrono::NaiveDate` and `chrono::DateTime<Utc>` fields |
+//! | `chrono` | `chrono::NaiveDate`, `chrono::NaiveDateTime` and `chrono::DateTime<Utc>` fields |
 //! | `json` | `AsJson<T>` fields: any serde type, stored as JSON inside the envelope |
 #![forbid(unsafe_code)]
 // The key store's machinery needs a backend and a connection kind (`r2d2` or `async`) to serve.

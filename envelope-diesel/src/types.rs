@@ -14,9 +14,10 @@ use diesel::serialize::{self, ToSql};
 use diesel::sql_types::{Binary, Text};
 use envelope_core::column::{self, Column, IndexColumn, Plaintext};
 
-/// A field stored encrypted in a binary column (`BYTEA`, `BLOB`, `VARBINARY`; diesel's `Binary`):
-/// sealed in `ToSql`, opened in `FromSql`, under column marker `C`. Use
-/// `Option<Encrypted<T, C>>` for a `Nullable<Binary>` column: SQL `NULL` stays `NULL`.
+/// A field stored encrypted in a binary column (diesel's `Binary`: `BYTEA` on PostgreSQL, `BLOB`,
+/// `MEDIUMBLOB` or `VARBINARY(n)` on MySQL/MariaDB, `BLOB` on SQLite): sealed in `ToSql`, opened
+/// in `FromSql`, under column marker `C`. Use `Option<Encrypted<T, C>>` for a
+/// `Nullable<Binary>` column: SQL `NULL` stays `NULL`.
 ///
 /// It derefs to `T`. Its `Debug` never shows the value (diesel requires `Debug` on bind values
 /// and prints it in `debug_query`).
@@ -176,7 +177,7 @@ impl<T: Plaintext, C: Column> ToSql<Text, diesel::sqlite::Sqlite> for EncryptedT
 }
 
 /// An equality-search column beside an encrypted one (diesel's `Binary`): a truncated keyed HMAC
-/// of the normalized value (see [`envelope_core::blind`]). Compute it when writing the row, and
+/// of the normalized value (see [`envelope_core::BlindIndexSpec`]). Compute it when writing the row, and
 /// the probe the same way for `.filter(customers::email_bidx.eq(&probe))`.
 #[derive(AsExpression, FromSqlRow)]
 #[diesel(sql_type = Binary)]

@@ -199,7 +199,10 @@ macro_rules! checks {
                     .unwrap_err()
             })
             .await;
-        assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+        assert!(
+            matches!(the_envelope_error(&err), Error::Decrypt { .. }),
+            "{err}"
+        );
     }};
 }
 

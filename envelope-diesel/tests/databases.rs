@@ -210,7 +210,10 @@ macro_rules! suite {
                     .execute(&mut conn)
                     .unwrap();
                 let err = load(&mut conn, 1).unwrap_err();
-                assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+                assert!(
+                    matches!(the_envelope_error(&err), Error::Decrypt { .. }),
+                    "{err}"
+                );
                 // diesel's message names the field only; the report adds why.
                 let cause = the_envelope_error(&err).to_string();
                 assert!(!err.to_string().contains(&cause), "{err}");
@@ -268,7 +271,10 @@ macro_rules! suite {
                     .execute(&mut conn)
                     .unwrap();
                 let err = load(&mut conn, 2).unwrap_err();
-                assert!(matches!(the_envelope_error(&err), Error::Decrypt), "{err}");
+                assert!(
+                    matches!(the_envelope_error(&err), Error::Decrypt { .. }),
+                    "{err}"
+                );
                 fx.keyring.close_migration_window(&label);
             }
 

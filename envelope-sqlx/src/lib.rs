@@ -51,15 +51,38 @@
 //! [`envelope_core::current`] resolves: install one with `keyring.install_default()` at start-up
 //! (or scope one per task with `keyring.install_for(..)`). A cached key costs no I/O; a missing one is
 //! loaded once through the keyring's bridge, which is safe on multi-thread and current-thread
-//! runtimes. Errors arrive as `sqlx::Error::Encode` / `ColumnDecode` whose source downcasts to
-//! [`envelope_core::Error`].
+//! runtimes. A read that fails returns `sqlx::Error::ColumnDecode` and a write bound with
+//! `try_bind` returns the encode error; [`envelope_error`] finds the [`envelope_core::Error`]
+//! in either.
 //!
 //! The wrapped keys live in the key table: [`SqlxKeyStore`] implements
-//! [`envelope_core::KeyStore`] for all three databases; call
-//! [`SqlxKeyStore::create_table`](SqlxKeyStore) or apply the files in `migrations/`.
+//! [`envelope_core::KeyStore`] for all three databases.
 //!
-//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `bool`, and with the features below
-//! `uuid::Uuid`, `chrono::NaiveDate`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`.
+//! ## The key table
+//!
+//! Create it in one of two ways:
+//!
+//! - in the application's own migrations: `sqlx migrate add envelope_keys` and paste the
+//!   database's script into the new file: `envelope-sqlx/key-table/postgres.sql`, `mysql.sql`
+//!   or `sqlite.sql` in this crate's source, the same text as [`ddl::POSTGRES`],
+//!   [`ddl::MYSQL`] and [`ddl::SQLITE`]. The crate ships no numbered migration of its own, so
+//!   it never collides with the application's numbering or its `_sqlx_migrations` table;
+//! - at start-up: [`SqlxKeyStore::create_table`](SqlxKeyStore) (`CREATE TABLE IF NOT EXISTS`,
+//!   safe when several processes run it at once), or `envelope init` from the CLI.
+//!
+//! A store whose table does not exist says so (`StoreError::MissingTable`), with these ways out.
+//!
+//! ## Queries checked at compile time
+//!
+//! `query!` and `query_as!` need sqlx's type override on each encrypted column
+//! (`email AS "email: Encrypted<String, CustomerEmail>"`, backticks on MySQL) and `as _` on an
+//! encrypted bind parameter on PostgreSQL: see [`Encrypted`].
+//!
+//! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `u16`, `u32`, `u64`, `f32`, `f64`,
+//! `bool`, and with the features below `uuid::Uuid`, `chrono::NaiveDate`,
+//! `chrono::NaiveDateTime`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`. Any
+//! other type: implement [`Plaintext`] for it (a newtype around a foreign type), as its docs
+//! show.
 //!
 //! ## Cargo features
 //!
@@ -70,7 +93,7 @@
 //! |---|---|
 //! | `postgres`, `mysql`, `sqlite` | the key store and column types on that database |
 //! | `uuid` | `uuid::Uuid` fields |
-//! | `chrono` | `chrono::NaiveDate` and `chrono::DateTime<Utc>` fields |
+//! | `chrono` | `chrono::NaiveDate`, `chrono::NaiveDateTime` and `chrono::DateTime<Utc>` fields |
 //! | `json` | `AsJson<T>` fields: any serde type, stored as JSON inside the envelope |
 #![forbid(unsafe_code)]
 // With no database feature the store's machinery has no database to serve.
@@ -90,11 +113,42 @@ pub use envelope_core::{blind_index, column};
 pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
 pub use types::{BlindIndex, Encrypted, EncryptedText};
 
-/// The [`envelope_core::Error`] inside a sqlx error, if that is what failed.
-pub fn envelope_error(e: &sqlx::Error) -> Option<&envelope_core::Error> {
-    match e {
-        sqlx::Error::Encode(source) | sqlx::Error::Decode(source) => source.downcast_ref(),
-        sqlx::Error::ColumnDecode { source, .. } => source.downcast_ref(),
-        _ => None,
+/// The [`envelope_core::Error`] behind a failed query, bind or decode, if that is what failed.
+///
+/// It walks `e`'s source chain, so it takes a `sqlx::Error` (`envelope_error(&err)`) as well as
+/// the boxed error that [`Query::try_bind`](sqlx::query::Query::try_bind) returns
+/// (`envelope_error(&*err)`).
+///
+/// A read error always carries it (`sqlx::Error::ColumnDecode`). A write error carries it only
+/// when the value was bound with `try_bind` or added with
+/// [`Arguments::add`](sqlx::Arguments::add): sqlx 0.9's `bind` keeps the encode error as text,
+/// so after `.bind(..)` the failure surfaces at `execute` with its message but without its type.
+/// Bind with `try_bind` where the program branches on the kind of error:
+///
+/// ```
+/// # use envelope_sqlx::{Encrypted, column, envelope_error};
+/// # column!(CustomerEmail = "customers.email");
+/// # async fn demo(pool: &sqlx::SqlitePool, email: String) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut insert = sqlx::query("INSERT INTO customers (email) VALUES (?)");
+/// if let Err(e) = insert.try_bind(Encrypted::<String, CustomerEmail>::new(email)) {
+///     match envelope_error(&*e) {
+///         Some(envelope_core::Error::Unavailable(_)) => { /* retry later: the KMS is down */ }
+///         _ => {}
+///     }
+///     return Err(e);
+/// }
+/// insert.execute(pool).await?;
+/// # Ok(()) }
+/// ```
+pub fn envelope_error<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e envelope_core::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<envelope_core::Error>() {
+            return Some(found);
+        }
+        next = err.source();
     }
+    None
 }

@@ -10,8 +10,8 @@ use sqlx::pool::PoolOptions;
 use sqlx::{Database, Pool, QueryBuilder, Row};
 
 /// The DDL for the default table name, one script per database (the same as
-/// [`envelope_core::key_table::ddl`]), also shipped under `envelope-sqlx/migrations/` for
-/// `sqlx migrate`.
+/// [`envelope_core::key_table::ddl`]), also shipped as files to copy into an application's own
+/// migrations: `envelope-sqlx/key-table/{postgres,mysql,sqlite}.sql`.
 pub mod ddl {
     pub use envelope_core::key_table::ddl::{MYSQL, POSTGRES, SQLITE};
 }
@@ -427,20 +427,14 @@ sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, DdlGuard::SQLITE);
 
 #[cfg(test)]
 mod tests {
-    /// The files for `sqlx migrate` are the key table envelope-core defines, byte for byte.
+    /// The files to copy into `migrations/` are the key table envelope-core defines, byte for byte.
     #[test]
     fn shipped_migrations_are_the_shared_ddl() {
         assert_eq!(
-            include_str!("../migrations/postgres/0001_envelope_keys.sql"),
+            include_str!("../key-table/postgres.sql"),
             super::ddl::POSTGRES
         );
-        assert_eq!(
-            include_str!("../migrations/mysql/0001_envelope_keys.sql"),
-            super::ddl::MYSQL
-        );
-        assert_eq!(
-            include_str!("../migrations/sqlite/0001_envelope_keys.sql"),
-            super::ddl::SQLITE
-        );
+        assert_eq!(include_str!("../key-table/mysql.sql"), super::ddl::MYSQL);
+        assert_eq!(include_str!("../key-table/sqlite.sql"), super::ddl::SQLITE);
     }
 }

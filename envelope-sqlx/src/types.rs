@@ -7,9 +7,37 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::{Database, Decode, Encode, Type};
 
-/// A field stored encrypted in a binary column (`BYTEA`, `BLOB`, `VARBINARY`): sealed when bound,
-/// opened when decoded, under column marker `C`. Use `Option<Encrypted<T, C>>` for a nullable
-/// column: SQL `NULL` stays `NULL`.
+/// A field stored encrypted in a binary column (`BYTEA` on PostgreSQL, `BLOB`, `MEDIUMBLOB` or
+/// `VARBINARY(n)` on MySQL/MariaDB, `BLOB` on SQLite): sealed when bound, opened when decoded,
+/// under column marker `C`. Use `Option<Encrypted<T, C>>` for a nullable column: SQL `NULL`
+/// stays `NULL`.
+///
+/// PostgreSQL accepts it bound into a `TEXT` column (the server stores the bytes' hex text);
+/// the read then fails, with sqlx's type mismatch (`BYTEA` against `TEXT`), or, where that
+/// check does not run (`try_get_unchecked`), with
+/// [`FormatError::HexText`](envelope_core::FormatError::HexText), whose message names the fix.
+/// Use [`EncryptedText`] for a text column.
+///
+/// With `query!`/`query_as!`, name the type in the column alias (sqlx's output type override;
+/// MySQL writes the alias in backticks), since the macros see only the column's SQL type; a bind
+/// parameter on PostgreSQL takes `as _`, which skips the macro's type check:
+///
+/// ```ignore
+/// let row = sqlx::query_as!(
+///     Customer,
+///     r#"SELECT name, email AS "email: Encrypted<String, CustomerEmail>" FROM customers WHERE id = $1"#,
+///     id
+/// )
+/// .fetch_one(&pool)
+/// .await?;
+/// sqlx::query!(
+///     "INSERT INTO customers (name, email) VALUES ($1, $2)",
+///     name,
+///     Encrypted::<String, CustomerEmail>::new(email) as _
+/// )
+/// .execute(&pool)
+/// .await?;
+/// ```
 ///
 /// It derefs to `T`. Its `Debug` never shows the value.
 pub struct Encrypted<T, C> {
@@ -160,7 +188,7 @@ where
 }
 
 /// An equality-search column beside an encrypted one: a truncated keyed HMAC of the normalized
-/// value (see [`envelope_core::blind`]). Compute it when writing the row, and compute the probe
+/// value (see [`envelope_core::BlindIndexSpec`]). Compute it when writing the row, and compute the probe
 /// the same way for `WHERE email_bidx = $1`:
 ///
 /// ```

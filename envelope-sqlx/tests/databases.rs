@@ -21,6 +21,9 @@ column!(Seen = "people.seen");
 column!(Notes = "people.notes");
 column!(Email = "people.email");
 column!(Phone = "people.phone");
+column!(Count = "people.count");
+column!(Price = "people.price");
+column!(Met = "people.met");
 blind_index!(EmailIndex = "people.email", CaseFolded);
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,6 +48,9 @@ struct Person {
     email: Option<Encrypted<String, Email>>,
     email_bidx: Option<BlindIndex<EmailIndex>>,
     phone: Option<EncryptedText<String, Phone>>,
+    count: Option<Encrypted<u64, Count>>,
+    price: Option<Encrypted<f64, Price>>,
+    met: Option<Encrypted<chrono::NaiveDateTime, Met>>,
 }
 
 fn keyring<S: KeyStore>(kms: &Arc<LocalKms>, store: Arc<S>) -> Keyring {
@@ -95,7 +101,7 @@ macro_rules! suite {
                     let ddl = format!(
                         "CREATE TABLE {table} (id {id}, name {blob} NOT NULL, photo {big}, age {blob}, \
                          small {blob}, big {blob}, flag {blob}, ident {blob}, born {blob}, seen {blob}, \
-                         notes {blob}, email {blob}, email_bidx {blob}, phone {text})",
+                         notes {blob}, email {blob}, email_bidx {blob}, phone {text}, count {blob}, price {blob}, met {blob})",
                         id = $id, blob = $blob, big = $big_blob, text = $text
                     );
                     sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&pool).await.unwrap();
@@ -104,8 +110,8 @@ macro_rules! suite {
 
                 async fn insert(&self, p: &Person) -> i64 {
                     let q = sql(&format!(
-                        "INSERT INTO {} (id, name, photo, age, small, big, flag, ident, born, seen, notes, email, email_bidx, phone) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO {} (id, name, photo, age, small, big, flag, ident, born, seen, notes, email, email_bidx, phone, count, price, met) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         self.table
                     ));
                     sqlx::query(sqlx::AssertSqlSafe(q))
@@ -123,6 +129,9 @@ macro_rules! suite {
                         .bind(&p.email)
                         .bind(&p.email_bidx)
                         .bind(&p.phone)
+                        .bind(&p.count)
+                        .bind(&p.price)
+                        .bind(&p.met)
                         .execute(&self.pool)
                         .await
                         .unwrap();
@@ -169,6 +178,9 @@ macro_rules! suite {
                     email: Some(Encrypted::new("Alice@Example.com".to_owned())),
                     email_bidx: Some(BlindIndex::of("Alice@Example.com").unwrap()),
                     phone: Some(EncryptedText::new("+1 555 0100".to_owned())),
+                    count: Some(Encrypted::new(u64::MAX)),
+                    price: Some(Encrypted::new(-19.99)),
+                    met: Some(Encrypted::new(chrono::DateTime::from_timestamp(1_700_000_000, 250_000_000).unwrap().naive_utc())),
                 }
             }
 
@@ -178,6 +190,7 @@ macro_rules! suite {
                     name: Encrypted::new(String::new()),
                     photo: None, age: None, small: None, big: None, flag: None, ident: None,
                     born: None, seen: None, notes: None, email: None, email_bidx: None, phone: None,
+                    count: None, price: None, met: None,
                 }
             }
 
@@ -196,6 +209,9 @@ macro_rules! suite {
                 assert_eq!(a.email, b.email);
                 assert_eq!(a.email_bidx, b.email_bidx);
                 assert_eq!(a.phone, b.phone);
+                assert_eq!(a.count, b.count);
+                assert_eq!(a.price, b.price);
+                assert_eq!(a.met, b.met);
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +261,7 @@ macro_rules! suite {
                     let q = sql(&format!("UPDATE {} SET email = name WHERE id = ?", s.table));
                     sqlx::query(sqlx::AssertSqlSafe(q)).bind(1i64).execute(&s.pool).await.unwrap();
                     let err = s.get(1).await.unwrap_err();
-                    assert!(matches!(envelope_error(&err), Some(Error::Decrypt)), "{err}");
+                    assert!(matches!(envelope_error(&err), Some(Error::Decrypt { .. })), "{err}");
                     // And legacy plaintext fails closed.
                     let q = sql(&format!("UPDATE {} SET email = ? WHERE id = ?", s.table));
                     sqlx::query(sqlx::AssertSqlSafe(q)).bind(b"alice@example.com".to_vec()).bind(1i64)
@@ -564,4 +580,95 @@ async fn a_missing_key_table_says_so() {
         );
         assert!(!text.contains("limit"), "{url}: {text}");
     }
+}
+
+/// A write error keeps its type when the value is bound with `try_bind`, and `envelope_error`
+/// finds it behind the boxed error as well as behind a `sqlx::Error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_bind_keeps_the_typed_write_error() {
+    let mut insert = sqlx::query::<sqlx::Sqlite>("INSERT INTO t (v) VALUES (?)");
+    // No keyring is installed in this task.
+    let err = insert
+        .try_bind(Encrypted::<String, Name>::new("x".into()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            envelope_error(&*err),
+            Some(Error::Misuse(envelope_core::Misuse::NoKeyring))
+        ),
+        "{err}"
+    );
+    // The same failure through `bind` reaches `execute` as text only: what the docs say.
+    let (pool, _dir) = open_sqlite().await.unwrap();
+    sqlx::query("CREATE TABLE t (v BLOB)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = sqlx::query("INSERT INTO t (v) VALUES (?)")
+        .bind(Encrypted::<String, Name>::new("x".into()))
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("keyring"), "{err}");
+    assert!(envelope_error(&err).is_none(), "{err}");
+}
+
+/// `Encrypted` bound into a PostgreSQL `TEXT` column: the server stores the bytea's hex text.
+/// sqlx's own type check refuses the read (BYTEA against TEXT); where it does not run
+/// (`try_get_unchecked`, and diesel, which trusts its schema), the read names the wrong column
+/// type instead of calling it "not an envelope value".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_text_column_is_named_on_read() {
+    let Ok(url) = std::env::var("ENVELOPE_TEST_POSTGRES_URL") else {
+        envelope_tests::skipped("set ENVELOPE_TEST_POSTGRES_URL to run the TEXT-column check");
+        return;
+    };
+    let typed = sqlx::PgPool::connect(&url).await.unwrap();
+    let kms = Arc::new(LocalKms::from_key(KeyMaterial::generate().unwrap()));
+    let store = Arc::new(envelope_core::MemoryKeyStore::new());
+    let table = table_name();
+    keyring(&kms, store)
+        .install_for(async {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name TEXT)"
+            )))
+            .execute(&typed)
+            .await
+            .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {table} (id, name) VALUES ($1, $2)"
+            )))
+            .bind(1i64)
+            .bind(Encrypted::<String, Name>::new("Alice".into()))
+            .execute(&typed)
+            .await
+            .unwrap();
+            let select = format!("SELECT name FROM {table} WHERE id = 1");
+            let err = sqlx::query_scalar::<_, Encrypted<String, Name>>(sqlx::AssertSqlSafe(
+                select.clone(),
+            ))
+            .fetch_one(&typed)
+            .await
+            .unwrap_err();
+            assert!(err.to_string().contains("TEXT"), "{err}");
+            let row = sqlx::query(sqlx::AssertSqlSafe(select))
+                .fetch_one(&typed)
+                .await
+                .unwrap();
+            let err =
+                sqlx::Row::try_get_unchecked::<Encrypted<String, Name>, _>(&row, 0).unwrap_err();
+            assert!(
+                matches!(
+                    envelope_error(&err),
+                    Some(Error::Format(envelope_core::FormatError::HexText))
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("BYTEA"), "{err}");
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
+                .execute(&typed)
+                .await
+                .unwrap();
+        })
+        .await;
 }

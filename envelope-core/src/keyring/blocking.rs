@@ -57,7 +57,7 @@ impl Blocking<'_> {
                 }
                 continue;
             }
-            bump(&self.keyring.inner.metrics.bridge_waits);
+            self.keyring.inner.metrics.bridge_wait();
             let inner = self.keyring.inner.clone();
             let s = scope.clone();
             Bridge::blocking_section(|| {
@@ -135,7 +135,7 @@ impl Blocking<'_> {
         if let Some(set) = self.keyring.inner.cached_index_set(label) {
             return Ok(set);
         }
-        bump(&self.keyring.inner.metrics.bridge_waits);
+        self.keyring.inner.metrics.bridge_wait();
         let inner = self.keyring.inner.clone();
         let label = label.clone();
         Bridge::blocking_section(|| {

@@ -133,7 +133,7 @@ impl KeyringBuilder {
         let inner = Arc::new(Inner {
             kms: self.kms,
             readers: self.readers,
-            store: self.store,
+            store: Arc::new(crate::telemetry::TracedStore(self.store)),
             cmk,
             soft_uses: self.policy.soft_uses(),
             policy: self.policy,
@@ -154,7 +154,7 @@ impl KeyringBuilder {
             recent_failures: Mutex::default(),
             pending: Mutex::default(),
             migration_windows: RwLock::default(),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(),
             bridge,
             epoch: Instant::now(),
             clock: self.clock,

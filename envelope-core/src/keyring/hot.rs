@@ -105,7 +105,7 @@ impl Inner {
     ) -> Option<Result<Vec<u8>>> {
         self.with_active(|active| {
             let key = active.by_id.get(&envelope.key_id())?;
-            bump(&self.metrics.cache_hits);
+            self.metrics.cache_hit();
             Some(key.data_in(scope).and_then(|c| c.open(envelope, label)))
         })
     }

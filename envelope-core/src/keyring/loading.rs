@@ -10,23 +10,26 @@ impl Inner {
             .find(|k| k.name() == name)
     }
 
+    /// One KMS call, counted, timed and traced (span `envelope.kms` with the provider and the
+    /// action; never a body or key material).
     pub(super) async fn kms_call<T>(
         &self,
-        counter: &AtomicU64,
+        action: KmsAction,
         provider: &str,
         call: impl std::future::Future<Output = std::result::Result<T, KmsError>>,
     ) -> Result<T> {
-        bump(counter);
+        let span = tracing::debug_span!(target: "envelope::kms", "envelope.kms", provider, action = action.name());
         let started = Instant::now();
-        let result = call.await;
+        let result = tracing::Instrument::instrument(call, span).await;
         let elapsed = started.elapsed();
+        self.metrics
+            .kms_call(action, provider, result.is_ok(), elapsed);
         match &result {
             Ok(_) => {
-                tracing::debug!(target: "envelope::kms", provider, ?elapsed, "kms call")
+                tracing::debug!(target: "envelope::kms", provider, action = action.name(), ?elapsed, "kms call")
             }
             Err(e) => {
-                bump(&self.metrics.kms_errors);
-                tracing::warn!(target: "envelope::kms", provider, ?elapsed, error = %e, "kms call failed");
+                tracing::warn!(target: "envelope::kms", provider, action = action.name(), ?elapsed, error = %e, "kms call failed");
             }
         }
         Ok(result?)
@@ -58,7 +61,7 @@ impl Inner {
         };
         let material = self
             .kms_call(
-                &self.metrics.kms_decrypt,
+                KmsAction::Decrypt,
                 kms.name(),
                 kms.decrypt(&record.cmk_id, &record.wrapped, &context),
             )
@@ -84,10 +87,10 @@ impl Inner {
     /// The opened key for `id`, from the cache or loaded once for all concurrent callers.
     pub(super) fn key_blocking(self: &Arc<Self>, id: KeyId) -> Result<Arc<OpenedKey>> {
         if let Some(key) = self.cached(&id) {
-            bump(&self.metrics.cache_hits);
+            self.metrics.cache_hit();
             return Ok(key);
         }
-        bump(&self.metrics.cache_misses);
+        self.metrics.cache_miss();
         if let Some(e) = self.recent_load_failure(&id) {
             return Err(e);
         }
@@ -95,7 +98,7 @@ impl Inner {
         // their thread too, and on a multi-thread runtime they must not hold a worker hostage.
         Bridge::blocking_section(|| {
             self.cache.try_get_with(id, || {
-                bump(&self.metrics.bridge_waits);
+                self.metrics.bridge_wait();
                 let inner = self.clone();
                 self.bridge
                     .wait("loading a key", async move { inner.load(id).await })
@@ -173,7 +176,7 @@ impl Inner {
             e,
             Error::Unavailable(crate::error::Unavailable::Timeout { .. })
         ) {
-            bump(&self.metrics.bridge_timeouts);
+            self.metrics.bridge_timeout();
         }
         e
     }

@@ -27,9 +27,9 @@ use crate::error::{Error, KmsError, MasterKeyMissing, Result, StoreError};
 use crate::format::{self, NONCE_LEN};
 use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 use crate::kms::{EncryptionContext, KmsProvider};
-use crate::metrics::{Metrics, MetricsSnapshot, bump};
 use crate::nonce;
 use crate::store::{KeyFilter, KeyStore};
+use crate::telemetry::{KmsAction, Metrics, MetricsSnapshot};
 
 mod blocking;
 mod builder;
@@ -135,6 +135,14 @@ struct Inner {
 /// The handle an application builds once and shares (it is cheap to clone).
 ///
 /// See the crate docs for a complete example.
+///
+/// # One data key per process
+///
+/// A keyring makes its own data key per scope at its first write and keeps writing under it
+/// until it rotates ([`Policy`]). Keyrings never share an active key, so every process (and
+/// every keyring built in one) adds a key that readers unwrap once: build one keyring per
+/// process and clone it, and call [`Keyring::retire_active_keys`] on a clean shutdown so that
+/// the key table does not collect keys nobody writes under.
 #[derive(Clone)]
 pub struct Keyring {
     inner: Arc<Inner>,
@@ -375,7 +383,7 @@ impl Keyring {
         self.inner.rotate_and_report(s, inner).await
     }
 
-    /// The blind index of `value` under `spec` (see [`crate::blind`]). The index key for the
+    /// The blind index of `value` under `spec` (see [`BlindIndexSpec`](crate::BlindIndexSpec)). The index key for the
     /// spec's label is created on first use and shared through the key table.
     ///
     /// # Errors
@@ -482,7 +490,7 @@ impl Keyring {
 
     async fn key_async(&self, id: KeyId) -> Result<Arc<OpenedKey>> {
         if let Some(key) = self.inner.cached(&id) {
-            bump(&self.inner.metrics.cache_hits);
+            self.inner.metrics.cache_hit();
             return Ok(key);
         }
         // Load through the same single-flight path as synchronous callers, on the keyring's

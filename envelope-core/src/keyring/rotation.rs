@@ -37,7 +37,7 @@ impl Inner {
             // On success the successor is prepared (or the key was already replaced): the flag
             // stays set so later writes do not schedule again. On failure, back off and retry.
             if let Err(e) = result {
-                bump(&inner.metrics.rotation_failures);
+                inner.metrics.rotation_failure();
                 tracing::warn!(
                     target: "envelope::keyring",
                     scope = %scope,
@@ -179,7 +179,7 @@ impl Inner {
             next
         });
         self.generation.fetch_add(1, Ordering::Release);
-        bump(&self.metrics.rotations);
+        self.metrics.rotation();
         let previous = previous.map(|old| {
             // The outgoing key leaves the active set, and its cache entry (made when the key was)
             // may have expired long ago: cache it afresh, so the most recent values stay readable
@@ -237,7 +237,7 @@ impl Inner {
         let context = kms_context(&id, kind, scope);
         let generated = self
             .kms_call(
-                &self.metrics.kms_generate_data_key,
+                KmsAction::GenerateDataKey,
                 self.kms.name(),
                 self.kms.generate_data_key(&self.cmk, &context),
             )

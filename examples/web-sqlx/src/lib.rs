@@ -6,9 +6,14 @@
 //! | `POST /customers` | create from `{"name", "email", "phone"?, "national_id"?, "notes"?}`; returns `{"id"}` |
 //! | `GET /customers/{id}` | one customer |
 //! | `GET /customers?email=...` | find by e-mail (blind index; case and surrounding spaces ignored) |
+//! | `GET /customers?limit=50&after=ID` | list in id order, `limit` (1 to 500, default 50) at a time, after the id `after` (the last id of the previous page) |
 //! | `PUT /customers/{id}` | replace |
 //! | `DELETE /customers/{id}` | delete |
-//! | `GET /metrics` | KMS calls, cache hits and misses |
+//! | `GET /metrics` | envelope's metrics in Prometheus text format (KMS calls by action and outcome with their latency, key-cache hits and misses, rotations, bridge waits, key-table calls) |
+//! | `GET /metrics.json` | this keyring's counters as JSON |
+//!
+//! Every error answer, unknown routes and methods included, is JSON: `{"error": "..."}`. An id
+//! that is not a UUID is 400, an unknown one 404.
 //!
 //! Configuration, all optional: `PORT` (3000), `DATABASE_URL` (`sqlite://web-sqlx.db?mode=rwc`;
 //! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`; `tencent` with
@@ -236,6 +241,8 @@ impl App {
     /// # Errors
     /// A message saying what could not be reached or set up.
     pub async fn start(config: Config) -> Result<App, String> {
+        // Before the keyring: it registers its hot-path counters with the recorder it finds.
+        prometheus();
         let backend = Backend::of(&config.database_url)?;
         let (kms, cmk): (Arc<dyn KmsProvider>, String) = match &config.kms {
             KmsChoice::LocalFile(path) => {
@@ -323,9 +330,12 @@ impl App {
     /// The routes.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/customers", get(find_by_email).post(create))
+            .route("/customers", get(list_or_find).post(create))
             .route("/customers/{id}", get(read).put(replace).delete(remove))
-            .route("/metrics", get(metrics))
+            .route("/metrics", get(prometheus_text))
+            .route("/metrics.json", get(metrics))
+            .fallback(no_route)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 with_keyring,
@@ -356,6 +366,31 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no customer with this id".into())
+}
+
+async fn no_route() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such route: see the routes in the crate docs (/customers, /customers/{id}, /metrics)"
+            .into(),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method (/customers: GET, POST; /customers/{id}: GET, PUT, DELETE; /metrics, /metrics.json: GET)"
+            .into(),
+    )
+}
+
+/// A customer id from the path: a UUID, or 400.
+fn customer_id(id: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.to_string())
+        .map_err(|_| {
+            bad_request("a customer id is a UUID, such as 67e55044-10b1-426f-9247-bb680e5fe0c8")
+        })
 }
 
 fn internal(e: &sqlx::Error) -> ApiError {
@@ -518,6 +553,7 @@ async fn read(
     State(app): State<App>,
     Path(id): Path<String>,
 ) -> Result<Json<CustomerOutput>, ApiError> {
+    let id = customer_id(&id)?;
     let a = &app.inner;
     let sql = a
         .backend
@@ -531,21 +567,63 @@ async fn read(
 }
 
 #[derive(Deserialize)]
-struct EmailQuery {
+#[serde(deny_unknown_fields)]
+struct ListQuery {
     email: Option<String>,
+    limit: Option<u32>,
+    after: Option<String>,
 }
 
-async fn find_by_email(
+/// The default and the largest page of `GET /customers`.
+const PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+async fn list_or_find(
     State(app): State<App>,
-    query: Result<Query<EmailQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<CustomerOutput>>, ApiError> {
     let Query(q) = query.map_err(|r| bad_request(r.body_text()))?;
-    let email = q
-        .email
-        .filter(|e| !e.trim().is_empty())
-        .ok_or_else(|| bad_request("the query parameter `email` is required"))?;
+    match q.email {
+        Some(_) if q.limit.is_some() || q.after.is_some() => Err(bad_request(
+            "`email` finds customers; `limit` and `after` page through the list: use one or the other",
+        )),
+        Some(email) => find_by_email(&app, &email).await,
+        None => list(&app, q.limit, q.after.as_deref()).await,
+    }
+}
+
+async fn list(
+    app: &App,
+    limit: Option<u32>,
+    after: Option<&str>,
+) -> Result<Json<Vec<CustomerOutput>>, ApiError> {
+    let limit = limit.unwrap_or(PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(bad_request(format!(
+            "`limit` is 1 to {MAX_PAGE}, got {limit}"
+        )));
+    }
+    let after = after.map(customer_id).transpose()?;
     let a = &app.inner;
-    let probes = email_probes(&email)?;
+    let filter = if after.is_some() { "WHERE id > ?" } else { "" };
+    let sql = a.backend.sql(&format!(
+        "SELECT {COLUMNS} FROM {} {filter} ORDER BY id LIMIT {limit}",
+        a.table
+    ));
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+    if let Some(after) = after {
+        query = query.bind(after);
+    }
+    let rows: Vec<CustomerRow> = query.fetch_all(&a.pool).await.map_err(|e| internal(&e))?;
+    Ok(Json(rows.into_iter().map(Into::into).collect()))
+}
+
+async fn find_by_email(app: &App, email: &str) -> Result<Json<Vec<CustomerOutput>>, ApiError> {
+    if email.trim().is_empty() {
+        return Err(bad_request("the query parameter `email` is empty"));
+    }
+    let a = &app.inner;
+    let probes = email_probes(email)?;
     let placeholders = vec!["?"; probes.len()].join(", ");
     let sql = a.backend.sql(&format!(
         "SELECT {COLUMNS} FROM {} WHERE email_bidx IN ({placeholders})",
@@ -557,7 +635,7 @@ async fn find_by_email(
     }
     let rows: Vec<CustomerRow> = query.fetch_all(&a.pool).await.map_err(|e| internal(&e))?;
     // A truncated index can match an unrelated value now and then: confirm on the plaintext.
-    let wanted = Normalizer::CaseFolded.apply(&email).into_owned();
+    let wanted = Normalizer::CaseFolded.apply(email).into_owned();
     Ok(Json(
         rows.into_iter()
             .filter(|r| Normalizer::CaseFolded.apply(&r.email) == wanted)
@@ -571,6 +649,7 @@ async fn replace(
     Path(id): Path<String>,
     payload: Result<Json<CustomerInput>, JsonRejection>,
 ) -> Result<Json<CustomerOutput>, ApiError> {
+    let id = customer_id(&id)?;
     let input = body(payload)?;
     let a = &app.inner;
     let sql = a.backend.sql(&format!(
@@ -589,6 +668,7 @@ async fn replace(
 }
 
 async fn remove(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = customer_id(&id)?;
     let a = &app.inner;
     let sql = a
         .backend
@@ -606,4 +686,37 @@ async fn remove(State(app): State<App>, Path(id): Path<String>) -> Result<Status
 
 async fn metrics(State(app): State<App>) -> Json<envelope_core::MetricsSnapshot> {
     Json(app.inner.keyring.metrics())
+}
+
+/// The process's Prometheus recorder, installed at the first `App::start`. `None` when the
+/// embedding program installed a `metrics` recorder of its own: envelope reports to that one.
+fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .inspect_err(|e| tracing::warn!(error = %e, "no Prometheus recorder"))
+                .ok()
+        })
+        .as_ref()
+}
+
+async fn prometheus_text() -> Response {
+    match prometheus() {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process: read the metrics there".into(),
+        )
+        .into_response(),
+    }
 }

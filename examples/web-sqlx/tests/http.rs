@@ -161,9 +161,12 @@ async fn bad_input(r: &Running) {
             Some(r#"{"name":"x","email":"no-at-sign"}"#),
         ),
         ("POST", "/customers", Some(r#"{"name":"x","email":17}"#)),
-        ("GET", "/customers", None),
         ("GET", "/customers?email=", None),
-        ("GET", "/customers/not-an-id", None),
+        ("GET", "/customers?limit=0", None),
+        ("GET", "/customers?limit=501", None),
+        ("GET", "/customers?after=nope", None),
+        ("GET", "/customers?email=a@b.c&limit=2", None),
+        ("GET", "/customers?colour=red", None),
         (
             "PUT",
             "/customers/00000000-0000-0000-0000-000000000000",
@@ -172,6 +175,20 @@ async fn bad_input(r: &Running) {
     ] {
         let (s, v) = r.call(method, path, body).await;
         assert!((400..500).contains(&s), "{method} {path} {body:?}: {s} {v}");
+        assert!(v["error"].is_string(), "{method} {path}: {v}");
+    }
+    // A malformed id is the client's mistake (400), an unknown route or method has a JSON body.
+    for (method, path, status) in [
+        ("GET", "/customers/not-an-id", 400),
+        ("PUT", "/customers/not-an-id", 400),
+        ("DELETE", "/customers/not-an-id", 400),
+        ("GET", "/nowhere", 404),
+        ("PATCH", "/customers", 405),
+        ("POST", "/metrics", 405),
+    ] {
+        let body = (method == "PUT").then_some(r#"{"name":"x","email":"x@y.z"}"#);
+        let (s, v) = r.call(method, path, body).await;
+        assert_eq!(s, status, "{method} {path}: {v}");
         assert!(v["error"].is_string(), "{method} {path}: {v}");
     }
     // Without a JSON content type.
@@ -185,8 +202,49 @@ async fn bad_input(r: &Running) {
     assert_eq!(resp.status().as_u16(), 415);
 }
 
+/// `GET /customers` without `email` lists in id order, a page at a time.
+async fn listing(r: &Running) {
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let body = json!({"name": format!("p{i}"), "email": format!("p{i}@example.com")});
+        let (s, v) = r.call("POST", "/customers", Some(&body.to_string())).await;
+        assert_eq!(s, 201);
+        made.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(id) => format!("/customers?limit=2&after={id}"),
+            None => "/customers?limit=2".to_owned(),
+        };
+        let (s, page) = r.call("GET", &path, None).await;
+        assert_eq!(s, 200, "{page}");
+        let page = page.as_array().unwrap().clone();
+        assert!(page.len() <= 2);
+        if page.is_empty() {
+            break;
+        }
+        for c in &page {
+            // The encrypted fields open in a list as in a single read.
+            assert!(c["email"].as_str().unwrap().contains('@'), "{c}");
+            seen.push(c["id"].as_str().unwrap().to_owned());
+        }
+        after = seen.last().cloned();
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "pages come in id order");
+    for id in &made {
+        assert!(seen.contains(id), "{id} missing from the list");
+    }
+    let (s, all) = r.call("GET", "/customers", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(all.as_array().unwrap().len(), seen.len().min(50));
+}
+
 async fn kms_calls_do_not_grow_with_requests(r: &Running) {
-    let before = r.call("GET", "/metrics", None).await.1;
+    let before = r.call("GET", "/metrics.json", None).await.1;
     for i in 0..30 {
         let body =
             json!({"name": format!("n{i}"), "email": format!("u{i}@example.com"), "phone": "1"});
@@ -201,7 +259,7 @@ async fn kms_calls_do_not_grow_with_requests(r: &Running) {
             .await;
         assert_eq!(s, 200);
     }
-    let after = r.call("GET", "/metrics", None).await.1;
+    let after = r.call("GET", "/metrics.json", None).await.1;
     assert_eq!(
         after["kms_calls"], before["kms_calls"],
         "{before} -> {after}"
@@ -211,11 +269,39 @@ async fn kms_calls_do_not_grow_with_requests(r: &Running) {
         r.app.keyring().metrics().kms_calls,
         after["kms_calls"].as_u64().unwrap()
     );
+    prometheus_text(r).await;
+}
+
+/// `/metrics` is Prometheus text with envelope's series; no value, key or body in it.
+async fn prometheus_text(r: &Running) {
+    let resp = r
+        .client
+        .get(format!("{}/metrics", r.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let kind = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    let text = resp.text().await.unwrap();
+    for series in [
+        "envelope_kms_calls_total{",
+        "action=\"generate_data_key\"",
+        "outcome=\"ok\"",
+        "envelope_kms_call_seconds",
+        "envelope_key_cache_lookups_total{result=\"hit\"}",
+        "envelope_key_store_calls_total{",
+        "envelope_rotations_total",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    assert!(!text.contains("example.com"), "{text}");
 }
 
 async fn full_suite(r: Running) {
     crud(&r).await;
     bad_input(&r).await;
+    listing(&r).await;
     kms_calls_do_not_grow_with_requests(&r).await;
 }
 
