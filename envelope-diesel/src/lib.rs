@@ -117,6 +117,11 @@
 //! # }
 //! ```
 //!
+//! ## Versions
+//!
+//! For diesel 2.3 (and diesel-async 0.9 with the feature `async`); the README lists the other
+//! minimums.
+//!
 //! ## Cargo features
 //!
 //! | feature | what it adds |

@@ -84,6 +84,12 @@
 //! other type: implement [`Plaintext`] for it (a newtype around a foreign type), as its docs
 //! show.
 //!
+//! ## Versions
+//!
+//! For sqlx 0.9 (an application still on sqlx 0.8 gets "multiple versions of `sqlx_core`"
+//! trait errors: upgrade sqlx first) and tokio 1.45.1 or later; the README lists the other
+//! minimums.
+//!
 //! ## Cargo features
 //!
 //! Nothing is on by default except what is named below: enable the databases and field types
