@@ -163,7 +163,10 @@ impl Plaintext for Vec<u8> {
     }
 }
 
-macro_rules! int_plaintext {
+/// Numbers as their big-endian bytes at full width: two's complement for the signed integers,
+/// the IEEE 754 bits for the floats (every value round-trips exactly, `-0.0` and NaN payloads
+/// included).
+macro_rules! be_bytes_plaintext {
     ($($t:ty),*) => {$(
         impl Plaintext for $t {
             fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
@@ -178,26 +181,7 @@ macro_rules! int_plaintext {
         }
     )*};
 }
-int_plaintext!(i16, i32, i64, u16, u32, u64);
-
-macro_rules! float_plaintext {
-    ($($t:ty),*) => {$(
-        /// The IEEE 754 bits, big-endian: every value round-trips exactly, `-0.0` and NaN
-        /// payloads included.
-        impl Plaintext for $t {
-            fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
-                Ok(Cow::Owned(self.to_be_bytes().to_vec()))
-            }
-            fn from_plaintext(bytes: Vec<u8>) -> Result<Self> {
-                let arr = bytes.as_slice().try_into().map_err(|_| {
-                    type_error(stringify!($t), format!("{} bytes", bytes.len()))
-                })?;
-                Ok(<$t>::from_be_bytes(arr))
-            }
-        }
-    )*};
-}
-float_plaintext!(f32, f64);
+be_bytes_plaintext!(i16, i32, i64, u16, u32, u64, f32, f64);
 
 impl Plaintext for bool {
     fn to_plaintext(&self) -> Result<Cow<'_, [u8]>> {
