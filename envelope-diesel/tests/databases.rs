@@ -467,3 +467,48 @@ suite!(
     "TEXT",
     "BIGINT"
 );
+
+diesel::table! {
+    /// A schema that says `Binary` where the database has `TEXT`: what a `schema.rs` written by
+    /// hand, or left over from before the column was meant to be encrypted, can say.
+    mistyped (id) {
+        id -> BigInt,
+        name -> Binary,
+    }
+}
+
+/// `Encrypted` written into a PostgreSQL `TEXT` column: the server casts the bytea to its hex
+/// text, and diesel (which trusts the schema) reads that text back. The error names the column
+/// type and the fix instead of calling the value "not an envelope value".
+#[test]
+fn a_text_column_behind_a_binary_schema_is_named_on_read() {
+    let Some(mut conn) = open_postgres() else {
+        return;
+    };
+    diesel::sql_query("CREATE TABLE mistyped (id BIGINT PRIMARY KEY, name TEXT)")
+        .execute(&mut conn)
+        .unwrap();
+    let fx = Fixture::new();
+    let _guard = fx.keyring.enter();
+    diesel::insert_into(mistyped::table)
+        .values((
+            mistyped::id.eq(1i64),
+            mistyped::name.eq(Encrypted::<String, Name>::new("Ada".into())),
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    let err = mistyped::table
+        .select(mistyped::name)
+        .first::<Encrypted<String, Name>>(&mut conn)
+        .unwrap_err();
+    assert!(
+        matches!(
+            envelope_diesel::envelope_error(&err),
+            Some(Error::Format(FormatError::HexText))
+        ),
+        "{err}"
+    );
+    let shown = envelope_diesel::report(&err).to_string();
+    assert!(shown.contains("BYTEA"), "{shown}");
+    assert!(!shown.contains("Ada"), "{shown}");
+}
