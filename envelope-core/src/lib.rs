@@ -60,6 +60,15 @@
 //! [`Keyring::blocking`] serves synchronous codecs. A cached key costs no I/O; a miss waits
 //! for the keyring's own runtime thread with a timeout ([`Policy::kms_timeout`]), which is safe on
 //! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
+//!
+//! ## Metrics and traces
+//!
+//! A keyring reports KMS calls (by provider, action and outcome, with their latency), key-cache
+//! hits and misses, rotations, bridge waits and key-table calls through the `metrics` facade,
+//! under the names in [`metric_names`]; install the application's recorder before building the
+//! keyring. KMS calls run in `envelope.kms` spans and key-table calls in `envelope.key_store`
+//! spans (`tracing`), which carry no body, value or key material. [`Keyring::metrics`] gives the
+//! same counters for one keyring without any recorder.
 #![forbid(unsafe_code)]
 
 mod blind;
