@@ -14,7 +14,7 @@ use crate::kms::KmsProvider;
 /// | URI | provider | master key | read from the environment |
 /// |---|---|---|---|
 /// | `local://PATH` | [`LocalKms`](crate::LocalKms) | the key file's key | nothing |
-/// | `tencent://REGION/CMK_ID` | Tencent Cloud KMS | `CMK_ID` | `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY`, `TENCENTCLOUD_SESSION_TOKEN`, `ENVELOPE_TENCENT_ENDPOINT`; or `ENVELOPE_TENCENT_CREDENTIALS=instance-role`: see [`TencentConfig::for_region_from_env`](crate::kms::tencent::TencentConfig::for_region_from_env) |
+/// | `tencent://REGION/CMK_ID` | Tencent Cloud KMS | `CMK_ID` | `TENCENTCLOUD_SECRET_ID`, `TENCENTCLOUD_SECRET_KEY`, `TENCENTCLOUD_SESSION_TOKEN`, `ENVELOPE_TENCENT_ENDPOINT`; or `ENVELOPE_TENCENT_CREDENTIALS=instance-role`: see `TencentConfig::for_region_from_env` (feature `kms-tencent`) |
 /// | `aws://REGION/KEY` | AWS KMS | `KEY`: a key id, key ARN, `alias/NAME` or alias ARN | the SDK's default chain (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, web identity, instance metadata, ...), `AWS_ENDPOINT_URL_KMS` |
 /// | `vault://HOST[:PORT]/MOUNT/KEY` | Vault / OpenBao Transit over https | `MOUNT/KEY` | `VAULT_TOKEN` (or `BAO_TOKEN`), `VAULT_NAMESPACE`, `VAULT_CACERT` |
 /// | `vault+http://HOST[:PORT]/MOUNT/KEY` | the same over plain http, for a loopback host only (a dev server) | `MOUNT/KEY` | as above |
