@@ -93,7 +93,7 @@ pub use error::{
     ConfigError, Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Misuse, Report,
     Result, StoreError, SystemError, Unavailable,
 };
-pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy};
+pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy, RetireOnDrop};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 pub use kms::local::LocalKms;
 pub use kms::provider::{EncryptionContext, GeneratedDataKey, KmsProvider};

@@ -131,6 +131,22 @@ impl Blocking<'_> {
         Ok(probes)
     }
 
+    /// [`Keyring::retire_active_keys`].
+    ///
+    /// # Errors
+    /// As [`Keyring::retire_active_keys`], plus
+    /// [`Unavailable::Timeout`](crate::Unavailable::Timeout).
+    pub fn retire_active_keys(&self) -> Result<usize> {
+        let inner = self.keyring.inner.clone();
+        Bridge::blocking_section(|| {
+            self.keyring
+                .inner
+                .bridge
+                .wait("retiring the active data keys", inner.retire_active())
+        })
+        .map_err(|e| self.keyring.inner.note_timeout(e))
+    }
+
     fn index_set(&self, label: &Label) -> Result<Arc<IndexSet>> {
         if let Some(set) = self.keyring.inner.cached_index_set(label) {
             return Ok(set);

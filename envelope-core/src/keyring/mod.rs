@@ -132,6 +132,27 @@ struct Inner {
     clock: Clock,
 }
 
+/// Retires its keyring's active data keys when it drops ([`Keyring::retire_on_drop`]).
+#[derive(Debug)]
+pub struct RetireOnDrop {
+    keyring: Keyring,
+}
+
+impl Drop for RetireOnDrop {
+    fn drop(&mut self) {
+        match self.keyring.blocking().retire_active_keys() {
+            Ok(retired) => {
+                tracing::debug!(target: "envelope::keyring", retired, "retired the active data keys")
+            }
+            Err(e) => tracing::warn!(
+                target: "envelope::keyring",
+                error = %e,
+                "retiring the active data keys failed; `envelope keys retire --older-than` closes them later"
+            ),
+        }
+    }
+}
+
 /// The handle an application builds once and shares (it is cheap to clone).
 ///
 /// See the crate docs for a complete example.
@@ -141,8 +162,9 @@ struct Inner {
 /// A keyring makes its own data key per scope at its first write and keeps writing under it
 /// until it rotates ([`Policy`]). Keyrings never share an active key, so every process (and
 /// every keyring built in one) adds a key that readers unwrap once: build one keyring per
-/// process and clone it, and call [`Keyring::retire_active_keys`] on a clean shutdown so that
-/// the key table does not collect keys nobody writes under.
+/// process and clone it, and call [`Keyring::retire_active_keys`] on a clean shutdown (or hold
+/// [`Keyring::retire_on_drop`]'s guard for a short-lived job) so that the key table does not
+/// collect keys nobody writes under.
 #[derive(Clone)]
 pub struct Keyring {
     inner: Arc<Inner>,
@@ -447,23 +469,20 @@ impl Keyring {
         let inner = self.inner.clone();
         self.inner
             .bridge
-            .run("retiring the active data keys", async move {
-                let now = SystemTime::now();
-                let mut retired = 0;
-                for (scope, active) in inner.active.load().iter(&inner.default_scope) {
-                    inner.store.retire(&active.key.id(), now).await?;
-                    inner.deactivate(&scope, &active.key, false);
-                    retired += 1;
-                }
-                let pending: Vec<Arc<OpenedKey>> =
-                    inner.pending_keys().drain().map(|(_, k)| k).collect();
-                for key in pending {
-                    inner.store.retire(&key.id(), now).await?;
-                    retired += 1;
-                }
-                Ok(retired)
-            })
+            .run("retiring the active data keys", inner.retire_active())
             .await
+    }
+
+    /// A guard that retires this keyring's active data keys when it drops
+    /// ([`Keyring::retire_active_keys`], through [`Blocking`]): for a short-lived job, so that
+    /// each run does not leave a key behind that nobody writes under. Bind it for the job's
+    /// length: `let _retire = keyring.retire_on_drop();`. A failure is logged (`warn`, target
+    /// `envelope::keyring`); `envelope keys retire --older-than` closes what it left.
+    #[must_use = "the keys are retired when the guard drops: bind it, `let _retire = keyring.retire_on_drop();`"]
+    pub fn retire_on_drop(&self) -> RetireOnDrop {
+        RetireOnDrop {
+            keyring: self.clone(),
+        }
     }
 
     /// Read the key table now for keys retired or deleted elsewhere (see

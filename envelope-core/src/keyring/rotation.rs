@@ -313,3 +313,23 @@ impl Inner {
         }
     }
 }
+
+impl Inner {
+    /// Retire the active data keys of every scope, and the successors prepared for them, in the
+    /// key table, and stop writing under them. Returns how many were retired.
+    pub(super) async fn retire_active(self: Arc<Self>) -> Result<usize> {
+        let now = SystemTime::now();
+        let mut retired = 0;
+        for (scope, active) in self.active.load().iter(&self.default_scope) {
+            self.store.retire(&active.key.id(), now).await?;
+            self.deactivate(&scope, &active.key, false);
+            retired += 1;
+        }
+        let pending: Vec<Arc<OpenedKey>> = self.pending_keys().drain().map(|(_, k)| k).collect();
+        for key in pending {
+            self.store.retire(&key.id(), now).await?;
+            retired += 1;
+        }
+        Ok(retired)
+    }
+}

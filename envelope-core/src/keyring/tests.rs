@@ -603,6 +603,36 @@ fn retiring_the_active_keys_closes_them_and_keeps_them_readable() {
     assert_ne!(key_of(&second), key_of(&first));
 }
 
+/// A short-lived job's guard: its key is closed when the job ends, from a plain thread and
+/// from inside a current-thread runtime (where `#[tokio::main(flavor = "current_thread")]`
+/// drops it).
+#[test]
+fn the_retire_guard_closes_the_active_key_when_it_drops() {
+    let (k, store) = keyring_with(Policy::default(), Clock::default());
+    let live = || block_on(store.list(&KeyFilter::default())).unwrap().len();
+    {
+        let _retire = k.retire_on_drop();
+        k.blocking().encrypt(&label(), b"one").unwrap();
+        assert_eq!(live(), 1);
+    }
+    assert_eq!(live(), 0);
+    assert_eq!(
+        k.blocking().retire_active_keys().unwrap(),
+        0,
+        "nothing left"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _retire = k.retire_on_drop();
+        k.encrypt(&label(), b"two").await.unwrap();
+        assert_eq!(store.list(&KeyFilter::default()).await.unwrap().len(), 1);
+    });
+    assert_eq!(live(), 0);
+}
+
 #[test]
 fn a_key_deleted_from_the_key_table_leaves_every_cache() {
     let (k, store) = keyring_with(Policy::default(), Clock::default());
