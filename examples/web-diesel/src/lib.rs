@@ -27,6 +27,8 @@
 //! | `DELETE /patients/{id}` | delete |
 //! | `GET /metrics` | KMS calls, cache hits and misses |
 //!
+//! Every error answer, unknown routes and methods included, is JSON: `{"error": "..."}`.
+//!
 //! Configuration, all optional: `PORT` (3001), `DATABASE_URL` (`web-diesel.db`, a SQLite file;
 //! `postgres://…` with the feature `postgres`, `mysql://…` with `mysql`), `ENVELOPE_KMS` (`local`,
 //! or a key URI such as `tencent://REGION/CMK`, see docs/PROVIDERS.md),
@@ -354,6 +356,8 @@ impl App {
             .route("/patients", get(find_by_email).post(create))
             .route("/patients/{id}", get(read).delete(remove))
             .route("/metrics", get(metrics))
+            .fallback(no_route)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 with_keyring,
@@ -404,6 +408,21 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no patient with this id".into())
+}
+
+async fn no_route() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such route: /patients, /patients/{id} and /metrics are served".into(),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method (/patients: GET, POST; /patients/{id}: GET, DELETE; /metrics: GET)"
+            .into(),
+    )
 }
 
 fn pool_error(e: diesel::r2d2::PoolError) -> ApiError {

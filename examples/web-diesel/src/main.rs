@@ -32,7 +32,15 @@ async fn main() -> std::process::ExitCode {
         app.database(),
         app.keyring().provider_name()
     );
-    if let Err(e) = axum::serve(listener, app.router()).await {
+    // Ctrl-C stops it cleanly, and the guard then retires this process's data keys.
+    let _retire = app.keyring().retire_on_drop();
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    if let Err(e) = axum::serve(listener, app.router())
+        .with_graceful_shutdown(stop)
+        .await
+    {
         eprintln!("web-diesel: {e}");
         return std::process::ExitCode::FAILURE;
     }

@@ -94,6 +94,11 @@ async fn register(config: Config) {
     assert_eq!(s, 400, "{v}");
     let (s, _) = r.call("GET", "/patients/no-such-id", None).await;
     assert_eq!(s, 404);
+    for (method, path, status) in [("GET", "/nowhere", 404), ("PUT", "/patients", 405)] {
+        let (s, v) = r.call(method, path, None).await;
+        assert_eq!(s, status, "{method} {path}: {v}");
+        assert!(v["error"].is_string(), "{method} {path}: {v}");
+    }
 
     // A second app: its keyring is cold, and loads the key through DieselKeyStore.
     let again = start(config).await;
