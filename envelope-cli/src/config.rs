@@ -136,6 +136,12 @@ pub enum ValueType {
     I32,
     /// 8-byte big-endian integer.
     I64,
+    /// 2-byte big-endian unsigned integer.
+    U16,
+    /// 4-byte big-endian unsigned integer.
+    U32,
+    /// 8-byte big-endian unsigned integer.
+    U64,
     /// One byte, 0 or 1.
     Bool,
     /// The 16 bytes of a UUID.
@@ -144,6 +150,8 @@ pub enum ValueType {
     Date,
     /// RFC 3339 in UTC.
     Timestamp,
+    /// A date and time without a time zone, `YYYY-MM-DDTHH:MM:SS[.fraction]`.
+    Datetime,
     /// Compact JSON.
     Json,
 }
@@ -157,10 +165,14 @@ impl ValueType {
             ValueType::I16 => "i16",
             ValueType::I32 => "i32",
             ValueType::I64 => "i64",
+            ValueType::U16 => "u16",
+            ValueType::U32 => "u32",
+            ValueType::U64 => "u64",
             ValueType::Bool => "bool",
             ValueType::Uuid => "uuid",
             ValueType::Date => "date",
             ValueType::Timestamp => "timestamp",
+            ValueType::Datetime => "datetime",
             ValueType::Json => "json",
         }
     }
@@ -170,7 +182,11 @@ impl ValueType {
     pub fn is_textual(self) -> bool {
         matches!(
             self,
-            ValueType::String | ValueType::Date | ValueType::Timestamp | ValueType::Json
+            ValueType::String
+                | ValueType::Date
+                | ValueType::Timestamp
+                | ValueType::Datetime
+                | ValueType::Json
         )
     }
 }
@@ -405,7 +421,7 @@ fn column(where_: &str, pk: &str, c: RawColumn) -> Result<ColumnConfig, ConfigEr
     }
     if c.source.is_none() && c.form == Form::Text && !c.ty.is_textual() {
         return Err(bad(format!(
-            "{where_}: an in-place text-form column can only hold string, date, timestamp or json values ({} plaintext is not text): add the envelope column beside it and name this one as `source`",
+            "{where_}: an in-place text-form column can only hold string, date, timestamp, datetime or json values ({} plaintext is not text): add the envelope column beside it and name this one as `source`",
             c.ty.name()
         )));
     }

@@ -718,11 +718,14 @@ fn fixed_len(ty: ValueType) -> Option<usize> {
     match ty {
         ValueType::I16 => Some(2),
         ValueType::I32 => Some(4),
-        ValueType::I64 => Some(8),
+        ValueType::I64 | ValueType::U64 => Some(8),
+        ValueType::U16 => Some(2),
+        ValueType::U32 => Some(4),
         ValueType::Bool => Some(1),
         ValueType::Uuid => Some(16),
         ValueType::Date => Some(10),
         ValueType::Timestamp => Some(30),
+        ValueType::Datetime => Some(29),
         _ => None,
     }
 }
@@ -819,10 +822,12 @@ fn source_sql(
         (
             Dialect::Sqlite,
             ValueType::Timestamp
+            | ValueType::Datetime
             | ValueType::Date
             | ValueType::Json
             | ValueType::Uuid
-            | ValueType::String,
+            | ValueType::String
+            | ValueType::U64,
         ) => (format!("CAST({col} AS TEXT)"), "{}".to_owned()),
         (Dialect::Sqlite, _) => plain(),
 
@@ -830,8 +835,13 @@ fn source_sql(
         (Dialect::Postgres, ValueType::String) if pg_text => {
             (format!("CAST({col} AS TEXT)"), "{}".into())
         }
-        (Dialect::Postgres, ValueType::I16 | ValueType::I32 | ValueType::I64) if pg_int => {
-            (format!("CAST({col} AS BIGINT)"), "{}".into())
+        (
+            Dialect::Postgres,
+            ValueType::I16 | ValueType::I32 | ValueType::I64 | ValueType::U16 | ValueType::U32,
+        ) if pg_int => (format!("CAST({col} AS BIGINT)"), "{}".into()),
+        // PostgreSQL has no unsigned types: u64 values live in bigint (up to 2^63 - 1) or numeric.
+        (Dialect::Postgres, ValueType::U64) if pg_int || t == "numeric" => {
+            pg_cast_back(format!("CAST({col} AS TEXT)"))
         }
         (Dialect::Postgres, ValueType::Bool) if t == "bool" => (
             format!("CAST({col} AS INTEGER)"),
@@ -851,6 +861,9 @@ fn source_sql(
         (Dialect::Postgres, ValueType::Timestamp) if t == "timestamp" => pg_cast_back(format!(
             "to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"AD')"
         )),
+        (Dialect::Postgres, ValueType::Datetime) if t == "timestamp" => {
+            pg_cast_back(format!("to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USAD')"))
+        }
         (Dialect::Postgres, ValueType::Json) if matches!(t, "json" | "jsonb") || pg_text => {
             pg_cast_back(format!("CAST({col} AS TEXT)"))
         }
@@ -866,11 +879,17 @@ fn source_sql(
         (Dialect::MySql, ValueType::String) if my_text => {
             (format!("CAST({col} AS CHAR)"), "{}".into())
         }
-        (Dialect::MySql, ValueType::I16 | ValueType::I32 | ValueType::I64 | ValueType::Bool)
-            if my_int =>
-        {
-            (format!("CAST({col} AS SIGNED)"), "{}".into())
-        }
+        (
+            Dialect::MySql,
+            ValueType::I16
+            | ValueType::I32
+            | ValueType::I64
+            | ValueType::Bool
+            | ValueType::U16
+            | ValueType::U32,
+        ) if my_int => (format!("CAST({col} AS SIGNED)"), "{}".into()),
+        // As text: BIGINT UNSIGNED goes beyond i64.
+        (Dialect::MySql, ValueType::U64) if my_int => (format!("CAST({col} AS CHAR)"), "{}".into()),
         (Dialect::MySql, ValueType::Uuid) if my_text || t == "uuid" => {
             (format!("CAST({col} AS CHAR)"), "{}".into())
         }
@@ -879,6 +898,10 @@ fn source_sql(
         }
         (Dialect::MySql, ValueType::Timestamp) if matches!(t, "datetime" | "timestamp") => (
             format!("DATE_FORMAT({col}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
+            "{}".into(),
+        ),
+        (Dialect::MySql, ValueType::Datetime) if matches!(t, "datetime" | "timestamp") => (
+            format!("DATE_FORMAT({col}, '%Y-%m-%dT%H:%i:%s.%f')"),
             "{}".into(),
         ),
         (Dialect::MySql, ValueType::Json) if t == "json" || my_text => {

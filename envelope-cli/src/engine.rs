@@ -1104,7 +1104,7 @@ fn target_shape(job: &ColumnJob) -> Shape {
 fn source_shape(job: &ColumnJob) -> Shape {
     use crate::config::ValueType as T;
     match job.column.config.ty {
-        T::I16 | T::I32 | T::I64 | T::Bool => Shape::Int,
+        T::I16 | T::I32 | T::I64 | T::U16 | T::U32 | T::Bool => Shape::Int,
         T::Bytes => Shape::Bytes,
         _ => Shape::Text,
     }

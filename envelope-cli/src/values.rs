@@ -59,6 +59,28 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
             Some(v) => v.to_be_bytes().to_vec(),
             None => return wrong("not an integer"),
         },
+        ValueType::U16 => match int(raw).map(u16::try_from) {
+            Some(Ok(v)) => v.to_be_bytes().to_vec(),
+            Some(Err(_)) => return wrong("out of the u16 range"),
+            None => return wrong("not an integer"),
+        },
+        ValueType::U32 => match int(raw).map(u32::try_from) {
+            Some(Ok(v)) => v.to_be_bytes().to_vec(),
+            Some(Err(_)) => return wrong("out of the u32 range"),
+            None => return wrong("not an integer"),
+        },
+        // Read as text: a MySQL BIGINT UNSIGNED can exceed i64.
+        ValueType::U64 => match raw {
+            Raw::Int(i) => match u64::try_from(*i) {
+                Ok(v) => v.to_be_bytes().to_vec(),
+                Err(_) => return wrong("out of the u64 range"),
+            },
+            _ => match text(raw).map(|s| s.trim().parse::<u64>()) {
+                Some(Ok(v)) => v.to_be_bytes().to_vec(),
+                Some(Err(_)) => return wrong("not an integer in the u64 range"),
+                None => return wrong("not an integer"),
+            },
+        },
         ValueType::Bool => match int(raw) {
             Some(0) => vec![0],
             Some(1) => vec![1],
@@ -81,6 +103,10 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
             Some(t) => plaintext(&t)?,
             None => return wrong("not a timestamp"),
         },
+        ValueType::Datetime => match text(raw).and_then(|s| parse_datetime(&s)) {
+            Some(t) => plaintext(&t)?,
+            None => return wrong("not a date and time without a time zone"),
+        },
         ValueType::Json => match text(raw) {
             Some(s) => {
                 compact_json(&s).ok_or_else(|| "the source value is not valid JSON".to_owned())?
@@ -89,6 +115,10 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
         },
     };
     Ok(Zeroizing::new(bytes))
+}
+
+fn opened<T: Plaintext>(bytes: &[u8]) -> Result<T, Invalid> {
+    T::from_plaintext(bytes.to_vec()).map_err(|e| e.to_string())
 }
 
 fn plaintext<T: Plaintext>(value: &T) -> Result<Vec<u8>, Invalid> {
@@ -111,6 +141,15 @@ fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .iter()
         .find_map(|f| NaiveDateTime::parse_from_str(naive, f).ok())
         .map(|n| n.and_utc())
+}
+
+/// A date and time with no offset, as the databases render it: `T` or a space between them.
+/// An offset or `Z` is refused (that is a `timestamp`), and so is PostgreSQL's `BC`.
+fn parse_datetime(s: &str) -> Option<NaiveDateTime> {
+    let s = s.strip_suffix("AD").unwrap_or(s);
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
 }
 
 /// Valid JSON with the whitespace between tokens removed; keys, their order and number
@@ -156,10 +195,14 @@ pub fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
         ValueType::I16 => check::<i16>(bytes),
         ValueType::I32 => check::<i32>(bytes),
         ValueType::I64 => check::<i64>(bytes),
+        ValueType::U16 => check::<u16>(bytes),
+        ValueType::U32 => check::<u32>(bytes),
+        ValueType::U64 => check::<u64>(bytes),
         ValueType::Bool => check::<bool>(bytes),
         ValueType::Uuid => check::<uuid::Uuid>(bytes),
         ValueType::Date => check::<NaiveDate>(bytes),
         ValueType::Timestamp => check::<DateTime<Utc>>(bytes),
+        ValueType::Datetime => check::<NaiveDateTime>(bytes),
         ValueType::Json => serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
             .map(drop)
             .map_err(|e| format!("not valid JSON ({:?} error)", e.classify())),
@@ -194,6 +237,17 @@ pub fn decode_to_source(ty: ValueType, dialect: Dialect, bytes: &[u8]) -> Result
         ValueType::I16 => Raw::Int(be(2)?),
         ValueType::I32 => Raw::Int(be(4)?),
         ValueType::I64 => Raw::Int(be(8)?),
+        ValueType::U16 => Raw::Int(i64::from(opened::<u16>(bytes)?)),
+        ValueType::U32 => Raw::Int(i64::from(opened::<u32>(bytes)?)),
+        ValueType::U64 => Raw::Text(opened::<u64>(bytes)?.to_string()),
+        ValueType::Datetime => {
+            let t = opened::<NaiveDateTime>(bytes)?;
+            Raw::Text(match dialect {
+                // PostgreSQL's timestamp and MySQL's DATETIME take a space, not `T`.
+                Dialect::MySql | Dialect::Postgres => t.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+                Dialect::Sqlite => utf8()?,
+            })
+        }
         ValueType::Bool => Raw::Int(i64::from(bytes == [1])),
         ValueType::Uuid => Raw::Text(
             uuid::Uuid::from_slice(bytes)
@@ -304,6 +358,9 @@ mod tests {
                 Raw::Text("67e55044-10b1-426f-9247-bb680e5fe0c8".into()),
             ),
             (ValueType::Date, Raw::Text("1999-12-31".into())),
+            (ValueType::U16, Raw::Int(i64::from(u16::MAX))),
+            (ValueType::U32, Raw::Int(i64::from(u32::MAX))),
+            (ValueType::U64, Raw::Text(u64::MAX.to_string())),
         ] {
             let pt = encode_source(ty, &raw).unwrap();
             assert_eq!(
@@ -322,5 +379,55 @@ mod tests {
             Raw::Text("2024-01-02 03:04:05.000000".into())
         );
         assert!(decode_to_source(ValueType::I64, Dialect::Sqlite, &[1, 2]).is_err());
+        let pt = encode_source(
+            ValueType::Datetime,
+            &Raw::Text("2024-01-02 03:04:05.250000AD".into()),
+        )
+        .unwrap();
+        assert_eq!(&*pt, b"2024-01-02T03:04:05.250");
+        assert_eq!(
+            decode_to_source(ValueType::Datetime, Dialect::Postgres, &pt).unwrap(),
+            Raw::Text("2024-01-02 03:04:05.250000".into())
+        );
+        assert_eq!(
+            decode_to_source(ValueType::Datetime, Dialect::Sqlite, &pt).unwrap(),
+            Raw::Text("2024-01-02T03:04:05.250".into())
+        );
+    }
+
+    #[test]
+    fn unsigned_and_datetime_sources_are_checked() {
+        let enc = |ty, raw: Raw| encode_source(ty, &raw).map(|z| z.to_vec());
+        assert_eq!(enc(ValueType::U16, Raw::Int(65_535)).unwrap(), [0xff, 0xff]);
+        assert!(
+            enc(ValueType::U16, Raw::Int(-1))
+                .unwrap_err()
+                .contains("range")
+        );
+        assert!(
+            enc(ValueType::U32, Raw::Int(1 << 32))
+                .unwrap_err()
+                .contains("range")
+        );
+        assert_eq!(
+            enc(ValueType::U64, Raw::Text("18446744073709551615".into())).unwrap(),
+            [0xff; 8]
+        );
+        assert!(enc(ValueType::U64, Raw::Text("-1".into())).is_err());
+        assert!(enc(ValueType::U64, Raw::Int(-1)).is_err());
+        for bad in [
+            "2024-01-02T03:04:05Z",
+            "2024-01-02T03:04:05+02:00",
+            "0044-03-15 00:00:00BC",
+        ] {
+            assert!(
+                enc(ValueType::Datetime, Raw::Text(bad.into())).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            enc(ValueType::Datetime, Raw::Text("2024-01-02T03:04:05".into())).unwrap(),
+            b"2024-01-02T03:04:05"
+        );
     }
 }
