@@ -10,6 +10,7 @@ use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+use tracing::Instrument as _;
 
 use envelope_core::kms::Connected;
 use envelope_core::{
@@ -445,16 +446,23 @@ impl Rewrapper {
             ));
         };
         let to = &self.to;
+        // The same `envelope.kms` spans as the keyring's calls: provider and action, no body.
+        let span = |provider: &str, action: &'static str| tracing::debug_span!(target: "envelope::kms", "envelope.kms", provider, action, key_id = %record.id);
         if uri.same_kms(&self.destination) {
-            return Ok(to
-                .kms
-                .re_encrypt(&record.wrapped, &record.cmk_id, context, &to.cmk, context)
-                .await?);
+            let call =
+                to.kms
+                    .re_encrypt(&record.wrapped, &record.cmk_id, context, &to.cmk, context);
+            return Ok(call.instrument(span(to.kms.name(), "re_encrypt")).await?);
         }
         let key = source
             .decrypt(&record.cmk_id, &record.wrapped, context)
+            .instrument(span(source.name(), "decrypt"))
             .await?;
-        Ok(to.kms.encrypt(&to.cmk, &key, context).await?)
+        Ok(to
+            .kms
+            .encrypt(&to.cmk, &key, context)
+            .instrument(span(to.kms.name(), "encrypt"))
+            .await?)
     }
 }
 
