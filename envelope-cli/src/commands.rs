@@ -265,6 +265,9 @@ pub(crate) async fn require_tables(db: &Db, config: &Config) -> Result<(), Failu
     Ok(())
 }
 
+/// How long `envelope init` retries a KMS that fails with a transient error.
+const INIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `envelope init`: create the key table and the job table (idempotent), and check that the
 /// KMS answers by making a data key (retired at once: it is never used).
 ///
@@ -280,8 +283,9 @@ pub async fn init(config: &Config, output: &Output) -> Result<(), Failure> {
         .create_table(&config.job_table)
         .await?;
     let keyring = keyring(config).await?;
-    keyring
-        .warm()
+    // A transient KMS failure (a throttled or briefly failing service) is retried for a while
+    // before init reports the KMS unreachable.
+    crate::keys::retrying("making a data key", INIT_PATIENCE, || keyring.warm())
         .await
         .map_err(|e| core_failure(&format!("making a data key with kms = {}", config.kms), e))?;
     // That key was made only to show that the KMS answers: it takes no writes.
@@ -341,9 +345,11 @@ pub async fn migrate(
     let keyring = keyring(config).await?;
     if matches!(op, Op::Encrypt | Op::Rotate(_)) && !read_only {
         // The first data key is committed to the key table before any value uses it.
-        keyring.warm().await.map_err(|e| {
-            core_failure(&format!("making a data key with kms = {}", config.kms), e)
-        })?;
+        crate::keys::retrying("making a data key", opts.settings.patience, || {
+            keyring.warm()
+        })
+        .await
+        .map_err(|e| core_failure(&format!("making a data key with kms = {}", config.kms), e))?;
     }
     let jobs = Jobs::new(db.clone(), &config.job_table);
 

@@ -467,7 +467,7 @@ impl Rewrapper {
 }
 
 /// Retry a KMS or key-table call that failed for a reason worth retrying, for `patience`.
-async fn retrying<T, F, Fut>(
+pub(crate) async fn retrying<T, F, Fut>(
     what: &str,
     patience: Duration,
     mut f: F,

@@ -45,36 +45,14 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
             Some(s) => s.into_bytes(),
             None => return wrong("not text"),
         },
-        ValueType::I16 => match int(raw).map(i16::try_from) {
-            Some(Ok(v)) => v.to_be_bytes().to_vec(),
-            Some(Err(_)) => return wrong("out of the i16 range"),
-            None => return wrong("not an integer"),
-        },
-        ValueType::I32 => match int(raw).map(i32::try_from) {
-            Some(Ok(v)) => v.to_be_bytes().to_vec(),
-            Some(Err(_)) => return wrong("out of the i32 range"),
-            None => return wrong("not an integer"),
-        },
-        ValueType::I64 => match int(raw) {
-            Some(v) => v.to_be_bytes().to_vec(),
-            None => return wrong("not an integer"),
-        },
-        ValueType::U16 => match int(raw).map(u16::try_from) {
-            Some(Ok(v)) => v.to_be_bytes().to_vec(),
-            Some(Err(_)) => return wrong("out of the u16 range"),
-            None => return wrong("not an integer"),
-        },
-        ValueType::U32 => match int(raw).map(u32::try_from) {
-            Some(Ok(v)) => v.to_be_bytes().to_vec(),
-            Some(Err(_)) => return wrong("out of the u32 range"),
-            None => return wrong("not an integer"),
-        },
+        ValueType::I16 => integer::<i16>(ty, int(raw))?,
+        ValueType::I32 => integer::<i32>(ty, int(raw))?,
+        ValueType::I64 => integer::<i64>(ty, int(raw))?,
+        ValueType::U16 => integer::<u16>(ty, int(raw))?,
+        ValueType::U32 => integer::<u32>(ty, int(raw))?,
         // Read as text: a MySQL BIGINT UNSIGNED can exceed i64.
         ValueType::U64 => match raw {
-            Raw::Int(i) => match u64::try_from(*i) {
-                Ok(v) => v.to_be_bytes().to_vec(),
-                Err(_) => return wrong("out of the u64 range"),
-            },
+            Raw::Int(i) => integer::<u64>(ty, Some(*i))?,
             _ => match text(raw).map(|s| s.trim().parse::<u64>()) {
                 Some(Ok(v)) => v.to_be_bytes().to_vec(),
                 Some(Err(_)) => return wrong("not an integer in the u64 range"),
@@ -115,6 +93,25 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
         },
     };
     Ok(Zeroizing::new(bytes))
+}
+
+/// An integer source value as a `T` (its range checked, never truncated or wrapped), encoded
+/// as the column types encode `T`.
+fn integer<T: TryFrom<i64> + Plaintext>(
+    ty: ValueType,
+    value: Option<i64>,
+) -> Result<Vec<u8>, Invalid> {
+    match value.map(T::try_from) {
+        Some(Ok(v)) => plaintext(&v),
+        Some(Err(_)) => Err(format!(
+            "the source value is out of the {0} range, not a {0} value",
+            ty.name()
+        )),
+        None => Err(format!(
+            "the source value is not an integer, not a {} value",
+            ty.name()
+        )),
+    }
 }
 
 fn opened<T: Plaintext>(bytes: &[u8]) -> Result<T, Invalid> {
