@@ -72,6 +72,28 @@
 //!
 //! A store whose table does not exist says so (`StoreError::MissingTable`), with these ways out.
 //!
+//! ## MySQL and MariaDB: strict mode
+//!
+//! A sealed value is 47 to 50 bytes longer than its plaintext (the text form about 4/3 of that).
+//! On a server whose `sql_mode` is not strict (common on older and managed servers), a value
+//! too long for its `VARBINARY(n)` or `VARCHAR(n)` is cut to fit with only a warning, and a
+//! sealed value cut short can never be opened: the write looks fine and the value is lost. Add
+//! `STRICT_ALL_TABLES` to every session that writes envelope values, with
+//! [`mysql_strict_session`] in the pool's `after_connect`; the write then fails with the
+//! database's "data too long" error instead:
+//!
+//! ```no_run
+//! # #[cfg(feature = "mysql")]
+//! # async fn pool() -> Result<sqlx::MySqlPool, sqlx::Error> {
+//! let pool = sqlx::mysql::MySqlPoolOptions::new()
+//!     .after_connect(|conn, _| Box::pin(envelope_sqlx::mysql_strict_session(conn)))
+//!     .connect("mysql://app@db/app")
+//!     .await?;
+//! # Ok(pool) }
+//! ```
+//!
+//! The `envelope` CLI does this for its own sessions.
+//!
 //! ## Queries checked at compile time
 //!
 //! `query!` and `query_as!` need sqlx's type override on each encrypted column
@@ -118,6 +140,25 @@ pub use envelope_core::column::{Column, IndexColumn, Plaintext};
 pub use envelope_core::{blind_index, column};
 pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
 pub use types::{BlindIndex, Encrypted, EncryptedText};
+
+/// The statement [`mysql_strict_session`] runs: adds `STRICT_ALL_TABLES` to the session's
+/// `sql_mode`, keeping the rest of the server's.
+pub const MYSQL_STRICT_SESSION: &str =
+    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'STRICT_ALL_TABLES')";
+
+/// Make a MySQL/MariaDB session strict, so that a value too long for its column fails instead
+/// of being cut short (a sealed value cut short can never be opened): for the pool's
+/// `after_connect` (see the crate docs).
+///
+/// # Errors
+/// The database's error.
+#[cfg(feature = "mysql")]
+pub async fn mysql_strict_session(conn: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(MYSQL_STRICT_SESSION)
+        .execute(conn)
+        .await
+        .map(drop)
+}
 
 /// The [`envelope_core::Error`] behind a failed query, bind or decode, if that is what failed.
 ///

@@ -672,3 +672,75 @@ async fn postgres_text_column_is_named_on_read() {
         })
         .await;
 }
+
+/// On a non-strict session a sealed value too long for its `VARBINARY(n)` is cut short with a
+/// warning (and can never be opened); after [`envelope_sqlx::mysql_strict_session`] the same
+/// write fails instead.
+#[tokio::test]
+async fn mysql_strict_session_makes_a_too_long_value_fail() {
+    use sqlx::Connection as _;
+    let Ok(url) = std::env::var("ENVELOPE_TEST_MYSQL_URL") else {
+        envelope_tests::skipped("set ENVELOPE_TEST_MYSQL_URL to run the strict-mode test");
+        return;
+    };
+    let mut conn = sqlx::MySqlConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("ENVELOPE_TEST_MYSQL_URL is set but unreachable: {e}"));
+    let table = format!(
+        "strict_{}",
+        &envelope_core::KeyId::random().unwrap().to_hex()[..10]
+    );
+    let sql = |s: String| sqlx::query(sqlx::AssertSqlSafe(s));
+    sql(format!(
+        "CREATE TABLE {table} (id INT PRIMARY KEY, v VARBINARY(40))"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sql("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'".into())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kms = Arc::new(LocalKms::create(dir.path().join("k")).unwrap());
+    let keyring = keyring(&kms, Arc::new(envelope_core::MemoryKeyStore::new()));
+    let value = Encrypted::<String, Name>::new("a value that does not fit once sealed".into());
+    let insert = format!("INSERT INTO {table} (id, v) VALUES (?, ?)");
+    keyring
+        .install_for(async {
+            // Non-strict: stored, cut to 40 bytes.
+            sql(insert.clone())
+                .bind(1)
+                .bind(&value)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let stored: Vec<u8> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT v FROM {table} WHERE id = 1"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            assert_eq!(stored.len(), 40);
+            envelope_sqlx::mysql_strict_session(&mut conn)
+                .await
+                .unwrap();
+            let e = sql(insert.clone())
+                .bind(2)
+                .bind(&value)
+                .execute(&mut conn)
+                .await
+                .unwrap_err();
+            assert!(
+                e.as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "22001"),
+                "{e}"
+            );
+        })
+        .await;
+    sql(format!("DROP TABLE {table}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
