@@ -14,7 +14,7 @@ use sqlx::Row;
 use crate::config::{Config, Form, KeyUri, TableConfig};
 use crate::db::{self, Context, Db, DbError, Dialect, TablePlan};
 use crate::engine::{ColumnJob, Engine, Op, Settings, Stop};
-use crate::job::Jobs;
+use crate::job::{Exclusive, Jobs};
 use crate::report::{Output, Reporter, Summary};
 
 /// How a command ended, with its exit code.
@@ -70,6 +70,7 @@ impl From<Stop> for Failure {
         match s {
             Stop::Interrupted => Failure::Interrupted,
             Stop::Unavailable(m) => Failure::Unavailable(m),
+            Stop::Failed(m) => Failure::Found(m),
         }
     }
 }
@@ -352,6 +353,30 @@ pub async fn migrate(
         .map_err(|e| core_failure(&format!("making a data key with kms = {}", config.kms), e))?;
     }
     let jobs = Jobs::new(db.clone(), &config.job_table);
+    // One command at a time on a column, and no pass resumed over another command's writes.
+    if !read_only {
+        for t in &plans {
+            for c in &t.columns {
+                let name = format!("{}:{}.{}", op.name(), t.name, c.config.name);
+                match jobs.claim_column(&name).await {
+                    Ok(None) => {}
+                    Ok(Some(note)) => opts.output.line(
+                        &note,
+                        serde_json::json!({"event": "pass_restarted", "job": name}),
+                    ),
+                    Err(Exclusive::Busy(other)) => {
+                        return Err(Failure::Usage(format!(
+                            "{other} is working on {}.{} (its leases are live: a process runs it, or was killed less than --lease ago); wait for it, or stop it, before running {} (nothing was written)",
+                            t.name,
+                            c.config.name,
+                            op.name()
+                        )));
+                    }
+                    Err(Exclusive::Db(e)) => return Err(e.into()),
+                }
+            }
+        }
+    }
 
     // Rotation: which keys, decided once (or taken from the interrupted run being resumed).
     let (op, params) = match (op, rotate) {
@@ -474,6 +499,19 @@ async fn rotation_keys(
             .await
             .map_err(|e| core_failure("making the new data key", e))?;
         keys.remove(&new);
+    }
+    // The rotated keys take no more writes from anyone: running applications move to new keys
+    // within their key_refresh, so the pass does not chase values written under them.
+    if !read_only {
+        let now = SystemTime::now();
+        for k in chosen
+            .iter()
+            .filter(|k| k.retired_at.is_none() && keys.contains(&k.id))
+        {
+            store.retire(&k.id, now).await.map_err(|e| {
+                Failure::Unavailable(format!("retiring the rotated key {}: {e}", k.id))
+            })?;
+        }
     }
     let mut ids: Vec<String> = keys.iter().map(KeyId::to_hex).collect();
     ids.sort();

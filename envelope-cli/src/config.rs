@@ -13,6 +13,8 @@ pub use envelope_core::kms::KeyUri;
 use envelope_core::{BlindIndexSpec, Label, Normalizer, Scope};
 use serde::Deserialize;
 
+use crate::db::Dialect;
+
 /// A configuration problem: exit code 2, before anything is written.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -64,18 +66,38 @@ impl fmt::Debug for Config {
     }
 }
 
-/// A URL with its password (`user:PASSWORD@`) replaced.
+/// A URL with its password replaced: the userinfo's (`user:PASSWORD@`, up to the last `@`, so
+/// a password holding an unescaped `@` is hidden whole) and query parameters that carry one
+/// (`?password=`, `&sslpassword=`).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = match rest.rsplit_once('@') {
         Some((userinfo, host)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or("");
             format!("{scheme}://{user}:<redacted>@{host}")
         }
-        _ => url.to_owned(),
+        _ => format!("{scheme}://{rest}"),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                    format!("{k}=<redacted>")
+                }
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// One table of the configuration.
@@ -352,6 +374,12 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
         .map(|s| Scope::new(s).map_err(|e| bad(format!("{origin}: scope: {e}"))))
         .transpose()?;
 
+    // Names are compared as the database resolves them: MySQL/MariaDB and SQLite match column
+    // names case-insensitively (ASCII), so `Email` and `email` are one column there; PostgreSQL
+    // gets them quoted, and quoted names are exact.
+    let names = Names {
+        fold: Dialect::of_url(&database_url) != Some(Dialect::Postgres),
+    };
     let mut tables = Vec::new();
     let mut labels = std::collections::HashSet::new();
     for t in raw.tables {
@@ -366,7 +394,7 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
         let mut columns = Vec::new();
         let mut written = std::collections::HashSet::new();
         for c in t.columns {
-            let col = column(&where_, &t.primary_key, c)?;
+            let col = column(&where_, &t.primary_key, names, c)?;
             if !labels.insert(col.label.as_str().to_owned()) {
                 return Err(bad(format!(
                     "{where_}: label {:?} is used twice: each column has its own label",
@@ -377,9 +405,10 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
                 .chain(col.source.iter())
                 .chain(col.blind_index.iter().map(|b| &b.column))
             {
-                if !written.insert(name.clone()) {
+                if !written.insert(names.key(name)) {
                     return Err(bad(format!(
-                        "{where_}: column {name:?} appears in two column entries (as a target, source or blind-index column)"
+                        "{where_}: column {name:?} appears in two roles (as a target, source or blind-index column){}",
+                        names.note()
                     )));
                 }
             }
@@ -402,20 +431,51 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
     })
 }
 
-fn column(where_: &str, pk: &str, c: RawColumn) -> Result<ColumnConfig, ConfigError> {
+/// How the configured database compares column names.
+#[derive(Clone, Copy)]
+struct Names {
+    /// ASCII case-insensitive (MySQL/MariaDB, SQLite) rather than exact (PostgreSQL, quoted).
+    fold: bool,
+}
+
+impl Names {
+    fn key(self, name: &str) -> String {
+        if self.fold {
+            name.to_ascii_lowercase()
+        } else {
+            name.to_owned()
+        }
+    }
+
+    fn same(self, a: &str, b: &str) -> bool {
+        self.key(a) == self.key(b)
+    }
+
+    fn note(self) -> &'static str {
+        if self.fold {
+            "; this database compares column names without regard to case"
+        } else {
+            ""
+        }
+    }
+}
+
+fn column(where_: &str, pk: &str, names: Names, c: RawColumn) -> Result<ColumnConfig, ConfigError> {
     let where_ = format!("{where_}, column {:?}", c.name);
     check_ident(&where_, &c.name)?;
     let label = Label::new(c.label).map_err(|e| bad(format!("{where_}: label: {e}")))?;
-    if c.name == pk || c.source.as_deref() == Some(pk) {
+    if names.same(&c.name, pk) || c.source.as_deref().is_some_and(|s| names.same(s, pk)) {
         return Err(bad(format!(
-            "{where_}: the primary key cannot be encrypted (keyset batches need it in the clear)"
+            "{where_}: the primary key cannot be encrypted (keyset batches need it in the clear){}",
+            names.note()
         )));
     }
     if let Some(source) = &c.source {
         check_ident(&format!("{where_}: source"), source)?;
-        if *source == c.name {
+        if names.same(source, &c.name) {
             return Err(bad(format!(
-                "{where_}: source is the column itself; leave source out to migrate in place"
+                "{where_}: source is the column itself; leave source out to migrate in place{}",
+                names.note()
             )));
         }
     }
@@ -429,9 +489,13 @@ fn column(where_: &str, pk: &str, c: RawColumn) -> Result<ColumnConfig, ConfigEr
         .blind_index
         .map(|b| {
             check_ident(&format!("{where_}: blind_index.column"), &b.column)?;
-            if b.column == c.name || Some(&b.column) == c.source.as_ref() || b.column == pk {
+            if names.same(&b.column, &c.name)
+                || c.source.as_deref().is_some_and(|s| names.same(&b.column, s))
+                || names.same(&b.column, pk)
+            {
                 return Err(bad(format!(
-                    "{where_}: blind_index.column must be a column of its own"
+                    "{where_}: blind_index.column must be a column of its own{}",
+                    names.note()
                 )));
             }
             let normalizer = match b.normalizer.as_str() {
@@ -590,11 +654,38 @@ source = "ssn"
         assert!(parse_err(&GOOD.replace("case-folded", "upper")).contains("normalizer"));
         let in_place_text_int = GOOD.replace("source = \"ssn\"", "form = \"text\"");
         assert!(parse_err(&in_place_text_int).contains("in-place text-form"));
-        assert!(parse_err(&GOOD.replace("email_bidx", "ssn")).contains("two column entries"));
+        assert!(parse_err(&GOOD.replace("email_bidx", "ssn")).contains("two roles"));
         assert!(parse_err("kms = \"local://k\"\n").contains("database_url"));
         assert!(
             parse_err("database_url = \"sqlite://x\"\nsecret_key = \"s\"\n").contains("secret_key")
         );
+    }
+
+    #[test]
+    fn case_variant_names_are_one_column_where_the_database_says_so() {
+        // MySQL/MariaDB and SQLite resolve `Email` to `email`: one column in two roles.
+        for url in ["mysql://root@h/db", "mariadb://h/db", "sqlite://app.db"] {
+            let text = GOOD.replace("sqlite://app.db", url);
+            let e = parse_err(&text.replace("email_bidx", "Email"));
+            assert!(
+                e.contains("two roles") || e.contains("of its own"),
+                "{url}: {e}"
+            );
+            assert!(e.contains("without regard to case"), "{url}: {e}");
+            let e = parse_err(&text.replace("source = \"ssn\"", "source = \"SSN_ENC\""));
+            assert!(e.contains("source is the column itself"), "{url}: {e}");
+            let e = parse_err(&text.replace("primary_key = \"id\"", "primary_key = \"EMAIL\""));
+            assert!(e.contains("primary key cannot be encrypted"), "{url}: {e}");
+            let e = parse_err(&text.replace(
+                "source = \"ssn\"",
+                "source = \"ssn\"\nblind_index = { column = \"SSN\" }",
+            ));
+            assert!(e.contains("of its own"), "{url}: {e}");
+        }
+        // PostgreSQL gets quoted names, which are exact: `Email` is another column there (the
+        // plan then checks that it exists).
+        let pg = GOOD.replace("sqlite://app.db", "postgres://h/db");
+        parse_ok(&pg.replace("email_bidx", "Email"));
     }
 
     #[test]
@@ -613,6 +704,20 @@ source = "ssn"
             !dbg.contains("hunter2") && dbg.contains("app:<redacted>@db/app"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn redaction_covers_every_place_a_password_goes() {
+        assert_eq!(
+            redact_url("postgres://u:p@ss@host/db"),
+            "postgres://u:<redacted>@host/db"
+        );
+        assert_eq!(
+            redact_url("postgres://host/db?user=u&password=secret&sslpassword=s2&x=1"),
+            "postgres://host/db?user=u&password=<redacted>&sslpassword=<redacted>&x=1"
+        );
+        assert_eq!(redact_url("sqlite://app.db"), "sqlite://app.db");
+        assert_eq!(redact_url("mysql://root@h/db"), "mysql://root@h/db");
     }
 
     #[test]

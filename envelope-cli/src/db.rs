@@ -22,16 +22,91 @@ pub struct DbError {
 
 impl DbError {
     /// Whether the database (rather than a statement) failed: connection refused, reset or
-    /// timed out, pool exhausted.
+    /// timed out, pool exhausted, or the server ended the session (a restart, an administrator
+    /// shutdown, a failover). Such a failure is retried for `--patience`.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self.source,
-            sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::WorkerCrashed
-        )
+        classify(&self.source) == ErrorClass::Connection
+    }
+
+    /// The failure's class (see [`classify`]).
+    pub fn class(&self) -> ErrorClass {
+        classify(&self.source)
+    }
+}
+
+/// What a database error means for the job: the one place the CLI sorts driver errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The server cannot be reached or ended the session: retried for `--patience`.
+    Connection,
+    /// A deadlock, a serialization failure, a lock wait or a busy SQLite file: the batch is
+    /// simply run again.
+    Transient,
+    /// The statement was refused because of one row's value (too long for the column, out of
+    /// range, not representable in the column's character set, a constraint): that row fails
+    /// and is left as it was; the others go on.
+    Value(&'static str),
+    /// Anything else (a wrong schema, missing privileges): the job stops.
+    Other,
+}
+
+/// Sort a driver error into its [`ErrorClass`]. PostgreSQL and SQLite are sorted by their
+/// codes, MySQL/MariaDB by the server's error number (its SQLSTATE is often the generic
+/// `HY000`).
+pub fn classify(e: &sqlx::Error) -> ErrorClass {
+    let db = match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => return ErrorClass::Connection,
+        sqlx::Error::Database(db) => db,
+        _ => return ErrorClass::Other,
+    };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return match my.number() {
+            // Server shutdown, connection killed, server gone, lost during a query, too many
+            // connections, aborted connection.
+            1053 | 1927 | 2006 | 2013 | 1040 | 1152 | 1158 | 1159 | 1160 | 1161 => {
+                ErrorClass::Connection
+            }
+            // Deadlock, lock wait timeout.
+            1213 | 1205 => ErrorClass::Transient,
+            1406 | 1265 => ErrorClass::Value("ValueTooLong"),
+            1264 | 1690 => ErrorClass::Value("OutOfRange"),
+            1366 | 1300 => ErrorClass::Value("NotInCharacterSet"),
+            1292 | 1367 | 3140 => ErrorClass::Value("InvalidValue"),
+            1048 | 1062 | 1451 | 1452 | 3819 | 4025 => ErrorClass::Value("Constraint"),
+            _ if my.code().is_some_and(|c| c.starts_with("08")) => ErrorClass::Connection,
+            _ if my.code().is_some_and(|c| c.starts_with("22")) => {
+                ErrorClass::Value("InvalidValue")
+            }
+            _ => ErrorClass::Other,
+        };
+    }
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // SQLite: the extended result code, its primary code in the low byte.
+        return match code.parse::<i64>().map(|n| n & 0xff) {
+            Ok(5 | 6) => ErrorClass::Transient,
+            Ok(18) => ErrorClass::Value("ValueTooLong"),
+            Ok(19) => ErrorClass::Value("Constraint"),
+            _ if db.message().contains("database is locked") => ErrorClass::Transient,
+            _ => ErrorClass::Other,
+        };
+    }
+    match code.as_str() {
+        // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections.
+        "57P01" | "57P02" | "57P03" | "53300" => ErrorClass::Connection,
+        c if c.starts_with("08") => ErrorClass::Connection,
+        "40001" | "40P01" | "55P03" => ErrorClass::Transient,
+        "22001" => ErrorClass::Value("ValueTooLong"),
+        "22003" => ErrorClass::Value("OutOfRange"),
+        "22021" | "22P05" => ErrorClass::Value("NotInCharacterSet"),
+        "54000" => ErrorClass::Value("ValueTooLong"),
+        c if c.starts_with("22") => ErrorClass::Value("InvalidValue"),
+        c if c.starts_with("23") => ErrorClass::Value("Constraint"),
+        _ => ErrorClass::Other,
     }
 }
 
@@ -109,6 +184,23 @@ impl Dialect {
             // `<=>` is NULL-safe; BINARY makes it exact (no case folding, no pad-space).
             Dialect::MySql => format!("BINARY {a} <=> BINARY {b}"),
             Dialect::Sqlite => format!("{a} IS {b}"),
+        }
+    }
+
+    /// `a` equals `b` as [`Dialect::same`] does, for a value of `shape`. Text is compared as
+    /// the bytes the application wrote, whatever the column's collation or character set:
+    /// PostgreSQL in the `C` collation (a nondeterministic, case-insensitive collation would
+    /// match a value changed in case only), MySQL/MariaDB in utf8mb4 (a latin1 or GBK column's
+    /// stored bytes are not the UTF-8 bytes of the parameter), SQLite in `BINARY` (a `NOCASE`
+    /// column).
+    pub fn same_as(self, shape: Shape, a: &str, b: &str) -> String {
+        if shape != Shape::Text {
+            return self.same(a, b);
+        }
+        match self {
+            Dialect::Postgres => format!("{a} COLLATE \"C\" IS NOT DISTINCT FROM {b}"),
+            Dialect::MySql => format!("BINARY CONVERT({a} USING utf8mb4) <=> BINARY {b}"),
+            Dialect::Sqlite => format!("{a} COLLATE BINARY IS {b}"),
         }
     }
 
@@ -190,7 +282,12 @@ impl Db {
                 Box::pin(async move {
                     let setup: &[&str] = match dialect {
                         Dialect::Postgres => &["SET TIME ZONE 'UTC'", "SET DateStyle = 'ISO, YMD'"],
-                        Dialect::MySql => &["SET time_zone = '+00:00'"],
+                        // Strict: a value too long for its column is an error, never silently
+                        // cut (a sealed value cut short can never be opened).
+                        Dialect::MySql => &[
+                            "SET time_zone = '+00:00'",
+                            envelope_sqlx::MYSQL_STRICT_SESSION,
+                        ],
                         // A writer waits for another instead of failing at once.
                         Dialect::Sqlite => &["PRAGMA busy_timeout = 10000"],
                     };
@@ -231,7 +328,8 @@ impl Db {
         let (sql, schema_param) = match self.dialect {
             Dialect::Postgres => (
                 "SELECT CAST(udt_name AS TEXT), CAST(data_type AS TEXT), \
-                 CAST(character_maximum_length AS BIGINT) \
+                 CAST(character_maximum_length AS BIGINT), CAST(column_name AS TEXT), \
+                 CAST(NULL AS TEXT) \
                  FROM information_schema.columns \
                  WHERE table_schema = COALESCE($1, current_schema()) \
                  AND table_name = $2 AND column_name = $3",
@@ -239,14 +337,17 @@ impl Db {
             ),
             Dialect::MySql => (
                 "SELECT CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR), \
-                 CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) \
+                 CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED), CAST(COLUMN_NAME AS CHAR), \
+                 CAST(CHARACTER_SET_NAME AS CHAR) \
                  FROM information_schema.COLUMNS \
                  WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) \
                  AND TABLE_NAME = ? AND COLUMN_NAME = ?",
                 true,
             ),
             Dialect::Sqlite => (
-                "SELECT lower(type), type, NULL FROM pragma_table_info(?) WHERE name = ?",
+                // SQLite resolves column names without regard to (ASCII) case.
+                "SELECT lower(type), type, NULL, name, NULL FROM pragma_table_info(?) \
+                 WHERE name = ? COLLATE NOCASE",
                 false,
             ),
         };
@@ -264,10 +365,14 @@ impl Db {
         let ty: String = row.try_get(0).context(what)?;
         let full: String = row.try_get(1).context(what)?;
         let max_len: Option<i64> = row.try_get(2).context(what)?;
+        let canonical: String = row.try_get(3).context(what)?;
+        let charset: Option<String> = row.try_get(4).context(what)?;
         Ok(Some(ColumnInfo {
+            name: canonical,
             ty: ty.to_ascii_lowercase(),
             full: full.to_ascii_lowercase(),
             max_len,
+            charset: charset.map(|c| c.to_ascii_lowercase()),
         }))
     }
 
@@ -291,12 +396,17 @@ impl Db {
 /// A column's SQL type as the catalog describes it.
 #[derive(Clone, Debug)]
 pub struct ColumnInfo {
+    /// The column's name as the catalog spells it (the configured name may differ in case
+    /// where the database ignores case).
+    pub name: String,
     /// The base type name, lower case (`bytea`, `varchar`, `int4`, `blob`, ...).
     pub ty: String,
     /// The full type (`varchar(64)`, `character varying`), lower case.
     pub full: String,
     /// The declared maximum length in characters, when the type has one.
     pub max_len: Option<i64>,
+    /// The character set of a MySQL/MariaDB text column.
+    pub charset: Option<String>,
 }
 
 /// How the primary key is compared and bound.
@@ -510,13 +620,28 @@ impl Raw {
     }
 }
 
+/// A column's names as the catalog spells them.
+#[derive(Clone, Debug)]
+pub struct ColumnNames {
+    /// The encrypted column.
+    pub target: String,
+    /// The source column.
+    pub source: Option<String>,
+    /// The blind-index column.
+    pub index: Option<String>,
+}
+
 /// What the engine knows about one configured column after checking the schema.
 #[derive(Clone, Debug)]
 pub struct ColumnPlan {
     /// The configuration.
     pub config: ColumnConfig,
+    /// The catalog's names of the columns it uses.
+    pub names: ColumnNames,
     /// The quoted target column.
     pub target: String,
+    /// The quoted source column.
+    pub source: Option<String>,
     /// The expression reading the source (the quoted source column, cast to a canonical shape).
     pub source_read: Option<String>,
     /// The expression writing a source value back (`{}` is the bind parameter).
@@ -557,7 +682,8 @@ pub async fn plan(
             problems.push(format!("table {} does not exist", t.name));
             continue;
         }
-        let pk_kind = match db.column_info(&t.name, &t.primary_key).await? {
+        let pk_info = db.column_info(&t.name, &t.primary_key).await?;
+        let (pk_kind, pk_name) = match pk_info {
             None => {
                 problems.push(format!(
                     "table {}: primary key column {} does not exist",
@@ -566,7 +692,7 @@ pub async fn plan(
                 continue;
             }
             Some(info) => match PkKind::of(d, &info) {
-                Ok(k) => k,
+                Ok(k) => (k, info.name),
                 Err(why) => {
                     problems.push(format!(
                         "table {}: primary key {}: {why}",
@@ -583,10 +709,34 @@ pub async fn plan(
                 Err(mut why) => problems.append(&mut why),
             }
         }
+        // Each column has one role, by the names the catalog resolved: a blind index written
+        // over its own encrypted column would replace every value by its digest.
+        let mut roles: Vec<(&str, String)> = vec![(&pk_name, "the primary key".to_owned())];
+        for c in &columns {
+            let name = &c.config.name;
+            roles.push((
+                &c.names.target,
+                format!("the encrypted column of entry {name:?}"),
+            ));
+            if let Some(s) = &c.names.source {
+                roles.push((s, format!("the source of entry {name:?}")));
+            }
+            if let Some(i) = &c.names.index {
+                roles.push((i, format!("the blind-index column of entry {name:?}")));
+            }
+        }
+        for (i, (a, role_a)) in roles.iter().enumerate() {
+            if let Some((_, role_b)) = roles[..i].iter().find(|(b, _)| a == b) {
+                problems.push(format!(
+                    "table {}: column {a} would be both {role_b} and {role_a} (the database resolves the configured names to the same column): give each role its own column",
+                    t.name
+                ));
+            }
+        }
         plans.push(TablePlan {
             name: t.name.clone(),
             table: d.quote(&t.name),
-            pk: d.quote(&t.primary_key),
+            pk: d.quote(&pk_name),
             pk_kind,
             columns,
         });
@@ -635,6 +785,7 @@ async fn plan_column(
     if let Err(why) = form_fits(d, c.form, &target_info) {
         problems.push(format!("{}: {why}", at(&c.name)));
     }
+    let mut index_name = None;
     if let Some(b) = &c.blind_index {
         match db.column_info(&t.name, &b.column).await? {
             None => problems.push(format!(
@@ -642,6 +793,7 @@ async fn plan_column(
                 at(&b.column)
             )),
             Some(info) => {
+                index_name = Some(info.name.clone());
                 if let Err(why) = form_fits(d, Form::Binary, &info) {
                     problems.push(format!("{} (blind index): {why}", at(&b.column)));
                 } else if let Some(n) = info.max_len.filter(|n| (*n as usize) < b.spec.len()) {
@@ -655,7 +807,7 @@ async fn plan_column(
         }
     }
     let (source_read, source_write) = match (&c.source, &source_info) {
-        (Some(s), Some(info)) => match source_sql(d, c.ty, &d.quote(s), info) {
+        (Some(s), Some(info)) => match source_sql(d, c.ty, &d.quote(&info.name), info) {
             Ok((r, w)) => (Some(r), Some(w)),
             Err(why) => {
                 problems.push(format!("{}: {why}", at(s)));
@@ -671,7 +823,7 @@ async fn plan_column(
     if let Some(capacity) = capacity(d, c.form, &target_info) {
         let longest_expr = match &source_read {
             Some(read) => d.octet_length(read),
-            None => d.octet_length(&d.quote(&c.name)),
+            None => d.octet_length(&d.quote(&target_info.name)),
         };
         let sql = format!(
             "SELECT CAST(MAX({longest_expr}) AS {}) FROM {}",
@@ -704,12 +856,19 @@ async fn plan_column(
             }
         }
     }
+    let names = ColumnNames {
+        source: source_info.map(|i| i.name),
+        index: index_name,
+        target: target_info.name,
+    };
     Ok(Ok(ColumnPlan {
         config: c.clone(),
-        target: d.quote(&c.name),
+        target: d.quote(&names.target),
+        source: names.source.as_deref().map(|s| d.quote(s)),
         source_read,
         source_write,
-        index: c.blind_index.as_ref().map(|b| d.quote(&b.column)),
+        index: names.index.as_deref().map(|i| d.quote(i)),
+        names,
     }))
 }
 
@@ -947,9 +1106,11 @@ mod tests {
     #[test]
     fn column_types_that_cannot_hold_a_form_are_refused() {
         let info = |ty: &str| ColumnInfo {
+            name: "c".into(),
             ty: ty.into(),
             full: ty.into(),
             max_len: None,
+            charset: None,
         };
         assert!(form_fits(Dialect::Postgres, Form::Binary, &info("text")).is_err());
         assert!(form_fits(Dialect::Postgres, Form::Text, &info("bytea")).is_err());

@@ -13,7 +13,9 @@ use sqlx::any::{AnyArguments, AnyRow};
 use zeroize::Zeroizing;
 
 use crate::config::Form;
-use crate::db::{ColumnPlan, Context, Db, DbError, Dialect, Pk, Raw, Shape, TablePlan};
+use crate::db::{
+    ColumnPlan, Context, Db, DbError, Dialect, ErrorClass, Pk, Raw, Shape, TablePlan, classify,
+};
 use crate::job::{Claim, Counts, Jobs, Range};
 use crate::values;
 
@@ -128,6 +130,8 @@ pub enum Stop {
     Interrupted,
     /// The database or the KMS kept failing for longer than the patience.
     Unavailable(String),
+    /// The database refused a value outside a row's compare-and-set (exit 1).
+    Failed(String),
 }
 
 /// Everything the workers share.
@@ -191,9 +195,9 @@ impl ColumnJob {
             && matches!(self.op, Op::Encrypt | Op::Decrypt | Op::Verify)
     }
 
-    /// Whether the job reads (and so compares) the blind-index column.
+    /// Whether the job reads the blind-index column (and, when it writes, compares it).
     fn reads_index(&self) -> bool {
-        self.column.index.is_some() && matches!(self.op, Op::Encrypt | Op::Reindex)
+        self.column.index.is_some() && matches!(self.op, Op::Encrypt | Op::Reindex | Op::Verify)
     }
 }
 
@@ -246,7 +250,10 @@ pub fn error_name(e: &Error) -> &'static str {
         Error::KeyKindMismatch { .. } => "KeyKindMismatch",
         Error::ScopeMismatch { .. } => "ScopeMismatch",
         Error::PlaintextType { .. } => "PlaintextType",
+        Error::PlaintextEncode { .. } => "PlaintextEncode",
         Error::Misuse(envelope_core::Misuse::PlaintextTooLarge { .. }) => "PlaintextTooLarge",
+        // A value a text normalizer cannot read (not UTF-8).
+        Error::Misuse(envelope_core::Misuse::BlindIndex(_)) => "PlaintextType",
         Error::Kms(_) => "Kms",
         Error::Unavailable(envelope_core::Unavailable::Timeout { .. }) => "KmsTimeout",
         Error::Store(_) => "Store",
@@ -265,6 +272,11 @@ fn is_value_error(e: &Error) -> bool {
             | Error::ScopeMismatch { .. }
             | Error::Format(_)
             | Error::PlaintextType { .. }
+            | Error::PlaintextEncode { .. }
+            | Error::Misuse(
+                envelope_core::Misuse::PlaintextTooLarge { .. }
+                    | envelope_core::Misuse::BlindIndex(_)
+            )
     )
 }
 
@@ -277,11 +289,7 @@ impl Engine {
         settings: Settings,
         stop: Arc<AtomicBool>,
     ) -> Engine {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "host".to_owned());
+        let host = crate::job::this_host();
         let tag: u32 = rand::random();
         Engine {
             db,
@@ -419,10 +427,19 @@ impl Engine {
         loop {
             let message = match f().await {
                 Ok(v) => return Ok(v),
-                Err(BatchError::Db(e)) if !e.is_unreachable() && !is_transient(&e.source) => {
-                    return Err(Stop::Unavailable(e.to_string()));
-                }
-                Err(BatchError::Db(e)) => e.to_string(),
+                Err(BatchError::Db(e)) => match e.class() {
+                    ErrorClass::Connection | ErrorClass::Transient => e.to_string(),
+                    // A value the database refused outside a compare-and-set (which fails
+                    // that row): named by its class, never by the server's message, which
+                    // can quote the value.
+                    ErrorClass::Value(name) => {
+                        return Err(Stop::Failed(format!(
+                            "{}: the database refused a value ({name})",
+                            e.context
+                        )));
+                    }
+                    ErrorClass::Other => return Err(Stop::Unavailable(e.to_string())),
+                },
                 Err(BatchError::Kms(e)) => format!("the KMS or the key table failed: {e}"),
             };
             if started.elapsed() >= self.settings.patience {
@@ -620,11 +637,12 @@ impl Engine {
                 counts.written += updates.len() as i64;
                 break;
             }
-            let missed = self
+            let Cas { missed, refused } = self
                 .compare_and_set(&mut tx, job, &updates)
                 .await
                 .context(what)?;
-            counts.written += (updates.len() - missed.len()) as i64;
+            counts.written += (updates.len() - missed.len() - refused.len()) as i64;
+            failures.extend(refused);
             if missed.is_empty() {
                 break;
             }
@@ -735,7 +753,13 @@ impl Engine {
         })
     }
 
-    async fn index_of(&self, job: &ColumnJob, plaintext: &[u8]) -> Result<Option<Raw>, BatchError> {
+    /// The value's blind index (`None`: no index, or a dry run); `Err(Ok(name))` when the
+    /// value cannot be indexed (text a normalizer cannot read), which fails that row.
+    async fn index_of(
+        &self,
+        job: &ColumnJob,
+        plaintext: &[u8],
+    ) -> Result<Option<Raw>, Result<&'static str, BatchError>> {
         let Some(b) = &job.column.config.blind_index else {
             return Ok(None);
         };
@@ -745,8 +769,30 @@ impl Engine {
         }
         match self.keyring.blind_index(&b.spec, plaintext).await {
             Ok(digest) => Ok(Some(Raw::Bytes(digest))),
-            // A value a text normalizer cannot read is the value's problem.
-            Err(Error::Config(_)) => Ok(None),
+            // A value a text normalizer cannot read is the value's problem, not the KMS's.
+            Err(e) if is_value_error(&e) => Err(Ok(error_name(&e))),
+            Err(e) => Err(Err(BatchError::Kms(e))),
+        }
+    }
+
+    /// Verify: what is wrong with a sealed row's blind index, if anything. It must hold the
+    /// value's index under one of the label's keys (a rotation in progress has two).
+    async fn index_problem(
+        &self,
+        job: &ColumnJob,
+        read: &Read,
+        plaintext: &[u8],
+    ) -> Result<Option<&'static str>, BatchError> {
+        let (Some(b), Some(stored)) = (&job.column.config.blind_index, &read.index) else {
+            return Ok(None);
+        };
+        let Some(stored) = stored.bytes() else {
+            return Ok(Some("IndexMissing"));
+        };
+        match self.keyring.blind_index_probes(&b.spec, plaintext).await {
+            Ok(probes) if probes.iter().any(|p| p[..] == stored[..]) => Ok(None),
+            Ok(_) => Ok(Some("IndexMismatch")),
+            Err(e) if is_value_error(&e) => Ok(Some(error_name(&e))),
             Err(e) => Err(BatchError::Kms(e)),
         }
     }
@@ -760,6 +806,16 @@ impl Engine {
         let cfg = &job.column.config;
         let stored = self.classify(job, &read.target).await?;
         let source_null = read.source.as_ref().is_none_or(Raw::is_null);
+        // The row's index, or its failure.
+        macro_rules! index {
+            ($pt:expr) => {
+                match self.index_of(job, $pt).await {
+                    Ok(index) => index,
+                    Err(Ok(name)) => return Ok(Decision::Fail(read.pk, name)),
+                    Err(Err(e)) => return Err(e),
+                }
+            };
+        }
         let write = |target: Raw, source: Option<Raw>, index: Option<Raw>, read: Read| {
             Decision::Write(Update {
                 read,
@@ -787,6 +843,10 @@ impl Engine {
                 match values::check_plaintext(cfg.ty, &plaintext) {
                     Ok(()) => {
                         *verify.per_key.entry(key.to_hex()).or_default() += 1;
+                        // A lookup through the blind index would miss this row.
+                        if let Some(problem) = self.index_problem(job, &read, &plaintext).await? {
+                            return Ok(Decision::Fail(read.pk, problem));
+                        }
                         // While the source column exists, say where it no longer agrees (an
                         // application that writes only one of the two columns).
                         if let Some(source) = &read.source {
@@ -808,7 +868,7 @@ impl Engine {
                     return Ok(Decision::Fail(read.pk, "PlaintextType"));
                 }
                 let target = self.seal(job, &pt).await?;
-                let index = self.index_of(job, &pt).await?;
+                let index = index!(&pt);
                 write(target, None, index, read)
             }
             // From a source: the column must be empty or an envelope.
@@ -823,7 +883,7 @@ impl Engine {
                     Err(_) => Decision::Fail(read.pk, "SourceType"),
                     Ok(pt) => {
                         let target = self.seal(job, &pt).await?;
-                        let index = self.index_of(job, &pt).await?;
+                        let index = index!(&pt);
                         write(target, None, index, read)
                     }
                 }
@@ -831,12 +891,10 @@ impl Engine {
             // Already sealed: fill a missing blind index.
             (Op::Encrypt, Stored::Sealed { plaintext, .. }) => {
                 match (&read.index, &cfg.blind_index) {
-                    (Some(idx), Some(_)) if idx.is_null() => {
-                        match self.index_of(job, &plaintext).await? {
-                            Some(index) => write(read.target.clone(), None, Some(index), read),
-                            None => Decision::Skip,
-                        }
-                    }
+                    (Some(idx), Some(_)) if idx.is_null() => match index!(&plaintext) {
+                        Some(index) => write(read.target.clone(), None, Some(index), read),
+                        None => Decision::Skip,
+                    },
                     _ => Decision::Skip,
                 }
             }
@@ -870,94 +928,137 @@ impl Engine {
 
             // The index under the live key, wherever it differs (made under an older key, or
             // missing); the value itself is written back as it was read.
-            (Op::Reindex, Stored::Sealed { plaintext, .. }) => {
-                match self.index_of(job, &plaintext).await? {
-                    Some(index) if read.index.as_ref() != Some(&index) => {
-                        write(read.target.clone(), None, Some(index), read)
-                    }
-                    _ => Decision::Skip,
+            (Op::Reindex, Stored::Sealed { plaintext, .. }) => match index!(&plaintext) {
+                Some(index) if read.index.as_ref() != Some(&index) => {
+                    write(read.target.clone(), None, Some(index), read)
                 }
-            }
+                _ => Decision::Skip,
+            },
             (Op::Reindex, _) => Decision::Skip,
         })
     }
 
-    /// Write `updates` where each row still holds what was read; returns the rows that did not
-    /// match (an application wrote them in between).
+    /// Write `updates` where each row still holds what was read. Returns the rows that did not
+    /// match (an application wrote them in between) and the rows whose new value the database
+    /// refused (too long for the column, not in its character set, out of range), each with
+    /// its reason: those are left as they were, and the rest of the batch is written.
     async fn compare_and_set(
         &self,
         conn: &mut AnyConnection,
         job: &ColumnJob,
         updates: &[Update],
-    ) -> Result<Vec<Pk>, sqlx::Error> {
+    ) -> Result<Cas, sqlx::Error> {
+        let mut out = Cas::default();
         if updates.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         match self.db.dialect {
             // Per row: no network round trip on SQLite, and its planner may scan the table
-            // for each row of a joined VALUES list; MariaDB has no UPDATE ... RETURNING.
+            // for each row of a joined VALUES list; MariaDB has no UPDATE ... RETURNING. A
+            // failed statement undoes only itself on both.
             Dialect::MySql | Dialect::Sqlite => {
-                let mut missed = Vec::new();
                 let sql = self.cas_single_sql(job);
                 for u in updates {
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
                     q = bind_new(q, job, u);
                     q = u.read.pk.bind(q);
                     q = bind_old(q, job, &u.read);
-                    if q.execute(&mut *conn).await?.rows_affected() != 1 {
-                        missed.push(u.read.pk.clone());
+                    match q.execute(&mut *conn).await {
+                        Ok(r) if r.rows_affected() == 1 => {}
+                        Ok(_) => out.missed.push(u.read.pk.clone()),
+                        Err(e) => match classify(&e) {
+                            ErrorClass::Value(name) => out.refused.push((u.read.pk.clone(), name)),
+                            _ => return Err(e),
+                        },
                     }
                 }
-                Ok(missed)
+                Ok(out)
             }
             Dialect::Postgres => {
-                let mut missed = Vec::new();
                 // Keep well below PostgreSQL's 65,535 parameters.
                 for chunk in updates.chunks(1000) {
-                    let sql = self.cas_batch_sql(job, chunk.len());
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for u in chunk {
-                        q = u.read.pk.bind(q);
-                        q = bind_old(q, job, &u.read);
-                        q = bind_new(q, job, u);
+                    // A refused value aborts the statement and, on PostgreSQL, the transaction:
+                    // the savepoint keeps the batch's other work, and the chunk is then written
+                    // row by row to find the rows at fault.
+                    savepoint(conn, "SAVEPOINT envelope_cas").await?;
+                    match self.cas_chunk(conn, job, chunk).await {
+                        Ok(missed) => {
+                            out.missed.extend(missed);
+                            savepoint(conn, "RELEASE SAVEPOINT envelope_cas").await?;
+                        }
+                        Err(e) if matches!(classify(&e), ErrorClass::Value(_)) => {
+                            savepoint(conn, "ROLLBACK TO SAVEPOINT envelope_cas").await?;
+                            for u in chunk {
+                                savepoint(conn, "SAVEPOINT envelope_row").await?;
+                                match self.cas_chunk(conn, job, std::slice::from_ref(u)).await {
+                                    Ok(missed) => {
+                                        out.missed.extend(missed);
+                                        savepoint(conn, "RELEASE SAVEPOINT envelope_row").await?;
+                                    }
+                                    Err(e) => match classify(&e) {
+                                        ErrorClass::Value(name) => {
+                                            savepoint(conn, "ROLLBACK TO SAVEPOINT envelope_row")
+                                                .await?;
+                                            out.refused.push((u.read.pk.clone(), name));
+                                        }
+                                        _ => return Err(e),
+                                    },
+                                }
+                            }
+                            savepoint(conn, "RELEASE SAVEPOINT envelope_cas").await?;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    let rows = q.fetch_all(&mut *conn).await?;
-                    let mut matched = HashSet::with_capacity(rows.len());
-                    for row in &rows {
-                        matched.insert(Pk::get(row, 0, job.table.pk_kind)?);
-                    }
-                    missed.extend(
-                        chunk
-                            .iter()
-                            .map(|u| &u.read.pk)
-                            .filter(|pk| !matched.contains(*pk))
-                            .cloned(),
-                    );
                 }
-                Ok(missed)
+                Ok(out)
             }
         }
     }
 
-    /// The columns compared (old values) and written (new values), in bind order.
-    fn cas_columns(&self, job: &ColumnJob) -> (Vec<String>, Vec<(String, String)>) {
+    /// One `UPDATE ... FROM (VALUES ...) RETURNING` over `chunk` (PostgreSQL); returns the rows
+    /// that did not match.
+    async fn cas_chunk(
+        &self,
+        conn: &mut AnyConnection,
+        job: &ColumnJob,
+        chunk: &[Update],
+    ) -> Result<Vec<Pk>, sqlx::Error> {
+        let sql = self.cas_batch_sql(job, chunk.len());
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for u in chunk {
+            q = u.read.pk.bind(q);
+            q = bind_old(q, job, &u.read);
+            q = bind_new(q, job, u);
+        }
+        let rows = q.fetch_all(&mut *conn).await?;
+        let mut matched = HashSet::with_capacity(rows.len());
+        for row in &rows {
+            matched.insert(Pk::get(row, 0, job.table.pk_kind)?);
+        }
+        Ok(chunk
+            .iter()
+            .map(|u| &u.read.pk)
+            .filter(|pk| !matched.contains(*pk))
+            .cloned()
+            .collect())
+    }
+
+    /// The columns compared (old values, with their shapes) and written (new values), in bind
+    /// order.
+    fn cas_columns(&self, job: &ColumnJob) -> (Vec<Compared>, Vec<Written>) {
         let c = &job.column;
-        let mut old = vec![c.target.clone()];
+        let mut old = vec![(c.target.clone(), target_shape(job))];
         if job.reads_source() {
-            old.extend(c.source_read.clone());
+            old.extend(c.source_read.clone().map(|s| (s, source_shape(job))));
         }
         if job.reads_index() {
-            old.extend(c.index.clone());
+            old.extend(c.index.clone().map(|i| (i, Shape::Bytes)));
         }
         // (column, expression of the new value with `{}` for the parameter)
         let mut new = vec![(c.target.clone(), "{}".to_owned())];
-        if matches!(job.op, Op::Decrypt) && c.config.source.is_some() {
-            let source = self
-                .db
-                .dialect
-                .quote(c.config.source.as_deref().unwrap_or_default());
+        if let (Op::Decrypt, Some(source)) = (&job.op, &c.source) {
             new.push((
-                source,
+                source.clone(),
                 c.source_write.clone().unwrap_or_else(|| "{}".into()),
             ));
         }
@@ -1003,7 +1104,7 @@ impl Engine {
         cond.extend(
             old.iter()
                 .enumerate()
-                .map(|(i, col)| d.same(col, &format!("envelope_o{i}"))),
+                .map(|(i, (col, shape))| d.same_as(*shape, col, &format!("envelope_o{i}"))),
         );
         format!(
             "WITH envelope_x({}) AS (VALUES {values}) UPDATE {} SET {set} FROM envelope_x WHERE {} RETURNING {}",
@@ -1023,7 +1124,7 @@ impl Engine {
             .collect::<Vec<_>>()
             .join(", ");
         let mut cond = vec![format!("{} = ?", job.table.pk)];
-        cond.extend(old.iter().map(|col| d.same(col, "?")));
+        cond.extend(old.iter().map(|(col, shape)| d.same_as(*shape, col, "?")));
         format!(
             "UPDATE {} SET {set} WHERE {}",
             job.table.table,
@@ -1077,21 +1178,6 @@ fn normalized_eq(ty: crate::config::ValueType, a: &[u8], b: &[u8]) -> bool {
         return a == b || (parse(a).is_some() && parse(a) == parse(b));
     }
     a == b
-}
-
-fn is_transient(e: &sqlx::Error) -> bool {
-    // Deadlocks, serialization failures and lock waits: the batch is simply run again.
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            matches!(
-                code.as_str(),
-                "40001" | "40P01" | "1213" | "1205" | "5" | "6" | "517"
-            ) || db.message().contains("database is locked")
-                || db.message().contains("Deadlock")
-        }
-        _ => false,
-    }
 }
 
 fn target_shape(job: &ColumnJob) -> Shape {
@@ -1150,6 +1236,25 @@ fn bind_new<'q>(mut q: Q<'q>, job: &ColumnJob, u: &Update) -> Q<'q> {
             .bind(q);
     }
     q
+}
+
+/// A column a compare-and-set compares: its expression and the shape of its value.
+type Compared = (String, Shape);
+/// A column a compare-and-set writes: the column and the expression of its new value, `{}`
+/// standing for the parameter.
+type Written = (String, String);
+
+/// What a compare-and-set left unwritten.
+#[derive(Default)]
+struct Cas {
+    /// Rows that no longer held what was read.
+    missed: Vec<Pk>,
+    /// Rows whose new value the database refused, with the reason.
+    refused: Vec<(Pk, &'static str)>,
+}
+
+async fn savepoint(conn: &mut AnyConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).execute(&mut *conn).await.map(drop)
 }
 
 enum Decision {

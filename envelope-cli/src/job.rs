@@ -48,6 +48,21 @@ pub fn ddl(d: Dialect, table: &str) -> String {
     )
 }
 
+/// Why a command may not work on a column now.
+#[derive(Debug)]
+pub enum Exclusive {
+    /// Another command (this job) holds live leases on the column.
+    Busy(String),
+    /// The job table could not be read.
+    Db(DbError),
+}
+
+impl From<DbError> for Exclusive {
+    fn from(e: DbError) -> Self {
+        Exclusive::Db(e)
+    }
+}
+
 /// One leased range.
 #[derive(Clone, Debug)]
 pub struct Range {
@@ -143,6 +158,100 @@ impl Jobs {
             .context(|| format!("reading job {job}"))
     }
 
+    /// Before a command works on a column: refuse when another command holds live leases on
+    /// it (two commands rewriting one column would both finish on a mixed column), and start a
+    /// new pass of `job` when another command wrote the column after the unfinished pass began
+    /// (its checkpoints no longer say which rows are done). Returns a note when a pass was
+    /// dropped.
+    ///
+    /// # Errors
+    /// [`Exclusive::Busy`] naming the other command, or a database error.
+    pub async fn claim_column(&self, job: &str) -> Result<Option<String>, Exclusive> {
+        let what = || format!("reading the job table for {job}");
+        let d = self.db.dialect;
+        let column = job.split_once(':').map_or(job, |(_, c)| c);
+        let sql = format!(
+            "SELECT job, {}, {}, {}, {}, {} FROM {} GROUP BY job",
+            d.int(&format!(
+                "SUM(CASE WHEN done = 0 AND lease_owner IS NOT NULL AND lease_expires >= {} THEN 1 ELSE 0 END)",
+                self.p(1)
+            )),
+            d.int("MAX(updated_at)"),
+            d.int("MIN(started_at)"),
+            d.int("COUNT(*)"),
+            d.int("SUM(done)"),
+            self.table
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms())
+            .fetch_all(&self.db.pool)
+            .await
+            .context(what)?;
+        let mut mine = None;
+        let mut others_last = None::<i64>;
+        for r in &rows {
+            let name: String = r.try_get(0).context(what)?;
+            if name.split_once(':').map(|(_, c)| c) != Some(column) {
+                continue;
+            }
+            let (live, updated, started, ranges, done): (i64, i64, i64, i64, i64) = (
+                r.try_get(1).context(what)?,
+                r.try_get(2).context(what)?,
+                r.try_get(3).context(what)?,
+                r.try_get(4).context(what)?,
+                r.try_get(5).context(what)?,
+            );
+            if name == job {
+                mine = (done < ranges).then_some(started);
+            } else {
+                if live > 0 {
+                    return Err(Exclusive::Busy(name));
+                }
+                others_last = Some(others_last.map_or(updated, |l| l.max(updated)));
+            }
+        }
+        match (mine, others_last) {
+            (Some(started), Some(other)) if other >= started => {
+                let sql = format!("DELETE FROM {} WHERE job = {}", self.table, self.p(1));
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(job)
+                    .execute(&self.db.pool)
+                    .await
+                    .context(what)?;
+                Ok(Some(format!(
+                    "{job}: the unfinished pass is not resumed, because another command wrote the column since it began; a new pass starts"
+                )))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The current pass of `job`: its number of ranges and how many are done (over every
+    /// shard and process).
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn pass_state(&self, job: &str) -> Result<(i64, i64), DbError> {
+        let what = || format!("reading job {job}");
+        let d = self.db.dialect;
+        let sql = format!(
+            "SELECT {}, {} FROM {} WHERE job = {}",
+            d.int("COUNT(*)"),
+            d.int("SUM(done)"),
+            self.table,
+            self.p(1)
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job)
+            .fetch_one(&self.db.pool)
+            .await
+            .context(what)?;
+        Ok((
+            row.try_get::<i64, _>(0).context(what)?,
+            row.try_get::<i64, _>(1).context(what)?,
+        ))
+    }
+
     /// Make sure `job` has ranges to work on: keep an unfinished run's ranges (resume), or plan
     /// a new pass over the table (first run, or the last run finished). Returns whether it
     /// resumes.
@@ -158,22 +267,7 @@ impl Jobs {
     ) -> Result<bool, DbError> {
         let what = || format!("planning job {job}");
         let d = self.db.dialect;
-        let sql = format!(
-            "SELECT {}, {} FROM {} WHERE job = {}",
-            d.int("COUNT(*)"),
-            d.int("SUM(done)"),
-            self.table,
-            self.p(1)
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(job)
-            .fetch_one(&self.db.pool)
-            .await
-            .context(what)?;
-        let (ranges, done): (i64, i64) = (
-            row.try_get::<i64, _>(0).context(what)?,
-            row.try_get::<i64, _>(1).context(what)?,
-        );
+        let (ranges, done) = self.pass_state(job).await?;
         if ranges > 0 && done < ranges {
             return Ok(true);
         }
@@ -507,10 +601,28 @@ impl Jobs {
             .fetch_all(&self.db.pool)
             .await
             .context(what)?;
+        let sql = format!(
+            "SELECT job, lease_owner FROM {} WHERE done = 0 AND lease_owner IS NOT NULL AND lease_expires >= {}",
+            self.table,
+            self.p(1)
+        );
+        let leases = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms())
+            .fetch_all(&self.db.pool)
+            .await
+            .context(what)?;
+        let mut owners: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for r in &leases {
+            let job: String = r.try_get(0).context(what)?;
+            let owner: String = r.try_get(1).context(what)?;
+            owners.entry(job).or_default().push(owner);
+        }
         rows.iter()
             .map(|r| {
+                let job: String = r.try_get(0)?;
                 Ok(JobSummary {
-                    job: r.try_get(0)?,
+                    owners: owners.remove(&job).unwrap_or_default(),
+                    job,
                     ranges: r.try_get(1)?,
                     done: r.try_get(2)?,
                     seen: r.try_get(3)?,
@@ -550,4 +662,35 @@ pub struct JobSummary {
     pub updated_at: i64,
     /// Ranges currently leased by a live worker.
     pub leased: i64,
+    /// The owners of those leases (`host:pid:tag`).
+    pub owners: Vec<String>,
+}
+
+impl JobSummary {
+    /// Whether a process may still be working on the job: a live lease whose owner is on
+    /// another machine, or is a process of this machine that still exists. A process killed
+    /// here (`kill -9`) leaves leases that look live until they expire.
+    pub fn running(&self) -> bool {
+        let host = this_host();
+        self.leased > 0
+            && self.owners.iter().any(|o| {
+                let mut parts = o.rsplitn(3, ':');
+                let (_, pid, owner_host) = (parts.next(), parts.next(), parts.next());
+                match (owner_host, pid.and_then(|p| p.parse::<u32>().ok())) {
+                    (Some(h), Some(pid)) if h == host => {
+                        std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    }
+                    _ => true,
+                }
+            })
+    }
+}
+
+/// This machine's name, as lease owners record it.
+pub fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".to_owned())
 }

@@ -28,20 +28,29 @@ use crate::report::Output;
 pub struct Selection {
     /// These key ids (data or index keys).
     pub keys: Vec<KeyId>,
-    /// Every key of this scope (a tenant's data keys, or a label's index keys).
+    /// Every data key of this scope (a tenant's).
     pub scope: Option<String>,
+    /// Every index key of this blind-index label. Scopes and labels share the key table's
+    /// `scope` column, so they are selected apart: `--scope acme` never selects the index keys
+    /// of a label that happens to be called `acme`.
+    pub label: Option<String>,
     /// Data keys created longer ago than this.
     pub older_than: Option<Duration>,
 }
 
 impl Selection {
     fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.scope.is_none() && self.older_than.is_none()
+        self.keys.is_empty()
+            && self.scope.is_none()
+            && self.label.is_none()
+            && self.older_than.is_none()
     }
 
     fn matches(&self, k: &KeyRecord, cutoff: Option<SystemTime>) -> bool {
+        let named = |n: &Option<String>| n.as_deref() == Some(k.scope.as_str());
         self.keys.contains(&k.id)
-            || self.scope.as_deref() == Some(k.scope.as_str())
+            || (k.kind == KeyKind::Data && named(&self.scope))
+            || (k.kind == KeyKind::Index && named(&self.label))
             || (k.kind == KeyKind::Data && cutoff.is_some_and(|c| k.created_at < c))
     }
 }
@@ -223,7 +232,7 @@ pub async fn retire(
 ) -> Result<(), Failure> {
     if selection.is_empty() {
         return Err(Failure::Usage(
-            "say which keys: --key ID, --scope S or --older-than D".into(),
+            "say which keys: --key ID, --scope S, --label L or --older-than D".into(),
         ));
     }
     let (_, store) = open_key_table(config).await?;
@@ -284,12 +293,17 @@ fn check_ids_exist(keys: &[KeyRecord], ids: &[KeyId]) -> Result<(), Failure> {
 pub async fn shred(
     config: &Config,
     selection: &Selection,
-    yes: bool,
+    safety: ShredSafety,
     output: &Output,
 ) -> Result<(), Failure> {
-    if selection.keys.is_empty() && selection.scope.is_none() {
+    let ShredSafety {
+        yes,
+        force,
+        key_refresh,
+    } = safety;
+    if selection.keys.is_empty() && selection.scope.is_none() && selection.label.is_none() {
         return Err(Failure::Usage(
-            "say which keys: --key ID or --scope S".into(),
+            "say which keys: --key ID, --scope S or --label L".into(),
         ));
     }
     let (db, store) = open_key_table(config).await?;
@@ -297,12 +311,51 @@ pub async fn shred(
     check_ids_exist(&keys, &selection.keys)?;
     let chosen: Vec<&KeyRecord> = keys.iter().filter(|k| selection.matches(k, None)).collect();
     if chosen.is_empty() {
+        return Err(Failure::Usage(match (&selection.scope, &selection.label) {
+            (Some(s), _) => format!("no data key has scope {s} (see `envelope keys list`)"),
+            (_, Some(l)) => format!("no index key has label {l} (see `envelope keys list`)"),
+            _ => "no key matches (see `envelope keys list`)".into(),
+        }));
+    }
+    // A key that still takes writes (not retired, or retired so recently that running
+    // keyrings have not read the key table since) would lose every value written after the
+    // count, which the count cannot show.
+    let now = SystemTime::now();
+    let live: Vec<String> = chosen
+        .iter()
+        .filter_map(|k| match k.retired_at {
+            None => Some(format!(
+                "{} ({} {}): not retired",
+                k.id,
+                k.kind.as_str(),
+                k.scope
+            )),
+            Some(at) if at + key_refresh > now => Some(format!(
+                "{} ({} {}): retired {} ago, less than --key-refresh {key_refresh:?}",
+                k.id,
+                k.kind.as_str(),
+                k.scope,
+                humantime(now.duration_since(at).unwrap_or_default())
+            )),
+            Some(_) => None,
+        })
+        .collect();
+    if !live.is_empty() && !force {
         return Err(Failure::Usage(format!(
-            "no key has scope {} (see `envelope keys list`)",
-            selection.scope.as_deref().unwrap_or_default()
+            "refusing to shred keys that running applications may still write under (nothing was deleted):\n  - {}\nretire them first (`envelope keys retire --key ID`) and shred after --key-refresh (every application's Policy::key_refresh) has passed, or pass --force if you know every writer is gone",
+            live.join("\n  - ")
         )));
     }
     let counts = value_counts(config, &db).await?;
+    let counted: Vec<String> = config
+        .tables
+        .iter()
+        .flat_map(|t| {
+            t.columns
+                .iter()
+                .map(move |c| format!("{}.{}", t.name, c.name))
+        })
+        .collect();
     let mut total = 0i64;
     for k in &chosen {
         let columns = counts.get(&k.id.to_hex()).cloned().unwrap_or_default();
@@ -334,20 +387,27 @@ pub async fn shred(
             serde_json::json!({"event": "shred_plan", "key": key_json(k), "values": columns}),
         );
     }
-    if config.tables.is_empty() {
-        eprintln!(
-            "envelope: the configuration names no [[table]], so values under these keys were not counted"
-        );
-    }
+    let scope_note = if counted.is_empty() {
+        "the configuration names no [[table]], so no value under these keys was counted".to_owned()
+    } else {
+        format!(
+            "counted only in the configured columns ({}); a data key seals every column of its scope, so values in columns envelope.toml does not list become unreadable too and were not counted",
+            counted.join(", ")
+        )
+    };
+    output.line(
+        &scope_note,
+        serde_json::json!({"event": "shred_counted", "columns": counted}),
+    );
     if !yes {
         if !std::io::stdin().is_terminal() {
             return Err(Failure::Usage(format!(
-                "shred deletes {} key(s) for good, making {total} counted value(s) unreadable: pass --yes to confirm (stdin is not a terminal, so it cannot ask); nothing was deleted",
+                "shred deletes {} key(s) for good, making {total} counted value(s) (and any in unlisted columns) unreadable: pass --yes to confirm (stdin is not a terminal, so it cannot ask); nothing was deleted",
                 chosen.len()
             )));
         }
         eprint!(
-            "This deletes {} key(s) for good; {total} value(s) above can never be read again.\nType `shred` to confirm: ",
+            "This deletes {} key(s) for good; the {total} value(s) counted above, and any in columns not listed, can never be read again.\nType `shred` to confirm: ",
             chosen.len()
         );
         let mut answer = String::new();
@@ -379,6 +439,21 @@ pub async fn shred(
         serde_json::json!({"event": "summary", "summary": {"shredded": deleted, "values": total}}),
     );
     Ok(())
+}
+
+/// What stands between `keys shred` and a mistake.
+#[derive(Clone, Copy, Debug)]
+pub struct ShredSafety {
+    /// Confirmed without asking (`--yes`).
+    pub yes: bool,
+    /// Shred keys that are not retired, or retired less than `key_refresh` ago (`--force`).
+    pub force: bool,
+    /// How long running applications may go without reading the key table.
+    pub key_refresh: Duration,
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{}s", d.as_secs())
 }
 
 /// Where `keys rewrap` moves keys, and the providers that can unwrap them where they are now.
@@ -775,6 +850,20 @@ pub async fn rotate_index(
     opts.column = Some(column.name.clone());
     commands::migrate(config, Op::Reindex, None, opts, stop).await?;
     if dry_run {
+        return Ok(());
+    }
+    // Only a pass that reached every row frees the old keys: `--limit` stops early, and with
+    // `--shard` the other shards may still be working. Until then rows indexed under an old
+    // key are found only through it.
+    let (ranges, done) = jobs.pass_state(&job_name).await?;
+    if ranges == 0 || done < ranges {
+        output.line(
+            &format!(
+                "{} of {ranges} range(s) of {label}'s reindex pass are left (--limit, or other shards still running): the old index key(s) are kept, and lookups that probe every key still find every row; run `envelope rotate --index {target}` again (or let the other shards finish) to complete the rotation",
+                ranges - done
+            ),
+            serde_json::json!({"event": "index_rotation_unfinished", "label": label, "ranges": ranges, "done": done}),
+        );
         return Ok(());
     }
 

@@ -45,12 +45,15 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args, Debug)]
+// `Debug` by hand: the database URL can carry a password.
+#[derive(Args)]
 struct Global {
     /// The configuration file [default: envelope.toml]
     #[arg(long, global = true, env = "ENVELOPE_CONFIG")]
     config: Option<PathBuf>,
-    /// The database URL (beats the file and DATABASE_URL).
+    /// The database URL (beats the file and DATABASE_URL). A password in it shows in the
+    /// process list and the shell's history: prefer DATABASE_URL, or a password file or
+    /// service the driver reads (~/.pgpass, ~/.my.cnf).
     #[arg(long, global = true)]
     database_url: Option<String>,
     /// The key URI: local://PATH or tencent://REGION/CMK_ID (beats the file and ENVELOPE_KMS).
@@ -104,7 +107,9 @@ struct RunArgs {
     #[arg(long, hide = true, value_parser = duration)]
     debug_pause_after_read: Option<Duration>,
     /// Benchmark baseline only: run the same job with the cryptography switched off, writing
-    /// every value back as it was read.
+    /// every value back as it was read. Only in a binary built with the `bench-baseline`
+    /// feature.
+    #[cfg(feature = "bench-baseline")]
     #[arg(long, hide = true)]
     debug_no_crypto: bool,
 }
@@ -149,9 +154,12 @@ enum KeysCommand {
         /// This key id (hex; repeatable).
         #[arg(long = "key", group = "which")]
         keys: Vec<String>,
-        /// Every key of this scope.
+        /// Every data key of this scope (a tenant).
         #[arg(long, group = "which")]
         scope: Option<String>,
+        /// Every index key of this blind-index label.
+        #[arg(long, group = "which")]
+        label: Option<String>,
         /// Data keys created longer ago than this (e.g. 90d).
         #[arg(long, value_parser = duration, group = "which")]
         older_than: Option<Duration>,
@@ -163,12 +171,23 @@ enum KeysCommand {
         /// This key id (hex; repeatable).
         #[arg(long = "key", group = "which")]
         keys: Vec<String>,
-        /// Every key of this scope (a tenant).
+        /// Every data key of this scope (a tenant).
         #[arg(long, group = "which")]
         scope: Option<String>,
+        /// Every index key of this blind-index label.
+        #[arg(long, group = "which")]
+        label: Option<String>,
         /// Confirm without asking.
         #[arg(long)]
         yes: bool,
+        /// Shred keys that are not retired, or were retired less than --key-refresh ago:
+        /// only when every process that could write under them is gone.
+        #[arg(long)]
+        force: bool,
+        /// The applications' Policy::key_refresh: how long after a retirement they may still
+        /// write under the key.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        key_refresh: Duration,
     },
 }
 
@@ -309,6 +328,20 @@ fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::new(value))
 }
 
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("config", &self.config)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(config::redact_url),
+            )
+            .field("kms", &self.kms)
+            .field("json", &self.json)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for Cli {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cli")
@@ -421,7 +454,12 @@ fn run_database(global: Global, command: Command) -> Result<(), Failure> {
     runtime.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
         spawn_signal_handler(stop.clone(), output);
-        let options = |run: RunArgs| RunOptions {
+        let options = |run: RunArgs| {
+            #[cfg(feature = "bench-baseline")]
+            let no_crypto = run.debug_no_crypto;
+            #[cfg(not(feature = "bench-baseline"))]
+            let no_crypto = false;
+            RunOptions {
             table: run.table,
             column: run.column,
             settings: Settings {
@@ -436,9 +474,10 @@ fn run_database(global: Global, command: Command) -> Result<(), Failure> {
                 patience: run.patience,
                 range_rows: run.range_size.max(1),
                 pause_after_read: run.debug_pause_after_read,
-                no_crypto: run.debug_no_crypto,
+                no_crypto,
             },
             output,
+        }
         };
         match command {
             Command::Init => commands::init(&config, &output).await,
@@ -468,13 +507,14 @@ fn run_database(global: Global, command: Command) -> Result<(), Failure> {
                 KeysCommand::Rewrap { to, patience } => {
                     keys::rewrap(&config, &to, patience, &output, stop).await
                 }
-                KeysCommand::Retire { keys, scope, older_than } => {
-                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, older_than };
+                KeysCommand::Retire { keys, scope, label, older_than } => {
+                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, label, older_than };
                     keys::retire(&config, &selection, &output).await
                 }
-                KeysCommand::Shred { keys, scope, yes } => {
-                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, older_than: None };
-                    keys::shred(&config, &selection, yes, &output).await
+                KeysCommand::Shred { keys, scope, label, yes, force, key_refresh } => {
+                    let selection = keys::Selection { keys: key_ids(&keys)?, scope, label, older_than: None };
+                    let safety = keys::ShredSafety { yes, force, key_refresh };
+                    keys::shred(&config, &selection, safety, &output).await
                 }
             },
             Command::KmsEmulator { .. } | Command::Keygen { .. } | Command::Inspect { .. } => Ok(()),
@@ -625,5 +665,23 @@ mod tests {
             "{dbg}"
         );
         assert!(dbg.contains("<redacted>"), "{dbg}");
+        let cli = Cli::try_parse_from([
+            "envelope",
+            "--database-url",
+            "postgres://app:hunter2@db/app",
+            "status",
+        ])
+        .unwrap();
+        let dbg = format!("{cli:?}");
+        assert!(
+            !dbg.contains("hunter2") && dbg.contains("app:<redacted>@db"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn the_benchmark_baseline_is_not_in_the_operators_binary() {
+        let parsed = Cli::try_parse_from(["envelope", "encrypt", "--debug-no-crypto"]);
+        assert_eq!(parsed.is_ok(), cfg!(feature = "bench-baseline"));
     }
 }

@@ -79,8 +79,10 @@ impl Output {
         for j in jobs {
             let state = if j.done == j.ranges {
                 "finished"
-            } else if j.leased > 0 {
+            } else if j.running() {
                 "running"
+            } else if j.leased > 0 {
+                "interrupted: its process is gone, and its leases expire within --lease (run the same command again to resume)"
             } else {
                 "interrupted (run the same command again to resume)"
             };

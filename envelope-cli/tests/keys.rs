@@ -283,16 +283,57 @@ async fn shred_then_read(kind: Kind) {
     assert_eq!(open_all(&app, &snap).await.unwrap(), 50);
     let key = envelope_core::format::peek_key_id(snap[0].1.as_ref().unwrap()).unwrap();
 
-    // Not on a terminal and no --yes: refused, after counting; nothing deleted.
-    let out = t.envelope(&["keys", "shred", "--key", &key.to_hex()]);
+    // A key that is not retired still takes writes (the application's keyring keeps sealing
+    // under its active key until its next key-table read): refused even with --yes.
+    let out = t.envelope(&["keys", "shred", "--key", &key.to_hex(), "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("not retired") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(keys(&t).await.iter().any(|k| k.id == key));
+    // Retired just now: running keyrings may not have noticed yet (--key-refresh).
+    t.expect(&["keys", "retire", "--key", &key.to_hex()], 0);
+    let out = t.envelope(&["keys", "shred", "--key", &key.to_hex(), "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("less than --key-refresh"), "{stderr}");
+    assert!(keys(&t).await.iter().any(|k| k.id == key));
+
+    // Not on a terminal and no --yes: refused, after counting; nothing deleted. The count says
+    // which columns it covers.
+    let out = t.envelope(&[
+        "keys",
+        "shred",
+        "--key",
+        &key.to_hex(),
+        "--key-refresh",
+        "0s",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&format!("{table}.email: 50")), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "counted only in the configured columns ({table}.email)"
+        )),
+        "{stdout}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
     assert!(keys(&t).await.iter().any(|k| k.id == key));
 
     let out = t.expect(
-        &["keys", "shred", "--key", &key.to_hex(), "--yes", "--json"],
+        &[
+            "keys",
+            "shred",
+            "--key",
+            &key.to_hex(),
+            "--yes",
+            "--json",
+            "--key-refresh",
+            "0s",
+        ],
         0,
     );
     let s = Target::summary(&out);
@@ -333,19 +374,84 @@ async fn shred_then_read(kind: Kind) {
     assert_eq!(app.decrypt(&label, &after).await.unwrap(), b"new");
 }
 
-async fn rows_seen(t: &Target, job_prefix: &str) -> i64 {
-    let sum = match t.kind {
-        Kind::Postgres => "CAST(COALESCE(SUM(rows_seen), 0) AS BIGINT)",
-        Kind::MySql => "CAST(COALESCE(SUM(rows_seen), 0) AS SIGNED)",
-        Kind::Sqlite => "COALESCE(SUM(rows_seen), 0)",
+/// Rows whose blind index a lookup through every key of the label finds.
+async fn found_by_lookup(t: &Target, app: &Keyring, table: &str, rows: i64) -> Vec<i64> {
+    let mut found = Vec::new();
+    for n in 1..=rows {
+        let probes = app
+            .blind_index_probes(&spec(), email(n).as_bytes())
+            .await
+            .unwrap();
+        let params: Vec<String> = (1..=probes.len()).map(|i| t.p(i)).collect();
+        let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM {table} WHERE email_bidx IN ({})",
+            params.join(", ")
+        )));
+        for p in probes {
+            q = q.bind(p);
+        }
+        if q.fetch_all(&t.pool).await.unwrap().contains(&n) {
+            found.push(n);
+        }
+    }
+    found
+}
+
+/// `rotate --index --limit N` recomputes N rows and keeps the old index key: rows it did not
+/// reach are still found through it. The next run finishes the pass and only then deletes it.
+async fn rotate_index_with_a_limit_keeps_the_old_key(kind: Kind) {
+    let Some(t) = Target::new(kind).await else {
+        return;
     };
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT {sum} FROM {} WHERE job LIKE '{job_prefix}%'",
-        t.table("jobs")
-    )))
-    .fetch_one(&t.pool)
-    .await
-    .unwrap_or(0)
+    let rows = 40;
+    let table = encrypted_table(&t, rows).await;
+    let index_keys = async || -> Vec<KeyId> {
+        keys(&t)
+            .await
+            .iter()
+            .filter(|k| k.kind == KeyKind::Index)
+            .map(|k| k.id)
+            .collect()
+    };
+    let old = index_keys().await;
+    assert_eq!(old.len(), 1);
+    let target = format!("{table}.email");
+    let args = [
+        "rotate",
+        "--index",
+        &target,
+        "--key-refresh",
+        "0s",
+        "--limit",
+        "5",
+        "--batch-size",
+        "5",
+    ];
+    let out = t.expect(&args, 0);
+    assert!(out.contains("range(s)") && out.contains("left"), "{out}");
+    assert!(
+        index_keys().await.contains(&old[0]),
+        "the old index key was deleted"
+    );
+    let app = app_keyring(&t, master(&t, "master.key")).await;
+    assert_eq!(
+        found_by_lookup(&t, &app, &table, rows).await.len(),
+        rows as usize
+    );
+
+    let out = t.expect(&["rotate", "--index", &target, "--key-refresh", "0s"], 0);
+    assert!(
+        out.contains("rotation of") && out.contains("finished"),
+        "{out}"
+    );
+    let now = index_keys().await;
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], old[0]);
+    app.refresh_keys().await.unwrap();
+    assert_eq!(
+        found_by_lookup(&t, &app, &table, rows).await.len(),
+        rows as usize
+    );
 }
 
 async fn rotate_index_under_a_reader(kind: Kind) {
@@ -453,7 +559,7 @@ async fn rotate_index_under_a_reader(kind: Kind) {
     ];
     let mut child = t.spawn(&args);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while rows_seen(&t, "reindex:").await < rows / 3 && Instant::now() < deadline {
+    while t.rows_seen("reindex:").await < rows / 3 && Instant::now() < deadline {
         assert!(
             child.try_wait().unwrap().is_none(),
             "rotate --index ended before it was killed"
@@ -875,6 +981,7 @@ per_database!(
     retire_then_write,
     shred_then_read,
     rotate_index_under_a_reader,
+    rotate_index_with_a_limit_keeps_the_old_key,
     rewrap_tencent_cmk_a_to_b_on_the_emulator,
     rewrap_local_to_openbao,
     rewrap_tencent_to_moto

@@ -189,6 +189,44 @@ impl Target {
             .unwrap()
     }
 
+    /// Rows examined so far by jobs whose name starts with `job_prefix` (`""`: every job).
+    pub async fn rows_seen(&self, job_prefix: &str) -> i64 {
+        let sum = match self.kind {
+            Kind::Postgres => "CAST(COALESCE(SUM(rows_seen), 0) AS BIGINT)",
+            Kind::MySql => "CAST(COALESCE(SUM(rows_seen), 0) AS SIGNED)",
+            Kind::Sqlite => "COALESCE(SUM(rows_seen), 0)",
+        };
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {sum} FROM {} WHERE job LIKE '{job_prefix}%'",
+            self.table("jobs")
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Create `table (id BIGINT PRIMARY KEY, email <binary>)` holding `rows` plaintext
+    /// e-mails `user{i}@example.com`.
+    pub async fn plaintext_emails(&self, table: &str, rows: i64) {
+        self.exec(&format!(
+            "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email {})",
+            self.blob()
+        ))
+        .await;
+        let values: Vec<String> = (1..=rows)
+            .map(|i| {
+                format!(
+                    "({i}, {})",
+                    self.bytes_literal(format!("user{i}@example.com").as_bytes())
+                )
+            })
+            .collect();
+        for chunk in values.chunks(500) {
+            self.exec(&format!("INSERT INTO {table} VALUES {}", chunk.join(", ")))
+                .await;
+        }
+    }
+
     /// A hex literal of bytes in this dialect.
     pub fn bytes_literal(&self, b: &[u8]) -> String {
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
