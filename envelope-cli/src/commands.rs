@@ -253,11 +253,19 @@ pub(crate) async fn keyring(config: &Config) -> Result<Keyring, Failure> {
 }
 
 pub(crate) async fn require_tables(db: &Db, config: &Config) -> Result<(), Failure> {
-    for (what, name) in [
-        ("key table", &config.key_table),
-        ("job table", &config.job_table),
+    for (what, name, exists) in [
+        (
+            "key table",
+            &config.key_table,
+            db.key_table_exists(&config.key_table).await?,
+        ),
+        (
+            "job table",
+            &config.job_table,
+            db.table_exists(&config.job_table).await?,
+        ),
     ] {
-        if !db.table_exists(name).await? {
+        if !exists {
             return Err(Failure::Usage(format!(
                 "the {what} {name} does not exist: run `envelope init` first"
             )));
@@ -337,7 +345,7 @@ pub async fn migrate(
     let read_only = matches!(op, Op::Verify) || opts.settings.dry_run;
     if !matches!(op, Op::Verify) {
         require_tables(&db, config).await?;
-    } else if !db.table_exists(&config.key_table).await? {
+    } else if !db.key_table_exists(&config.key_table).await? {
         return Err(Failure::Usage(format!(
             "the key table {} does not exist: check key_table (or run `envelope init`)",
             config.key_table

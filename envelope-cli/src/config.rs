@@ -367,7 +367,9 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
     let job_table = env("ENVELOPE_JOB_TABLE")
         .or(raw.job_table)
         .unwrap_or_else(|| "envelope_jobs".to_owned());
-    check_ident("key_table", &key_table)?;
+    // The key stores splice the key table's name unquoted, with their own rule (no schema).
+    envelope_core::key_table::check_table_name(&key_table)
+        .map_err(|e| bad(format!("{origin}: key_table: {e}")))?;
     check_ident("job_table", &job_table)?;
     let scope = env("ENVELOPE_SCOPE")
         .or(raw.scope)
@@ -656,6 +658,8 @@ source = "ssn"
         assert!(parse_err(&in_place_text_int).contains("in-place text-form"));
         assert!(parse_err(&GOOD.replace("email_bidx", "ssn")).contains("two roles"));
         assert!(parse_err("kms = \"local://k\"\n").contains("database_url"));
+        let schema_key_table = GOOD.replace("[[table]]", "key_table = \"app.keys\"\n\n[[table]]");
+        assert!(parse_err(&schema_key_table).contains("key_table"));
         assert!(
             parse_err("database_url = \"sqlite://x\"\nsecret_key = \"s\"\n").contains("secret_key")
         );

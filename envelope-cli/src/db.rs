@@ -376,12 +376,26 @@ impl Db {
         }))
     }
 
-    /// Whether a table exists.
+    /// Whether a table exists (its name quoted, as the CLI's own statements write it).
     ///
     /// # Errors
     /// A [`DbError`].
     pub async fn table_exists(&self, table: &str) -> Result<bool, DbError> {
-        let sql = format!("SELECT 1 FROM {} WHERE 1 = 0", self.dialect.quote(table));
+        self.exists(&self.dialect.quote(table), table).await
+    }
+
+    /// Whether the key table exists, named as the key stores name it: unquoted (the name is
+    /// held to letters, digits and `_` by `envelope_core::key_table::check_table_name`), so
+    /// that PostgreSQL folds a mixed-case name the same way for both.
+    ///
+    /// # Errors
+    /// A [`DbError`].
+    pub async fn key_table_exists(&self, table: &str) -> Result<bool, DbError> {
+        self.exists(table, table).await
+    }
+
+    async fn exists(&self, sql_name: &str, table: &str) -> Result<bool, DbError> {
+        let sql = format!("SELECT 1 FROM {sql_name} WHERE 1 = 0");
         match sqlx::query(sqlx::AssertSqlSafe(sql))
             .fetch_optional(&self.pool)
             .await

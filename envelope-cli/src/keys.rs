@@ -89,7 +89,7 @@ async fn all_keys(store: &Arc<dyn KeyStore>) -> Result<Vec<KeyRecord>, Failure> 
 /// The key table must exist: these commands never create it.
 async fn open_key_table(config: &Config) -> Result<(Db, Arc<dyn KeyStore>), Failure> {
     let db = commands::connect(config, 2).await?;
-    if !db.table_exists(&config.key_table).await? {
+    if !db.key_table_exists(&config.key_table).await? {
         return Err(Failure::Usage(format!(
             "the key table {} does not exist: check key_table (or run `envelope init`)",
             config.key_table

@@ -519,7 +519,33 @@ async fn commands_on_one_column_take_turns(kind: Kind) {
     t.expect(&["verify"], 0);
 }
 
+/// A mixed-case key table name is one name for the key store (which writes it unquoted) and
+/// for the CLI's checks: on PostgreSQL `init` used to create `envelopekeys_…` and every other
+/// command then asked for `envelope init` forever.
+async fn a_mixed_case_key_table_name_works(kind: Kind) {
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    let table = t.table("mixed");
+    t.plaintext_emails(&table, 10).await;
+    let config = format!(
+        "database_url = {url:?}\nkms = \"local://{key}\"\nkey_table = \"EnvelopeKeys_{suffix}\"\njob_table = \"{jobs}\"\n\n\
+         [[table]]\nname = \"{table}\"\nprimary_key = \"id\"\n\n[[table.column]]\nname = \"email\"\nlabel = \"mixed.email\"\ntype = \"string\"\n",
+        url = t.url,
+        key = t.dir.path().join("master.key").display(),
+        suffix = t.suffix,
+        jobs = t.table("jobs"),
+    );
+    std::fs::write(t.dir.path().join("envelope.toml"), config).unwrap();
+    t.expect(&["init"], 0);
+    t.expect(&["encrypt"], 0);
+    t.expect(&["verify"], 0);
+    t.expect(&["keys", "list"], 0);
+    t.expect(&["status"], 0);
+}
+
 per_database!(
+    a_mixed_case_key_table_name_works,
     commands_on_one_column_take_turns,
     case_variant_names_are_refused,
     a_value_too_long_fails_its_row,
