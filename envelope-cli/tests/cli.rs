@@ -75,3 +75,49 @@ fn inspect_reads_headers_without_keys() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// An AWS endpoint taken from the shared config file (`endpoint_url` in the profile) is held to
+/// the same rule as one given in the configuration: plain http only to a loopback host. It used
+/// to skip the check, and the CLI sent its requests (and took data keys) over plain http to
+/// whatever host the file named.
+#[test]
+fn an_aws_endpoint_from_the_shared_config_file_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        "[default]\nendpoint_url = http://198.51.100.7:4566\n",
+    )
+    .unwrap();
+    let config = dir.path().join("envelope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"sqlite://{}?mode=rwc\"\nkms = \"aws://us-east-1/alias/app\"\n",
+            dir.path().join("app.db").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_envelope"))
+        .arg("--config")
+        .arg(&config)
+        .arg("init")
+        .env("AWS_CONFIG_FILE", &aws_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ENDPOINT_URL_KMS")
+        .env_remove("AWS_PROFILE")
+        .env_remove("ENVELOPE_KMS")
+        .env_remove("DATABASE_URL")
+        .env_remove("ENVELOPE_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("198.51.100.7") && stderr.contains("plain http"),
+        "{stderr}"
+    );
+}

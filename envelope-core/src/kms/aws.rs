@@ -203,6 +203,23 @@ impl AwsKms {
             ));
         }
         let sdk = loader.load().await;
+        // aws-config also takes an endpoint from the shared config file (`endpoint_url` in the
+        // profile, or in its `services` section for KMS): the same rule holds for it.
+        if endpoint.is_none() {
+            let key = aws_types::service_config::ServiceConfigKey::builder()
+                .service_id("KMS")
+                .env("AWS_ENDPOINT_URL")
+                .profile("endpoint_url")
+                .build()
+                .map_err(|e| Error::config("the AWS endpoint configuration", e.to_string()))?;
+            let configured = sdk
+                .service_config()
+                .and_then(|c| c.load_config(key))
+                .or_else(|| sdk.endpoint_url().map(str::to_owned));
+            if let Some(e) = configured {
+                check_endpoint(&e, config.danger_allow_insecure_http)?;
+            }
+        }
         Ok(AwsKms {
             client: aws_sdk_kms::Client::new(&sdk),
             config,

@@ -155,6 +155,46 @@ pub(crate) fn client(
     })
 }
 
+/// The most a KMS or metadata response may hold. Real answers are a few hundred bytes to a few
+/// KiB; a timeout bounds how long a response takes, not how big it is (at loopback speed that
+/// is gigabytes held in memory).
+pub(crate) const MAX_RESPONSE: usize = 64 * 1024;
+
+/// Read a response's body, refusing one larger than [`MAX_RESPONSE`] (by its `Content-Length`
+/// before reading, or as it arrives). The body is held in memory that is wiped on drop.
+///
+/// # Errors
+/// [`KmsErrorKind::InvalidResponse`] for a body too large; a transport error while reading.
+pub(crate) async fn read_capped(
+    provider: &'static str,
+    mut response: reqwest::Response,
+) -> std::result::Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
+    let too_large = || {
+        KmsError::new(provider, KmsErrorKind::InvalidResponse).with_message(format!(
+            "the response is larger than {} KiB; refused",
+            MAX_RESPONSE / 1024
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = zeroize::Zeroizing::new(Vec::new());
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(provider, &e))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// A failed send or read, as a retryable network or timeout error.
 pub(crate) fn transport_error(provider: &'static str, e: &reqwest::Error) -> KmsError {
     let kind = if e.is_timeout() {
@@ -169,6 +209,61 @@ pub(crate) fn transport_error(provider: &'static str, e: &reqwest::Error) -> Kms
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-shot HTTP server on loopback that answers `head` then `body_len` bytes.
+    async fn serve(head: String, body_len: usize) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 16 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn responses_are_capped() {
+        let client = reqwest::Client::new();
+        // Announced too large: refused before reading.
+        let url = serve(
+            "HTTP/1.1 200 OK\r\ncontent-length: 10000000\r\n\r\n".into(),
+            10_000_000,
+        )
+        .await;
+        let r = client.get(&url).send().await.unwrap();
+        let e = read_capped("test", r).await.unwrap_err();
+        assert_eq!(e.kind(), KmsErrorKind::InvalidResponse);
+        // Not announced (read to the end of the connection): refused as it arrives.
+        let url = serve(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".into(),
+            1_000_000,
+        )
+        .await;
+        let r = client.get(&url).send().await.unwrap();
+        let e = read_capped("test", r).await.unwrap_err();
+        assert_eq!(e.kind(), KmsErrorKind::InvalidResponse);
+        assert!(e.to_string().contains("64 KiB"), "{e}");
+        // A normal answer is read whole.
+        let url = serve(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n".into(),
+            3000,
+        )
+        .await;
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(read_capped("test", r).await.unwrap().len(), 3000);
+    }
 
     fn retry(request_timeout: Duration, max_attempts: u32, backoff: Duration) -> Retry {
         Retry::new(request_timeout, max_attempts, backoff)

@@ -330,13 +330,7 @@ impl VaultKms {
             .await
             .map_err(|e| http::transport_error(PROVIDER, &e))?;
         let status = response.status();
-        let bytes = Zeroizing::new(
-            response
-                .bytes()
-                .await
-                .map_err(|e| http::transport_error(PROVIDER, &e))?
-                .to_vec(),
-        );
+        let bytes = http::read_capped(PROVIDER, response).await?;
         if status.is_success() {
             if bytes.is_empty() {
                 return Ok(Value::Null);

@@ -107,20 +107,50 @@ struct RoleCredentials {
     code: String,
 }
 
+/// The metadata service's host inside Tencent Cloud (it resolves to a link-local address).
+const TENCENT_METADATA_HOST: &str = "metadata.tencentyun.com";
+
+/// Whether plain http may reach `url`'s host for credentials: Tencent's metadata host, a
+/// link-local address (169.254.0.0/16, fe80::/10: not routed beyond the instance's link) or a
+/// loopback one. Anywhere else its answers (credentials) could be read or forged on the way.
+fn metadata_host_is_local(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local() || ip.is_loopback(),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xffc0) == 0xfe80,
+        Err(_) => {
+            bare.eq_ignore_ascii_case(TENCENT_METADATA_HOST)
+                || bare.eq_ignore_ascii_case("localhost")
+        }
+    }
+}
+
 impl RoleSource {
-    pub(super) fn new(role: &InstanceRole) -> Result<Self> {
+    /// `allow_insecure_http`: plain http to any metadata host
+    /// ([`TencentConfig::danger_allow_insecure_http`](super::TencentConfig)).
+    pub(super) fn new(role: &InstanceRole, allow_insecure_http: bool) -> Result<Self> {
+        let what = || {
+            format!(
+                "InstanceRole::metadata_endpoint {:?}",
+                role.metadata_endpoint
+            )
+        };
         let base = reqwest::Url::parse(&role.metadata_endpoint)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-            .ok_or_else(|| {
-                Error::config(
-                    format!(
-                        "InstanceRole::metadata_endpoint {:?}",
-                        role.metadata_endpoint
-                    ),
-                    "is not an http(s) URL with a host",
-                )
-            })?;
+            .ok_or_else(|| Error::config(what(), "is not an http(s) URL with a host"))?;
+        if base.scheme() == "http" && !allow_insecure_http && !metadata_host_is_local(&base) {
+            return Err(Error::config(
+                what(),
+                "plain http carries credentials only to the metadata service's own host, a link-local or a loopback address: use https, or set TencentConfig::danger_allow_insecure_http",
+            ));
+        }
         Ok(RoleSource {
             base,
             role: role.role.clone().filter(|r| !r.is_empty()),
@@ -244,13 +274,12 @@ impl RoleSource {
                 metadata_error(kind, &self.base, &format!("no answer: {e}"))
             })?;
         let status = response.status();
-        let text = Zeroizing::new(response.text().await.map_err(|e| {
-            metadata_error(
-                KmsErrorKind::Network,
-                &self.base,
-                &format!("reading the answer: {e}"),
-            )
-        })?);
+        let body = super::super::http::read_capped(super::PROVIDER, response)
+            .await
+            .map_err(|e| {
+                metadata_error(e.kind(), &self.base, &format!("reading the answer: {e}"))
+            })?;
+        let text = Zeroizing::new(String::from_utf8_lossy(&body).into_owned());
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(metadata_error(
                 KmsErrorKind::Auth,
@@ -274,4 +303,39 @@ fn metadata_error(kind: KmsErrorKind, base: &reqwest::Url, what: &str) -> KmsErr
     KmsError::new(PROVIDER, kind).with_message(format!(
         "instance role credentials from the metadata service at {base}: {what}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_http_metadata_only_to_local_hosts() {
+        let ok = |u: &str, insecure: bool| {
+            super::RoleSource::new(
+                &super::InstanceRole {
+                    metadata_endpoint: u.into(),
+                    ..super::InstanceRole::default()
+                },
+                insecure,
+            )
+            .is_ok()
+        };
+        for local in [
+            "http://metadata.tencentyun.com",
+            "http://169.254.0.23",
+            "http://127.0.0.1:8080",
+            "http://[::1]:80",
+            "http://[fe80::1]",
+            "https://metadata.example.com",
+        ] {
+            assert!(ok(local, false), "{local}");
+        }
+        for remote in [
+            "http://metadata.example.com",
+            "http://10.0.0.5",
+            "http://[2001:db8::1]",
+        ] {
+            assert!(!ok(remote, false), "{remote}");
+            assert!(ok(remote, true), "{remote}");
+        }
+    }
 }

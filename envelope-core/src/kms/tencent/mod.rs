@@ -275,7 +275,7 @@ impl TencentKms {
     /// [`TencentConfig::danger_allow_insecure_http`] is set).
     pub fn new(config: TencentConfig) -> Result<Self> {
         let credentials = match &config.instance_role {
-            Some(role) => Source::Role(RoleSource::new(role)?),
+            Some(role) => Source::Role(RoleSource::new(role, config.danger_allow_insecure_http)?),
             None if config.secret_id.is_empty() || config.secret_key.is_empty() => {
                 return Err(Error::config(
                     "TencentConfig::secret_id / secret_key",
@@ -417,13 +417,7 @@ impl TencentKms {
             .await
             .map_err(|e| http::transport_error(PROVIDER, &e))?;
         let status = response.status();
-        let bytes = Zeroizing::new(
-            response
-                .bytes()
-                .await
-                .map_err(|e| http::transport_error(PROVIDER, &e))?
-                .to_vec(),
-        );
+        let bytes = http::read_capped(PROVIDER, response).await?;
         if status.is_server_error() {
             return Err(KmsError::new(PROVIDER, KmsErrorKind::Unavailable)
                 .with_message(format!("HTTP {status}")));
