@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use envelope_core::kms::Connected;
-use envelope_core::{KeyFilter, KeyId, KeyKind, KeyStore, Keyring, KmsProvider};
+use envelope_core::{KeyFilter, KeyId, KeyKind, KeyStore, Keyring};
 use envelope_sqlx::SqlxKeyStore;
 use sqlx::Row;
 
@@ -163,14 +163,30 @@ pub(crate) async fn provider(uri: &KeyUri) -> Result<Connected, Failure> {
     })
 }
 
-/// The providers of the configured `also_read` URIs.
-pub(crate) async fn readers(config: &Config) -> Result<Vec<Arc<dyn KmsProvider>>, Failure> {
-    let mut readers = Vec::new();
+/// What the configured `also_read` URIs add to the CLI's keyring.
+pub(crate) struct Readers {
+    /// Other KMSs, each with the master key its URI names.
+    pub(crate) kmss: Vec<Connected>,
+    /// Further master keys of the KMS `kms` names (where a rewrap within one KMS moves keys
+    /// to or from), read by `kms`'s own provider.
+    pub(crate) own_cmks: Vec<String>,
+}
+
+/// The providers and master keys of the configured `also_read` URIs. The keyring unwraps a key
+/// only under a master key named here or by `kms`: never on the key row's own word.
+pub(crate) async fn readers(config: &Config) -> Result<Readers, Failure> {
+    let mut readers = Readers {
+        kmss: Vec::new(),
+        own_cmks: Vec::new(),
+    };
     for uri in &config.also_read {
         if uri.same_kms(&config.kms) {
-            continue; // `kms`'s own provider reads its keys
+            // `kms`'s own provider reads its keys (a local key file names no master key: the
+            // local provider knows the keys it holds).
+            readers.own_cmks.extend(uri.cmk().map(str::to_owned));
+            continue;
         }
-        readers.push(provider(uri).await?.kms);
+        readers.kmss.push(provider(uri).await?);
     }
     Ok(readers)
 }
@@ -239,8 +255,11 @@ pub(crate) async fn keyring(config: &Config) -> Result<Keyring, Failure> {
     // `build` reads the key table through the keyring's own runtime: off the async threads.
     tokio::task::spawn_blocking(move || {
         let mut builder = Keyring::builder(kms, store).cmk(cmk);
-        for reader in readers {
-            builder = builder.also_read_with(reader);
+        for cmk in readers.own_cmks {
+            builder = builder.trust_cmk(cmk);
+        }
+        for reader in readers.kmss {
+            builder = builder.also_read(reader);
         }
         if let Some(scope) = scope {
             builder = builder.default_scope(scope);

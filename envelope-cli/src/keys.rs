@@ -462,13 +462,20 @@ struct Rewrapper {
     to: Connected,
     /// The configured `kms` and `also_read` KMSs, by URI.
     sources: Vec<(KeyUri, Arc<dyn KmsProvider>)>,
+    /// The master keys `kms` and `also_read` name, by provider name: the only ones a row may
+    /// be moved from (a provider that knows its own keys, the local one, decides for itself).
+    trusted: Vec<(&'static str, String)>,
 }
 
 impl Rewrapper {
     async fn new(config: &Config, destination: KeyUri) -> Result<Self, Failure> {
         let to = commands::provider(&destination).await?;
         let mut sources = Vec::new();
+        let mut trusted = Vec::new();
         for uri in std::iter::once(&config.kms).chain(&config.also_read) {
+            if let Some(cmk) = uri.cmk() {
+                trusted.push((uri.provider_name(), cmk.to_owned()));
+            }
             if sources.iter().any(|(u, _): &(KeyUri, _)| u.same_kms(uri)) {
                 continue;
             }
@@ -483,6 +490,7 @@ impl Rewrapper {
             destination,
             to,
             sources,
+            trusted,
         })
     }
 
@@ -521,6 +529,31 @@ impl Rewrapper {
             ));
         };
         let to = &self.to;
+        let unwrapper = if uri.same_kms(&self.destination) {
+            &to.kms
+        } else {
+            source
+        };
+        // The row's master key must be one the configuration names (N1 of the 2026-12-05
+        // review): a row edited to name another key the credentials can use, and to hold a key
+        // wrapped under it, passes every KMS-side check, and rewrapping it would launder the
+        // substituted key under the destination, where every keyring trusts it.
+        if unwrapper.holds_cmk(&record.cmk_id).is_none()
+            && !self
+                .trusted
+                .iter()
+                .any(|(p, c)| *p == record.provider && *c == record.cmk_id)
+        {
+            return Err(envelope_core::Error::Config(
+                envelope_core::ConfigError::new(
+                    "also_read",
+                    format!(
+                        "it names {} master key '{}', which neither kms nor also_read names, so it is not moved: if keys under that master key are yours, add its key URI to also_read (the applications must trust it too); otherwise the key table was edited",
+                        record.provider, record.cmk_id
+                    ),
+                ),
+            ));
+        }
         // The same `envelope.kms` spans as the keyring's calls: provider and action, no body.
         let span = |provider: &str, action: &'static str| tracing::debug_span!(target: "envelope::kms", "envelope.kms", provider, action, key_id = %record.id);
         if uri.same_kms(&self.destination) {

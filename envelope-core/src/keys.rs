@@ -230,7 +230,11 @@ pub struct KeyRecord {
     pub scope: String,
     /// The KMS provider's name (`local`, `tencent`, ...).
     pub provider: String,
-    /// The master key (CMK) id the key is wrapped under.
+    /// The master key (CMK) id the key is wrapped under, exactly as the keyring that made it (or
+    /// `envelope keys rewrap --to`) was given it: a Tencent KeyId or `alias/NAME`, an AWS key
+    /// id, key ARN or alias, a Vault `MOUNT/KEY`, a local key file's id. A keyring unwraps the
+    /// key only if it trusts this master key (see [`crate::KeyringBuilder::trust_cmk`]): the
+    /// row's own word for it is not enough.
     pub cmk_id: String,
     /// The wrapped key, opaque bytes as the provider returned them.
     pub wrapped: Vec<u8>,

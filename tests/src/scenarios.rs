@@ -9,11 +9,17 @@
 //!   connections are refused and when the server hangs;
 //! - past the hard limit writes fail with `Unavailable::WriteKey`, nothing is written;
 //! - once the KMS answers again, writes resume and the cold keyring reads everything.
+//!
+//! [`a_record_naming_an_untrusted_cmk_is_refused`]: a key row edited to name another master key
+//! (and to hold a key wrapped under it) is refused by a cold keyring, without a KMS call.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envelope_core::{Error, Keyring, KmsProvider, Label, MemoryKeyStore, Policy};
+use envelope_core::{
+    EncryptionContext, Error, KeyStore, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore,
+    Policy, format,
+};
 
 use crate::Instrumented;
 use crate::proxy::{Mode, Proxy};
@@ -43,6 +49,74 @@ pub async fn one_kms_call_per_key<K: KmsProvider>(kms: K, cmk: &str) {
         );
     }
     assert_eq!(kms.calls.decrypts(), 1);
+}
+
+/// Security review N1: whoever can write the key table can write a row's `cmk_id` as well as
+/// its wrapped key. Here the row of a key made under `cmk_a` is rewritten to hold the same key
+/// wrapped under `cmk_b` (another master key the credentials may use) and to name `cmk_b`. A
+/// cold keyring configured with `cmk_a` must refuse it with a typed error that names `cmk_b`,
+/// before any KMS call: the master key a row names is not evidence that it may be trusted.
+pub async fn a_record_naming_an_untrusted_cmk_is_refused<K: KmsProvider>(
+    kms: K,
+    cmk_a: &str,
+    cmk_b: &str,
+) {
+    const SECRET: &[u8] = b"078-05-1120";
+    let kms = Arc::new(Instrumented::new(kms));
+    let store = Arc::new(MemoryKeyStore::new());
+    let writer = keyring(kms.clone(), cmk_a, store.clone(), Policy::default()).await;
+    let blob = writer.encrypt(&label(), SECRET).await.expect("write");
+    let id = format::peek_key_id(&blob).expect("key id");
+
+    let mut record = store.get(&id).await.expect("get").expect("the row");
+    assert_eq!(record.cmk_id, cmk_a);
+    let context = EncryptionContext::from_json(&record.kms_context).expect("context");
+    record.wrapped = kms
+        .re_encrypt(&record.wrapped, cmk_a, &context, cmk_b, &context)
+        .await
+        .expect("rewrap under B");
+    record.cmk_id = cmk_b.to_owned();
+    store.delete(&id).await.expect("delete");
+    store.insert(&record).await.expect("insert");
+
+    let decrypts = kms.calls.decrypts();
+    let cold = keyring(kms.clone(), cmk_a, store.clone(), Policy::default()).await;
+    let err = cold
+        .decrypt(&label(), &blob)
+        .await
+        .expect_err("a key under an untrusted master key must not open");
+    match &err {
+        Error::Kms(e) => {
+            assert_eq!(e.kind(), KmsErrorKind::InvalidCiphertext, "{err}");
+            assert!(!e.is_retryable(), "{err}");
+        }
+        other => panic!("expected a KMS error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(cmk_b) && msg.contains(&id.to_hex()), "{msg}");
+    assert!(!msg.contains("078-05-1120"), "{msg}");
+    assert_eq!(
+        kms.calls.decrypts(),
+        decrypts,
+        "the refusal must not depend on (or wait for) the KMS"
+    );
+
+    // Keys under B that are legitimately this application's (rewrapped from A to B by
+    // `envelope keys rewrap`, say) open once B is trusted: the check is the configuration's.
+    let (kms_b, cmk_a, cmk_b) = (kms.clone(), cmk_a.to_owned(), cmk_b.to_owned());
+    let trusting = tokio::task::spawn_blocking(move || {
+        Keyring::builder(kms_b, store)
+            .cmk(cmk_a)
+            .trust_cmk(cmk_b)
+            .build()
+            .expect("keyring")
+    })
+    .await
+    .expect("keyring thread");
+    assert_eq!(
+        trusting.decrypt(&label(), &blob).await.expect("trusted"),
+        SECRET
+    );
 }
 
 fn label() -> Label {

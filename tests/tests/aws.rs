@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use envelope_core::{KmsErrorKind, KmsProvider};
+use envelope_core::{KeyStore, Keyring, KmsErrorKind, KmsProvider, Label, MemoryKeyStore, format};
 use envelope_tests::contract::ctx;
 use envelope_tests::proxy::{Proxy, host_port};
 use envelope_tests::servers::{aws_kms, aws_new_key, moto_url};
@@ -41,6 +41,17 @@ async fn a_key_wrapped_under_another_cmk_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_record_naming_another_cmk_is_refused_by_the_keyring() {
+    let Some(url) = moto_url("a_key_record_naming_another_cmk_is_refused_by_the_keyring") else {
+        return;
+    };
+    let kms = aws_kms(&url).await;
+    let a = aws_new_key(&kms).await;
+    let b = aws_new_key(&kms).await;
+    envelope_tests::scenarios::a_record_naming_an_untrusted_cmk_is_refused(kms, &a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_names_the_cmk() {
     let Some(url) = moto_url("an_alias_names_the_cmk") else {
         return;
@@ -60,6 +71,35 @@ async fn an_alias_names_the_cmk() {
     assert_eq!(back.expose(), g.plaintext.expose());
     let back = kms.decrypt(&a, &g.wrapped, &ctx("x")).await.unwrap();
     assert_eq!(back.expose(), g.plaintext.expose());
+
+    // A keyring records the alias as it was given it; one configured with the key id must
+    // trust the alias to read those keys (ids are compared as written).
+    let kms: Arc<dyn KmsProvider> = Arc::new(kms);
+    let store = Arc::new(MemoryKeyStore::new());
+    let build = |cmk: &str, trust: Option<&str>| {
+        let (kms, store, cmk) = (kms.clone(), store.clone(), cmk.to_owned());
+        let trust = trust.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            let mut b = Keyring::builder(kms, store).cmk(cmk);
+            if let Some(t) = trust {
+                b = b.trust_cmk(t);
+            }
+            b.build().unwrap()
+        })
+    };
+    let by_alias = build(&alias, None).await.unwrap();
+    let blob = by_alias.encrypt(&label(), b"v").await.unwrap();
+    let id = format::peek_key_id(&blob).unwrap();
+    assert_eq!(store.get(&id).await.unwrap().unwrap().cmk_id, alias);
+    let by_id = build(&a, None).await.unwrap();
+    let e = by_id.decrypt(&label(), &blob).await.unwrap_err();
+    assert!(e.to_string().contains(&alias), "{e}");
+    let by_id = build(&a, Some(&alias)).await.unwrap();
+    assert_eq!(by_id.decrypt(&label(), &blob).await.unwrap(), b"v");
+}
+
+fn label() -> Label {
+    Label::new("users.ssn").unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

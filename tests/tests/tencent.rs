@@ -726,6 +726,65 @@ fn a_key_record_naming_cmk_a_but_holding_a_key_under_cmk_b_is_refused() {
 }
 
 #[test]
+fn a_key_record_naming_cmk_b_and_holding_a_key_under_cmk_b_is_refused() {
+    // Security review N1: the attacker who can write `wrapped` can write `cmk_id` too, so the
+    // response check alone (KeyId == the row's CMK) passes. The keyring must trust only CMKs
+    // configured outside the key table.
+    let t = TencentTarget::new();
+    let rt = rt();
+    let (cmk_a, cmk_b) = rt.block_on(async {
+        let a = t.kms.create_key("record-cmk", "").await.unwrap().key_id;
+        let b = t.kms.create_key("other-cmk", "").await.unwrap().key_id;
+        (a, b)
+    });
+    let store = Arc::new(MemoryKeyStore::new());
+    let writer = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
+    let blob = writer.blocking().encrypt(&label(), b"078-05-1120").unwrap();
+    let id = format::peek_key_id(&blob).unwrap();
+
+    rt.block_on(async {
+        let mut record = store.get(&id).await.unwrap().unwrap();
+        assert_eq!(record.cmk_id, cmk_a);
+        let context = EncryptionContext::from_json(&record.kms_context).unwrap();
+        record.wrapped = t
+            .kms
+            .re_encrypt(&record.wrapped, &cmk_a, &context, &cmk_b, &context)
+            .await
+            .unwrap();
+        record.cmk_id = cmk_b.clone();
+        store.delete(&id).await.unwrap();
+        store.insert(&record).await.unwrap();
+    });
+
+    // A reader with a cold cache refuses the record, names CMK B, and never asks the KMS.
+    let decrypts = t.emulator.calls("Decrypt");
+    let cold = tencent_keyring(&t, &cmk_a, store.clone(), Policy::default());
+    let err = cold.blocking().decrypt(&label(), &blob).unwrap_err();
+    match &err {
+        Error::Kms(e) => {
+            assert_eq!(e.kind(), KmsErrorKind::InvalidCiphertext, "{err}");
+            assert!(!e.is_retryable());
+        }
+        other => panic!("expected a KMS error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(&cmk_b), "{msg}");
+    assert!(!msg.contains("078-05-1120"), "{msg}");
+    assert_eq!(t.emulator.calls("Decrypt"), decrypts);
+
+    // Trusting CMK B (keys rewrapped onto it) opens it.
+    let trusting = Keyring::builder(t.kms.clone(), store)
+        .cmk(&cmk_a)
+        .trust_cmk(&cmk_b)
+        .build()
+        .unwrap();
+    assert_eq!(
+        trusting.blocking().decrypt(&label(), &blob).unwrap(),
+        b"078-05-1120"
+    );
+}
+
+#[test]
 fn rewrap_refuses_a_key_that_is_not_under_the_named_source_cmk() {
     let t = TencentTarget::new();
     let rt = rt();
@@ -778,6 +837,47 @@ fn a_cmk_given_by_alias_needs_its_key_id_listed() {
             .unwrap();
         assert_eq!(back.expose(), g.plaintext.expose());
     });
+}
+
+#[test]
+fn keys_made_through_an_alias_stay_readable_only_while_the_alias_is_trusted() {
+    let t = TencentTarget::new();
+    let rt = rt();
+    let meta = rt.block_on(t.kms.create_key("app-alias", "")).unwrap();
+    let listed = client_for(&t.emulator.endpoint(), |c| {
+        c.also_accept_cmks = vec![meta.key_id.clone()];
+    });
+    let store = Arc::new(MemoryKeyStore::new());
+    let by_alias = Keyring::builder(listed.clone(), store.clone())
+        .cmk("alias/app-alias")
+        .build()
+        .unwrap();
+    let blob = by_alias.blocking().encrypt(&label(), b"v").unwrap();
+    let id = format::peek_key_id(&blob).unwrap();
+    // The record names the CMK as the keyring was given it.
+    let record = rt.block_on(store.get(&id)).unwrap().unwrap();
+    assert_eq!(record.cmk_id, "alias/app-alias");
+    let cold = Keyring::builder(listed.clone(), store.clone())
+        .cmk("alias/app-alias")
+        .build()
+        .unwrap();
+    assert_eq!(cold.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+
+    // Reconfigured with the KeyId, the keyring must go on trusting the alias its keys name.
+    let decrypts = t.emulator.calls("Decrypt");
+    let by_id = Keyring::builder(listed.clone(), store.clone())
+        .cmk(&meta.key_id)
+        .build()
+        .unwrap();
+    let err = by_id.blocking().decrypt(&label(), &blob).unwrap_err();
+    assert!(err.to_string().contains("alias/app-alias"), "{err}");
+    assert_eq!(t.emulator.calls("Decrypt"), decrypts);
+    let by_id = Keyring::builder(listed, store)
+        .cmk(&meta.key_id)
+        .trust_cmk("alias/app-alias")
+        .build()
+        .unwrap();
+    assert_eq!(by_id.blocking().decrypt(&label(), &blob).unwrap(), b"v");
 }
 
 #[test]

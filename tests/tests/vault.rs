@@ -127,6 +127,20 @@ async fn a_keyring_on_vault_makes_one_kms_call_per_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_record_naming_another_transit_key_is_refused_by_the_keyring() {
+    let Some(url) =
+        openbao_url("a_key_record_naming_another_transit_key_is_refused_by_the_keyring")
+    else {
+        return;
+    };
+    let admin = VaultAdmin::new(&url).await;
+    let a = admin.new_key(false).await;
+    let b = admin.new_key(false).await;
+    envelope_tests::scenarios::a_record_naming_an_untrusted_cmk_is_refused(vault_kms(&url), &a, &b)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_vault_loses_nothing() {
     let Some(url) = openbao_url("an_outage_of_vault_loses_nothing") else {
         return;

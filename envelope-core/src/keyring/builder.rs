@@ -7,6 +7,8 @@ pub struct KeyringBuilder {
     pub(super) kms: Arc<dyn KmsProvider>,
     pub(super) readers: Vec<Arc<dyn KmsProvider>>,
     pub(super) cmk: Option<String>,
+    /// Master keys trusted besides `cmk`: (provider name, CMK id).
+    pub(super) trusted: Vec<(String, String)>,
     pub(super) store: Arc<dyn KeyStore>,
     pub(super) policy: Policy,
     pub(super) default_scope: Scope,
@@ -18,8 +20,47 @@ impl KeyringBuilder {
     /// Make new data keys under the master key `cmk` instead of the provider's own
     /// ([`KmsProvider::default_cmk`]). Required for a provider that holds many master keys and
     /// names none (an `AwsKms`, a `TencentKms` or a `VaultKms` built by hand).
+    ///
+    /// The keyring unwraps only keys whose row names a master key it trusts: this one, those
+    /// given to [`KeyringBuilder::trust_cmk`] and [`KeyringBuilder::also_read`], and any that a
+    /// provider answering [`KmsProvider::holds_cmk`] holds (the local KMS's key files). A row's
+    /// `cmk_id` is not evidence by itself: whoever can write the key table can write it too.
     pub fn cmk(mut self, cmk: impl Into<String>) -> Self {
         self.cmk = Some(cmk.into());
+        self
+    }
+
+    /// Also unwrap keys that the key table records under master key `cmk` of this keyring's
+    /// provider (the one given to [`Keyring::builder`]). New keys are still made under
+    /// [`KeyringBuilder::cmk`].
+    ///
+    /// Needed for the master keys a key row names that are not the keyring's own CMK:
+    ///
+    /// - **a move to another master key** (`envelope keys rewrap --to URI`): deploy every
+    ///   application trusting the destination *before* the rewrap starts, or each key it moves
+    ///   becomes unreadable to them; once the applications write under the destination, trust
+    ///   the old master key for as long as any row names it (`envelope keys list`);
+    /// - **another spelling** of the same master key: the key table records the CMK id exactly
+    ///   as it was given (an AWS alias, key id or key ARN; a Tencent `alias/NAME` or KeyId), and
+    ///   ids are compared as written, so a keyring configured by KeyId must trust the alias its
+    ///   older keys were made through, and the reverse.
+    ///
+    /// A key row naming any other master key fails with a
+    /// [`KmsErrorKind::InvalidCiphertext`](crate::KmsErrorKind::InvalidCiphertext) error before
+    /// any KMS call: it is what a row edited to hold a key wrapped under another master key (one
+    /// these credentials may use) looks like.
+    pub fn trust_cmk(mut self, cmk: impl Into<String>) -> Self {
+        let provider = self.kms.name().to_owned();
+        self.trusted.push((provider, cmk.into()));
+        self
+    }
+
+    /// As [`KeyringBuilder::trust_cmk`], for the provider named `provider`
+    /// ([`KmsProvider::name`]): one given to [`KeyringBuilder::also_read_with`] (which names no
+    /// master key), or a second master key of one given to [`KeyringBuilder::also_read`].
+    /// [`KeyringBuilder::build`] fails when no provider of that name was given.
+    pub fn trust_cmk_of(mut self, provider: impl Into<String>, cmk: impl Into<String>) -> Self {
+        self.trusted.push((provider.into(), cmk.into()));
         self
     }
 
@@ -40,14 +81,29 @@ impl KeyringBuilder {
         self
     }
 
-    /// Also unwrap keys made by `kms`: a key record names the provider that wrapped it, and
-    /// the keyring unwraps each key with the provider of that name. New keys are always made
-    /// with the provider given to [`Keyring::builder`].
+    /// Also unwrap keys made by another KMS under its master key `reader.cmk`
+    /// ([`KeyUri::connect`](crate::kms::KeyUri::connect) gives both): a key record names the
+    /// provider that wrapped it, and the keyring unwraps each key with the provider of that
+    /// name. New keys are always made with the provider given to [`Keyring::builder`].
     ///
     /// This is how an application keeps reading while `envelope keys rewrap` moves its keys
-    /// from one KMS to another (Tencent to AWS, local to Vault): give it both providers for
-    /// the time of the move. One provider per name: two Vault servers cannot be read side by
-    /// side.
+    /// from one KMS to another (Tencent to AWS, local to Vault): give it both for the time of
+    /// the move, from before the rewrap starts. Keys of that provider under any other master
+    /// key are refused unless trusted with [`KeyringBuilder::trust_cmk_of`]. One provider per
+    /// name: two Vault servers cannot be read side by side.
+    pub fn also_read(mut self, reader: crate::kms::Connected) -> Self {
+        self.trusted
+            .push((reader.kms.name().to_owned(), reader.cmk.clone()));
+        self.readers.push(reader.kms);
+        self
+    }
+
+    /// Also unwrap keys made by `kms`, as [`KeyringBuilder::also_read`], for a provider that
+    /// needs no master key named: one that answers [`KmsProvider::holds_cmk`] (a
+    /// [`LocalKms`](crate::LocalKms) unwraps under the key files it was given, and only those).
+    /// A Tencent, AWS or Vault provider holds no list of its own: use
+    /// [`KeyringBuilder::also_read`], or name its master keys with
+    /// [`KeyringBuilder::trust_cmk_of`]; without either, every key of that provider is refused.
     pub fn also_read_with(mut self, kms: impl KmsProvider) -> Self {
         self.readers.push(Arc::new(kms));
         self
@@ -69,8 +125,9 @@ impl KeyringBuilder {
     ///
     /// # Errors
     /// [`Misuse::Policy`](crate::Misuse::Policy) for an invalid policy;
-    /// [`Misuse::Builder`](crate::Misuse::Builder) for no or an empty CMK id, two providers of
-    /// one name, or a provider whose retry budget exceeds [`Policy::kms_timeout`];
+    /// [`Misuse::Builder`](crate::Misuse::Builder) for no or an empty CMK id (to make keys
+    /// under, or to trust), two providers of one name, a trusted CMK of a provider the keyring
+    /// was not given, or a provider whose retry budget exceeds [`Policy::kms_timeout`];
     /// [`SystemError::Thread`](crate::SystemError::Thread) when the runtime thread cannot start;
     /// [`Error::MasterKeyMissing`] when the key table's keys need master keys this provider does
     /// not hold; a key-store error while reading the key table for that check.
@@ -118,6 +175,24 @@ impl KeyringBuilder {
                 )));
             }
         }
+        let mut trusted = TrustedCmks::default();
+        trusted.add(self.kms.name(), &cmk);
+        for (provider, cmk) in &self.trusted {
+            if cmk.is_empty() {
+                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                    format!("a trusted CMK id of the '{provider}' KMS provider is empty").into(),
+                )));
+            }
+            if !names.contains(provider) {
+                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                    format!(
+                        "CMK {cmk} is trusted for the '{provider}' KMS provider, but the keyring was given no provider of that name: add it with KeyringBuilder::also_read"
+                    )
+                    .into(),
+                )));
+            }
+            trusted.add(provider, cmk);
+        }
         let read_scope = self.scoped.then(|| self.default_scope.clone());
         let first_key_refresh = crate::clock::ms(self.policy.key_refresh);
         crate::clock::start();
@@ -135,6 +210,7 @@ impl KeyringBuilder {
             readers: self.readers,
             store: Arc::new(crate::telemetry::TracedStore(self.store)),
             cmk,
+            trusted,
             soft_uses: self.policy.soft_uses(),
             policy: self.policy,
             default_scope: self.default_scope,

@@ -53,12 +53,14 @@ impl Inner {
             return Err(Error::config(
                 "the keyring's KMS providers",
                 format!(
-                    "key {id} was wrapped by the '{}' KMS provider, but this keyring has only {}: give it that provider too (KeyringBuilder::also_read_with, or the CLI's also_read setting) while keys move between KMSs",
+                    "key {id} was wrapped by the '{}' KMS provider, but this keyring has only {}: give it that provider too (KeyringBuilder::also_read, or also_read_with for a local KMS; the CLI's also_read setting) while keys move between KMSs",
                     record.provider,
                     given.join(", ")
                 ),
             ));
         };
+        // Before the KMS call: the row's own CMK id is no evidence (N1 of the 2026-12-05 review).
+        self.trusted.check(kms.as_ref(), &record)?;
         let material = self
             .kms_call(
                 KmsAction::Decrypt,

@@ -42,6 +42,7 @@ mod policy;
 mod rotation;
 #[cfg(test)]
 mod tests;
+mod trust;
 
 pub use blocking::Blocking;
 pub use builder::KeyringBuilder;
@@ -53,6 +54,7 @@ use hot::*;
 use loading::*;
 use policy::*;
 use rotation::*;
+use trust::TrustedCmks;
 
 /// Context keys the keyring binds every wrapped key to.
 const CTX_KEY_ID: &str = "envelope.key_id";
@@ -84,6 +86,9 @@ struct Inner {
     readers: Vec<Arc<dyn KmsProvider>>,
     store: Arc<dyn KeyStore>,
     cmk: String,
+    /// The master keys a key row may name: `cmk`, the readers' CMKs, and the ones trusted
+    /// explicitly. Never the row's own word.
+    trusted: TrustedCmks,
     policy: Policy,
     /// `policy.dek_max_uses` at `refresh_at_percent`, computed once.
     soft_uses: u64,
@@ -194,6 +199,7 @@ impl Keyring {
             kms: Arc::new(kms),
             readers: Vec::new(),
             cmk: None,
+            trusted: Vec::new(),
             store: Arc::new(store),
             policy: Policy::default(),
             default_scope: Scope::default(),
@@ -233,7 +239,7 @@ impl Keyring {
     }
 
     /// The provider named `name` ([`KmsProvider::name`]): the one new keys are made with, or
-    /// one given to [`KeyringBuilder::also_read_with`].
+    /// one given to [`KeyringBuilder::also_read`] or [`KeyringBuilder::also_read_with`].
     pub fn provider_named(&self, name: &str) -> Option<&Arc<dyn KmsProvider>> {
         self.inner.provider_named(name)
     }

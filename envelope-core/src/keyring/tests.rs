@@ -189,6 +189,8 @@ fn copied_wrapped_key_is_refused() {
 /// A provider over a local KMS that can be made to hang, block its thread, fail, or answer
 /// slowly, and counts the calls that reach it.
 struct Faulty {
+    /// What `name` reports: `local` unless made with `Faulty::named`.
+    name: &'static str,
     inner: LocalKms,
     mode: AtomicU64,
     /// What `call_budget` reports, in milliseconds (0: none).
@@ -205,7 +207,13 @@ const BLOCK_THREAD: u64 = 4;
 
 impl Faulty {
     fn new(inner: LocalKms) -> Arc<Self> {
+        Self::named("local", inner)
+    }
+
+    /// Like a cloud KMS: it reports no master keys of its own (`holds_cmk` is `None`).
+    fn named(name: &'static str, inner: LocalKms) -> Arc<Self> {
         Arc::new(Faulty {
+            name,
             inner,
             mode: AtomicU64::new(OK),
             budget_ms: AtomicU64::new(0),
@@ -238,7 +246,7 @@ impl Faulty {
 #[async_trait::async_trait]
 impl KmsProvider for Faulty {
     fn name(&self) -> &str {
-        "local"
+        self.name
     }
 
     fn call_budget(&self) -> Option<Duration> {
@@ -755,4 +763,250 @@ fn a_blind_index_probes_every_key_of_its_label_while_it_is_rotated() {
             .unwrap(),
         vec![after]
     );
+}
+
+// ----- which master keys a key row may name (security review N1) -----------------------------
+
+/// A row edited to name master key B and to hold a key wrapped under B: the KMS would unwrap
+/// it, so the keyring must refuse it before asking.
+fn forge_under(store: &MemoryKeyStore, kms: &LocalKms, id: KeyId, b: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut row = rt.block_on(store.get(&id)).unwrap().unwrap();
+    let context = EncryptionContext::from_json(&row.kms_context).unwrap();
+    row.wrapped = rt
+        .block_on(kms.re_encrypt(&row.wrapped, &row.cmk_id, &context, b, &context))
+        .unwrap();
+    row.cmk_id = b.to_owned();
+    rt.block_on(store.delete(&id)).unwrap();
+    rt.block_on(store.insert(&row)).unwrap();
+}
+
+fn two_master_keys() -> (LocalKms, String, String) {
+    let b = KeyMaterial::generate().unwrap();
+    let b_id = LocalKms::from_key(KeyMaterial::from_slice(b.expose()).unwrap())
+        .cmk_id()
+        .to_owned();
+    let kms = LocalKms::from_key(KeyMaterial::generate().unwrap()).with_key(b);
+    let a_id = kms.cmk_id().to_owned();
+    (kms, a_id, b_id)
+}
+
+#[test]
+fn a_key_row_naming_a_master_key_the_keyring_does_not_trust_is_refused_without_a_kms_call() {
+    let (local, a, b) = two_master_keys();
+    let kms = Faulty::named("cloud", local);
+    let store = Arc::new(MemoryKeyStore::new());
+    let writer = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&a)
+        .build()
+        .unwrap();
+    let blob = writer.blocking().encrypt(&label(), b"v").unwrap();
+    let id = format::peek_key_id(&blob).unwrap();
+    forge_under(&store, &kms.inner, id, &b);
+
+    let calls = kms.decrypt_calls.load(Ordering::SeqCst);
+    let cold = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&a)
+        .build()
+        .unwrap();
+    let err = cold.blocking().decrypt(&label(), &blob).unwrap_err();
+    match &err {
+        Error::Kms(e) => assert_eq!(e.kind(), crate::KmsErrorKind::InvalidCiphertext),
+        other => panic!("expected a KMS error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(&b) && msg.contains(&id.to_hex()), "{msg}");
+    assert!(msg.contains("trust_cmk"), "{msg}");
+    assert_eq!(kms.decrypt_calls.load(Ordering::SeqCst), calls);
+    // Not remembered as an outage: it costs no wait, and trusting B is a restart anyway.
+    assert!(cold.inner.recent_load_failure(&id).is_none());
+
+    // Trusted explicitly (keys under an older master key, say), it opens.
+    let trusting = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&a)
+        .trust_cmk(&b)
+        .build()
+        .unwrap();
+    assert_eq!(trusting.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+    // And so it does for a keyring that makes its keys under B.
+    let under_b = Keyring::builder(kms, store).cmk(&b).build().unwrap();
+    assert_eq!(under_b.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+}
+
+#[test]
+fn keys_moved_to_another_master_key_stay_readable_when_both_are_trusted() {
+    // `envelope keys rewrap` from A to B while applications run: they trust B before the move
+    // starts, and A for as long as rows name it.
+    let (local, a, b) = two_master_keys();
+    let kms = Faulty::named("cloud", local);
+    let store = Arc::new(MemoryKeyStore::new());
+    let old_app = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&a)
+        .build()
+        .unwrap();
+    let under_a = old_app.blocking().encrypt(&label(), b"before").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let moved_id = format::peek_key_id(&under_a).unwrap();
+    let mut row = rt.block_on(store.get(&moved_id)).unwrap().unwrap();
+    let context = EncryptionContext::from_json(&row.kms_context).unwrap();
+    let wrapped = rt
+        .block_on(kms.re_encrypt(&row.wrapped, &a, &context, &b, &context))
+        .unwrap();
+    rt.block_on(store.rewrap(&moved_id, &row.wrapped, "cloud", &b, &wrapped))
+        .unwrap();
+    row = rt.block_on(store.get(&moved_id)).unwrap().unwrap();
+    assert_eq!(row.cmk_id, b);
+
+    // During the move: writes under A, trusts B.
+    let during = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&a)
+        .trust_cmk(&b)
+        .build()
+        .unwrap();
+    let written_during = during.blocking().encrypt(&label(), b"during").unwrap();
+    assert_eq!(
+        during.blocking().decrypt(&label(), &under_a).unwrap(),
+        b"before"
+    );
+    // After: writes under B, trusts A for the rows written during the move.
+    let after = Keyring::builder(kms.clone(), store.clone())
+        .cmk(&b)
+        .trust_cmk(&a)
+        .build()
+        .unwrap();
+    assert_eq!(
+        after.blocking().decrypt(&label(), &under_a).unwrap(),
+        b"before"
+    );
+    assert_eq!(
+        after.blocking().decrypt(&label(), &written_during).unwrap(),
+        b"during"
+    );
+    // Without A, the row still under it is refused.
+    let b_only = Keyring::builder(kms, store).cmk(&b).build().unwrap();
+    let err = b_only
+        .blocking()
+        .decrypt(&label(), &written_during)
+        .unwrap_err();
+    assert!(err.to_string().contains(&a), "{err}");
+}
+
+#[test]
+fn a_reader_is_trusted_under_its_own_master_key_only() {
+    let (old_local, a, b) = two_master_keys();
+    let old = Faulty::named("old-kms", old_local);
+    let store = Arc::new(MemoryKeyStore::new());
+    let old_app = Keyring::builder(old.clone(), store.clone())
+        .cmk(&a)
+        .build()
+        .unwrap();
+    let blob = old_app.blocking().encrypt(&label(), b"v").unwrap();
+    let new = || {
+        Faulty::new(LocalKms::from_key(
+            KeyMaterial::from_slice(&[3; 32]).unwrap(),
+        ))
+    };
+    let new_cmk = new().inner.cmk_id().to_owned();
+    let reader = |kms: Arc<Faulty>, cmk: &str| crate::kms::Connected {
+        kms,
+        cmk: cmk.to_owned(),
+    };
+
+    // also_read(Connected) trusts the reader's CMK.
+    let k = Keyring::builder(new(), store.clone())
+        .cmk(&new_cmk)
+        .also_read(reader(old.clone(), &a))
+        .build()
+        .unwrap();
+    assert_eq!(k.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+
+    // A bare provider that cannot tell its master keys is trusted under none.
+    let calls = old.decrypt_calls.load(Ordering::SeqCst);
+    let k = Keyring::builder(new(), store.clone())
+        .cmk(&new_cmk)
+        .also_read_with(old.clone())
+        .build()
+        .unwrap();
+    let err = k.blocking().decrypt(&label(), &blob).unwrap_err();
+    assert!(err.to_string().contains("none of that provider's"), "{err}");
+    assert_eq!(old.decrypt_calls.load(Ordering::SeqCst), calls);
+    let k = Keyring::builder(new(), store.clone())
+        .cmk(&new_cmk)
+        .also_read_with(old.clone())
+        .trust_cmk_of("old-kms", &a)
+        .build()
+        .unwrap();
+    assert_eq!(k.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+
+    // The reader's CMK is trusted for the reader only: the keyring's own provider is not
+    // trusted under it, nor the reader under the keyring's CMK.
+    let id = format::peek_key_id(&blob).unwrap();
+    forge_under(&store, &old.inner, id, &b);
+    let k = Keyring::builder(new(), store.clone())
+        .cmk(&b)
+        .also_read(reader(old.clone(), &a))
+        .build()
+        .unwrap();
+    let err = k.blocking().decrypt(&label(), &blob).unwrap_err();
+    assert!(
+        matches!(err, Error::Kms(_)) && err.to_string().contains(&b),
+        "{err}"
+    );
+
+    // Misconfigurations are refused at build.
+    let err = Keyring::builder(new(), store.clone())
+        .cmk(&new_cmk)
+        .trust_cmk_of("old-kms", &a)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Misuse(_)) && err.to_string().contains("also_read"),
+        "{err}"
+    );
+    let err = Keyring::builder(new(), store.clone())
+        .cmk(&new_cmk)
+        .trust_cmk("")
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::Misuse(_)), "{err}");
+    let err = Keyring::builder(new(), store)
+        .cmk(&new_cmk)
+        .also_read(reader(old, ""))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::Misuse(_)), "{err}");
+}
+
+#[test]
+fn a_local_kms_reads_every_master_key_it_holds_without_a_trust_list() {
+    // The local KMS answers `holds_cmk`: it unwraps only under the key files it was given, so
+    // keys under an older master key it also holds open as before, with no trust list.
+    let old_key = KeyMaterial::generate().unwrap();
+    let copy = || KeyMaterial::from_slice(old_key.expose()).unwrap();
+    let store = Arc::new(MemoryKeyStore::new());
+    let old = Keyring::builder(LocalKms::from_key(copy()), store.clone())
+        .build()
+        .unwrap();
+    let blob = old.blocking().encrypt(&label(), b"v").unwrap();
+    let both = LocalKms::from_key(KeyMaterial::generate().unwrap()).with_key(copy());
+    let new = Keyring::builder(both, store.clone()).build().unwrap();
+    assert_ne!(new.cmk(), old.cmk());
+    assert_eq!(new.blocking().decrypt(&label(), &blob).unwrap(), b"v");
+    // As a reader beside another provider, too.
+    let k = Keyring::builder(
+        Faulty::named(
+            "cloud",
+            LocalKms::from_key(KeyMaterial::generate().unwrap()),
+        ),
+        store,
+    )
+    .cmk("c")
+    .also_read_with(LocalKms::from_key(copy()))
+    .build()
+    .unwrap();
+    assert_eq!(k.blocking().decrypt(&label(), &blob).unwrap(), b"v");
 }

@@ -124,6 +124,11 @@ pub trait KmsProvider: Send + Sync + 'static {
     /// network call (`None`, the default, when it cannot). The keyring uses it at start-up to
     /// refuse a master key that cannot read any key in the key table (a local master key file
     /// that went missing and was replaced by a new one).
+    ///
+    /// A provider that answers (`Some`) is also trusted to unwrap a key row under whatever
+    /// master key the row names: it must hold only the master keys its operator gave it, never
+    /// unwrap under one a caller names. One that answers `None` unwraps only under the master
+    /// keys the keyring is configured with ([`crate::KeyringBuilder::trust_cmk`]).
     fn holds_cmk(&self, cmk: &str) -> Option<bool> {
         let _ = cmk;
         None

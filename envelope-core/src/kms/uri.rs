@@ -149,6 +149,18 @@ impl KeyUri {
         }
     }
 
+    /// The master key this URI names, spelled as a key row written under it records it
+    /// ([`KeyRecord::cmk_id`](crate::KeyRecord::cmk_id)): `CMK_ID`, `KEY` or `MOUNT/KEY`.
+    /// `None` for `local://`, whose key id is read from the key file
+    /// ([`KeyUri::connect`] returns it).
+    pub fn cmk(&self) -> Option<&str> {
+        match self {
+            KeyUri::Local { .. } => None,
+            KeyUri::Tencent { cmk, .. } | KeyUri::Vault { cmk, .. } => Some(cmk),
+            KeyUri::Aws { key, .. } => Some(key),
+        }
+    }
+
     /// Whether `self` and `other` name the same KMS (the same key file, Tencent or AWS region,
     /// or Vault server), whatever master key in it each names: then one provider serves both.
     pub fn same_kms(&self, other: &KeyUri) -> bool {
@@ -232,7 +244,8 @@ impl fmt::Display for KeyUri {
 }
 
 /// A provider built from a [`KeyUri`], and the master key it names:
-/// `Keyring::builder(c.kms, store).cmk(c.cmk)`.
+/// `Keyring::builder(c.kms, store).cmk(c.cmk)` to make keys under it, or
+/// [`KeyringBuilder::also_read(c)`](crate::KeyringBuilder::also_read) to read keys made under it.
 #[derive(Clone)]
 pub struct Connected {
     /// The provider.
@@ -279,6 +292,13 @@ mod tests {
         ] {
             let parsed = KeyUri::parse(uri).unwrap();
             assert_eq!(parsed.provider_name(), provider, "{uri}");
+            if provider != "local" {
+                // The master key is the URI's last part(s), as written.
+                let cmk = parsed.cmk().unwrap();
+                assert!(uri.ends_with(&format!("/{cmk}")), "{uri}");
+            } else {
+                assert_eq!(parsed.cmk(), None);
+            }
             assert_eq!(parsed.to_string(), uri);
             assert_eq!(uri.parse::<KeyUri>().unwrap(), parsed);
         }

@@ -19,8 +19,10 @@
 //! `postgres://...` and `mysql://...` work too), `ENVELOPE_KMS` (`local`; `tencent` with
 //! `ENVELOPE_CMK` and the `TENCENTCLOUD_*` variables; or any key URI such as
 //! `aws://REGION/KEY` or `vault://HOST:PORT/MOUNT/KEY`, see docs/PROVIDERS.md),
-//! `ENVELOPE_ALSO_READ` (comma-separated key URIs of KMSs whose keys it must still read, while
-//! `envelope keys rewrap` moves them), `ENVELOPE_MASTER_KEY_FILE` (`envelope-master.key`) or
+//! `ENVELOPE_ALSO_READ` (comma-separated key URIs whose keys it must still read: another KMS
+//! and its master key, or another master key of `ENVELOPE_KMS`'s own KMS; list the destination
+//! of `envelope keys rewrap` here before the rewrap starts, and the old master key after the
+//! move for as long as keys remain under it), `ENVELOPE_MASTER_KEY_FILE` (`envelope-master.key`) or
 //! `ENVELOPE_LOCAL_MASTER_KEY` for the local KMS.
 #![forbid(unsafe_code)]
 
@@ -91,7 +93,8 @@ pub struct Config {
     pub keys_table: String,
     /// The keyring's policy (key lifetimes, cache, how often the key table is re-read).
     pub policy: envelope_core::Policy,
-    /// Other KMSs whose keys the keyring must read (`ENVELOPE_ALSO_READ`).
+    /// Other master keys whose keys the keyring must read (`ENVELOPE_ALSO_READ`): of another
+    /// KMS, or of the KMS `kms` names. The keyring reads keys only under these and `kms`'s.
     pub also_read: Vec<KeyUri>,
 }
 
@@ -271,9 +274,14 @@ impl App {
                 (c.kms, c.cmk)
             }
         };
-        let mut readers = Vec::new();
+        // A URI of the same kind of KMS as `kms` names another master key of it (one provider
+        // per kind): trusted, and read by `kms`'s provider. Any other is a KMS of its own.
+        let (mut trusted, mut readers) = (Vec::new(), Vec::new());
         for uri in &config.also_read {
-            readers.push(uri.connect().await.map_err(|e| e.to_string())?.kms);
+            match uri.cmk() {
+                Some(cmk) if uri.provider_name() == kms.name() => trusted.push(cmk.to_owned()),
+                _ => readers.push(uri.connect().await.map_err(|e| e.to_string())?),
+            }
         }
         let url = &config.database_url;
         let store = envelope_sqlx::key_store_for_url(url, &config.keys_table)
@@ -291,11 +299,12 @@ impl App {
                 .await
                 .map_err(|e| format!("cannot create the customers table: {e}"))?;
         }
+        let builder = trusted
+            .into_iter()
+            .fold(Keyring::builder(kms, store).cmk(cmk), |b, c| b.trust_cmk(c));
         let keyring = readers
             .into_iter()
-            .fold(Keyring::builder(kms, store).cmk(cmk), |b, r| {
-                b.also_read_with(r)
-            })
+            .fold(builder, |b, r| b.also_read(r))
             .policy(config.policy.clone())
             .build()
             .map_err(|e| e.to_string())?;

@@ -18,7 +18,9 @@ Serves on 127.0.0.1:$PORT. Configuration comes from the environment, all optiona
   ENVELOPE_MASTER_KEY_FILE   the local KMS's master key file (envelope-master.key; created for
                              SQLite, required otherwise: envelope keygen --out FILE)
   ENVELOPE_LOCAL_MASTER_KEY  the local master key itself, base64, instead of the file
-  ENVELOPE_ALSO_READ         comma-separated key URIs of KMSs whose keys must still be read
+  ENVELOPE_ALSO_READ         comma-separated key URIs whose keys must still be read (another
+                             KMS, or another master key of ENVELOPE_KMS's: a rewrap's destination,
+                             listed before the rewrap starts, or its source, after)
 
 Routes: POST /customers, GET /customers?email=... or ?limit=50&after=ID, GET|PUT|DELETE
 /customers/{id}, GET /metrics. Ctrl-C (or SIGTERM) stops it and retires its data keys.";

@@ -32,13 +32,18 @@
 //! CMK) and refuses the result, with a [`KmsErrorKind::InvalidCiphertext`] error naming both ids,
 //! when they differ and the response's CMK is not in [`TencentConfig::also_accept_cmks`].
 //! Without this check, whoever can write the key table could substitute a data key wrapped under
-//! any other CMK the credentials can use, and forge values under it.
+//! any other CMK the credentials can use, and forge values under it. The record's CMK itself is
+//! checked by the keyring, before the call, against the CMKs it is configured with
+//! ([`KeyringBuilder::trust_cmk`](crate::KeyringBuilder::trust_cmk)): a record that names
+//! another CMK, and holds a key wrapped under it, never reaches the KMS.
 //!
 //! Tencent names keys by their KeyId (UUID-like) in responses, never by alias. A CMK configured
 //! as `alias/NAME` therefore never matches by itself: list its KeyId in
 //! [`TencentConfig::also_accept_cmks`], or (better) configure the keyring with the KeyId. The
 //! provider does not resolve aliases with DescribeKey: that would be a second call inside the
-//! keyring's deadline, and an alias can be moved to another key.
+//! keyring's deadline, and an alias can be moved to another key. Key records name the CMK as the
+//! keyring was given it: a keyring moved from `alias/NAME` to the KeyId keeps reading the older
+//! records only with `trust_cmk("alias/NAME")` and the KeyId in `also_accept_cmks`.
 
 mod credentials;
 pub(crate) mod sign;
@@ -98,9 +103,15 @@ pub struct TencentConfig {
     ///
     /// Decrypt's response names the CMK that unwrapped the key; a result from any CMK other than
     /// the record's one or these is refused (a key record edited to hold a key wrapped under
-    /// another CMK). List here the KeyIds of CMKs whose keys may legitimately sit under another
-    /// CMK's name: the KeyId behind an `alias/NAME` CMK (Tencent's responses name KeyIds, never
-    /// aliases), or the old CMK during a move from one CMK to another.
+    /// another CMK). List here the KeyId behind an `alias/NAME` CMK: Tencent's responses name
+    /// KeyIds, never aliases, so a key made through an alias never matches by itself.
+    ///
+    /// This list only says which KeyId may answer for a record's CMK; it does not make the
+    /// keyring trust a record that *names* one of these CMKs. Which CMKs a record may name is the
+    /// keyring's list ([`KeyringBuilder::cmk`](crate::KeyringBuilder::cmk),
+    /// [`KeyringBuilder::trust_cmk`](crate::KeyringBuilder::trust_cmk)), checked before any call.
+    /// A KeyId listed here answers for every record the keyring trusts: list only CMKs this
+    /// application trusts.
     pub also_accept_cmks: Vec<String>,
     /// How long one call may wait and how often it is tried ([`crate::kms::CallLimits`]).
     pub limits: crate::kms::CallLimits,
