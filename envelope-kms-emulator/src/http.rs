@@ -3,6 +3,7 @@
 use crate::*;
 
 /// An API error: HTTP 200 with `Response.Error`, as the real service answers.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     pub(crate) code: &'static str,
     pub(crate) message: String,

@@ -154,6 +154,25 @@ struct Shared {
     temp: Mutex<BTreeMap<String, TempCredentials>>,
 }
 
+impl Shared {
+    /// The emulator's state, with the keys of the state file if there is one.
+    fn new(config: EmulatorConfig) -> Result<Shared, String> {
+        let keys = match &config.state_file {
+            Some(path) => load_state(path)?,
+            None => BTreeMap::new(),
+        };
+        let faults = config.faults;
+        Ok(Shared {
+            config,
+            keys: Mutex::new(keys),
+            counters: Mutex::default(),
+            faults: Mutex::new(faults),
+            window: Mutex::new((Instant::now(), 0)),
+            temp: Mutex::default(),
+        })
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the data consistent, so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -181,19 +200,7 @@ impl Emulator {
     /// # Errors
     /// When the address cannot be bound or the state file cannot be read.
     pub fn start(config: EmulatorConfig) -> Result<Emulator, String> {
-        let keys = match &config.state_file {
-            Some(path) => load_state(path)?,
-            None => BTreeMap::new(),
-        };
-        let faults = config.faults;
-        let shared = Arc::new(Shared {
-            config,
-            keys: Mutex::new(keys),
-            counters: Mutex::default(),
-            faults: Mutex::new(faults),
-            window: Mutex::new((Instant::now(), 0)),
-            temp: Mutex::default(),
-        });
+        let shared = Arc::new(Shared::new(config)?);
         let std_listener = std::net::TcpListener::bind(shared.config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", shared.config.listen))?;
         std_listener
