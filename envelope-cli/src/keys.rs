@@ -666,7 +666,7 @@ pub async fn rewrap(
     }
     output.line(
         &format!(
-            "{rewrapped} key(s) rewrapped, {} already under {cmk}, {gone} deleted meanwhile, {} failed. Point `kms` at {destination} once every application's KMS holds the new master key.",
+            "{rewrapped} key(s) rewrapped, {} already under {cmk}, {gone} deleted meanwhile, {} failed. Applications read these keys only if they trust {destination} (KeyringBuilder::trust_cmk or also_read, the CLI's kms or also_read): they must have trusted it before this rewrap, and keep trusting the old master key while any key row names it. Point `kms` at {destination} once every application does.",
             keys.len() - total,
             failed.len()
         ),

@@ -140,6 +140,8 @@ enum KeysCommand {
         count: bool,
     },
     /// Rewrap every key under a new master key (no data row is read or written). Resumable.
+    /// Every application must trust the new master key first (its kms or also_read, or
+    /// KeyringBuilder::trust_cmk): a keyring unwraps keys only under master keys it was given.
     Rewrap {
         /// The new key URI: local://PATH or tencent://REGION/CMK_ID.
         #[arg(long)]
@@ -275,11 +277,18 @@ enum Command {
         value: String,
     },
     /// Serve a local Tencent-compatible KMS (API 3.0, TC3-HMAC-SHA256) for development and
-    /// tests. Point a Tencent provider at it with ENVELOPE_TENCENT_ENDPOINT=http://ADDR.
+    /// tests. Point a Tencent provider at it with ENVELOPE_TENCENT_ENDPOINT=http://ADDR. It is
+    /// not a KMS: it listens on loopback only unless --allow-remote, and its /_emulator/
+    /// endpoints answer loopback clients only.
     KmsEmulator {
-        /// Address to listen on (port 0 picks a free port; the address is printed).
+        /// Address to listen on (port 0 picks a free port; the address is printed). A loopback
+        /// address unless --allow-remote.
         #[arg(long, default_value = "127.0.0.1:9190")]
         listen: std::net::SocketAddr,
+        /// Allow a --listen address other machines can reach (for example 0.0.0.0 in a
+        /// container). Anyone who reaches it and holds the credentials can decrypt every blob.
+        #[arg(long)]
+        allow_remote: bool,
         /// The SecretId clients must sign with.
         #[arg(long, env = "ENVELOPE_EMULATOR_SECRET_ID")]
         secret_id: String,
@@ -300,7 +309,8 @@ enum Command {
             value_parser = secret
         )]
         session_token: Option<SecretString>,
-        /// Keep keys in this file (mode 0600) so a restart keeps old blobs readable.
+        /// Keep keys in this file (mode 0600) so a restart keeps old blobs readable. Without
+        /// it every CMK, and every data key wrapped under one, is lost when the emulator stops.
         #[arg(long)]
         state: Option<PathBuf>,
         /// Answer this fraction of KMS calls (0 to 1) with InternalError.
@@ -384,6 +394,7 @@ impl std::fmt::Debug for Command {
             Command::Inspect { value } => f.debug_struct("Inspect").field("value", value).finish(),
             Command::KmsEmulator {
                 listen,
+                allow_remote,
                 secret_id,
                 secret_key: _,
                 session_token,
@@ -396,6 +407,7 @@ impl std::fmt::Debug for Command {
             } => f
                 .debug_struct("KmsEmulator")
                 .field("listen", listen)
+                .field("allow_remote", allow_remote)
                 .field("secret_id", secret_id)
                 .field("secret_key", &"<redacted>")
                 .field(
@@ -564,6 +576,7 @@ fn run_local(command: Command) -> Result<(), String> {
     match command {
         Command::KmsEmulator {
             listen,
+            allow_remote,
             secret_id,
             secret_key,
             session_token,
@@ -582,6 +595,7 @@ fn run_local(command: Command) -> Result<(), String> {
             if secret_id.is_empty() || secret_key.is_empty() {
                 return Err("--secret-id and --secret-key must not be empty".into());
             }
+            let serves_role = instance_role.is_some();
             let emulator = Emulator::start(EmulatorConfig {
                 listen,
                 secret_id,
@@ -597,8 +611,34 @@ fn run_local(command: Command) -> Result<(), String> {
                     name,
                     ttl: role_ttl,
                 }),
+                allow_remote,
             })?;
             println!("kms-emulator listening on {}", emulator.endpoint());
+            if !listen.ip().is_loopback() {
+                eprintln!(
+                    "warning: kms-emulator listens on {}, which other machines can reach \
+                     (--allow-remote): it is not a KMS; anyone who reaches it with the \
+                     credentials can decrypt every blob{}",
+                    emulator.addr(),
+                    if serves_role {
+                        ", and the instance-role path hands credentials to anyone who asks"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            match emulator.state_file() {
+                Some(path) => println!(
+                    "kms-emulator state file: {} ({} key(s) loaded)",
+                    path.display(),
+                    emulator.key_count()
+                ),
+                None => println!(
+                    "kms-emulator state file: none (keys are kept in memory only: every CMK, and \
+                     every data key wrapped under one, is lost when the emulator stops; \
+                     use --state FILE to keep them)"
+                ),
+            }
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
             emulator.wait();

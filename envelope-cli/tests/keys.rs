@@ -773,14 +773,17 @@ async fn keyring_with(t: &Target, writer: &Side, reader: Option<&Side>) -> Resul
         .await
         .unwrap();
     let (kms, cmk) = (writer.kms.clone(), writer.cmk.clone());
-    let also = reader.map(|r| r.kms.clone());
+    let also = reader.map(|r| envelope_core::kms::Connected {
+        kms: r.kms.clone(),
+        cmk: r.cmk.clone(),
+    });
     tokio::task::spawn_blocking(move || {
         let mut b = Keyring::builder(kms, store).cmk(cmk).policy(Policy {
             key_refresh: Duration::from_secs(1),
             ..Policy::default()
         });
         if let Some(also) = also {
-            b = b.also_read_with(also);
+            b = b.also_read(also);
         }
         b.build()
     })
@@ -830,7 +833,13 @@ async fn rewrap_across_kmss(t: &Target, from: Side, to: Side) {
         let (stop, reads) = (stop.clone(), reads.clone());
         let snap = before.clone();
         let (url, key_table) = (t.url.clone(), t.key_table());
-        let (w, r) = ((from.kms.clone(), from.cmk.clone()), to.kms.clone());
+        let (w, r) = (
+            (from.kms.clone(), from.cmk.clone()),
+            envelope_core::kms::Connected {
+                kms: to.kms.clone(),
+                cmk: to.cmk.clone(),
+            },
+        );
         tokio::spawn(async move {
             let label = Label::new(LABEL).unwrap();
             let mut i = 0usize;
@@ -842,7 +851,7 @@ async fn rewrap_across_kmss(t: &Target, from: Side, to: Side) {
                 let cold = tokio::task::spawn_blocking(move || {
                     Keyring::builder(kms, store)
                         .cmk(cmk)
-                        .also_read_with(also)
+                        .also_read(also)
                         .build()
                         .unwrap()
                 })

@@ -99,6 +99,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! An application that creates its own tables at start-up (`CREATE TABLE IF NOT EXISTS`) can
+//! run that DDL through [`run_ddl_in_turn`], so that replicas started at once on a fresh
+//! database take turns as the key table's `create_table` does. On PostgreSQL, concurrent
+//! `CREATE TABLE IF NOT EXISTS` otherwise fails now and then with a unique violation on
+//! `pg_type_typname_nsp_index`.
+//!
 //! The table is the one envelope-sqlx and the `envelope` CLI use: the CLI's `encrypt` output,
 //! sqlx's and diesel's values all read in each other. Its DDL ships as diesel migrations in
 //! `migrations/<database>/` ([`store`] has the details).
@@ -157,4 +163,5 @@ pub use error::{Report, envelope_error, report};
 pub use store::AsyncDieselKeyStore;
 #[cfg(feature = "r2d2")]
 pub use store::DieselKeyStore;
+pub use store::run_ddl_in_turn;
 pub use types::{BlindIndex, Encrypted, EncryptedText};

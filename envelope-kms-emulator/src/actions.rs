@@ -56,10 +56,36 @@ pub(crate) fn create_key(shared: &Shared, params: &Value) -> Result<Value, ApiEr
     }
     let cipher = cmk_cipher(&material[..])
         .ok_or_else(|| api_error("InternalError", "the key could not be initialized"))?;
-    let entry = CmkEntry { cipher, meta };
-    keys.insert(entry.meta.key_id.clone(), entry);
-    persist(shared, &keys)?;
+    // Written first, kept in memory only once written: a key the state file does not hold
+    // would vanish at the next restart with every blob under it.
+    persist(
+        shared,
+        keys.values().map(|k| &k.meta).chain(std::iter::once(&meta)),
+    )?;
+    keys.insert(meta.key_id.clone(), CmkEntry { cipher, meta });
     Ok(response)
+}
+
+/// Change the key `key_id` with `change`, keeping the change only if the state file took it.
+fn change_persisted(
+    shared: &Shared,
+    keys: &mut BTreeMap<String, CmkEntry>,
+    key_id: &str,
+    change: impl FnOnce(&mut StoredKey),
+) -> Result<(), ApiError> {
+    let entry = keys
+        .get_mut(key_id)
+        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    let (state, deletion) = (entry.meta.key_state, entry.meta.deletion_date);
+    change(&mut entry.meta);
+    let written = persist(shared, keys.values().map(|k| &k.meta));
+    if written.is_err()
+        && let Some(entry) = keys.get_mut(key_id)
+    {
+        entry.meta.key_state = state;
+        entry.meta.deletion_date = deletion;
+    }
+    written
 }
 
 /// The entry for a KeyId (or `alias/NAME`).
@@ -105,18 +131,15 @@ pub(crate) fn set_state(
 ) -> Result<Value, ApiError> {
     let id = str_param(params, "KeyId")?;
     let mut keys = lock(&shared.keys);
-    let key_id = find(&keys, id)?.meta.key_id.clone();
-    let entry = keys
-        .get_mut(&key_id)
-        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
+    let entry = find(&keys, id)?;
     if entry.meta.key_state == KeyState::PendingDelete {
         return Err(api_error(
             "ResourceUnavailable.KeyPendingDelete",
             "the key is pending deletion; cancel the deletion first",
         ));
     }
-    entry.meta.key_state = state;
-    persist(shared, &keys)?;
+    let key_id = entry.meta.key_id.clone();
+    change_persisted(shared, &mut keys, &key_id, |m| m.key_state = state)?;
     Ok(json!({}))
 }
 
@@ -132,13 +155,11 @@ pub(crate) fn schedule_deletion(shared: &Shared, params: &Value) -> Result<Value
     }
     let mut keys = lock(&shared.keys);
     let key_id = find(&keys, id)?.meta.key_id.clone();
-    let entry = keys
-        .get_mut(&key_id)
-        .ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", "no such key"))?;
     let date = now_secs() + days * 86_400;
-    entry.meta.key_state = KeyState::PendingDelete;
-    entry.meta.deletion_date = Some(date);
-    persist(shared, &keys)?;
+    change_persisted(shared, &mut keys, &key_id, |m| {
+        m.key_state = KeyState::PendingDelete;
+        m.deletion_date = Some(date);
+    })?;
     Ok(json!({"KeyId": key_id, "DeletionDate": date}))
 }
 
@@ -252,4 +273,48 @@ pub(crate) fn generate_random(params: &Value) -> Result<Value, ApiError> {
     let mut bytes = vec![0u8; usize::try_from(n).unwrap_or(0)];
     rand::rng().fill_bytes(&mut bytes);
     Ok(json!({"Plaintext": STANDARD.encode(bytes)}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An emulator whose state file cannot be written: its directory does not exist.
+    fn unwritable() -> (tempfile::TempDir, Shared) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EmulatorConfig::local("AKIDtest", "test-secret-key");
+        config.state_file = Some(dir.path().join("missing").join("state.json"));
+        let shared = Shared::new(config).unwrap();
+        (dir, shared)
+    }
+
+    #[test]
+    fn create_key_keeps_no_key_whose_state_was_not_written() {
+        let (_dir, shared) = unwritable();
+        let failed = create_key(&shared, &json!({"Alias": "lost"})).unwrap_err();
+        assert_eq!(failed.code, "InternalError");
+        assert!(lock(&shared.keys).is_empty(), "a key the file never held");
+        let described = describe_key(&shared, &json!({"KeyId": "alias/lost"})).unwrap_err();
+        assert_eq!(described.code, "ResourceUnavailable.CmkNotFound");
+    }
+
+    #[test]
+    fn a_key_state_change_the_file_refused_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state");
+        std::fs::create_dir(&sub).unwrap();
+        let mut config = EmulatorConfig::local("AKIDtest", "test-secret-key");
+        config.state_file = Some(sub.join("state.json"));
+        let shared = Shared::new(config).unwrap();
+        let created = create_key(&shared, &json!({"Alias": "kept"})).unwrap();
+        let id = created["KeyId"].as_str().unwrap().to_owned();
+        std::fs::remove_dir_all(&sub).unwrap();
+        assert!(set_state(&shared, &json!({"KeyId": id}), KeyState::Disabled).is_err());
+        assert!(
+            schedule_deletion(&shared, &json!({"KeyId": id, "PendingWindowInDays": 7})).is_err()
+        );
+        let keys = lock(&shared.keys);
+        assert_eq!(keys[&id].meta.key_state, KeyState::Enabled);
+        assert_eq!(keys[&id].meta.deletion_date, None);
+    }
 }

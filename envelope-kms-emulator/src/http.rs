@@ -3,6 +3,7 @@
 use crate::*;
 
 /// An API error: HTTP 200 with `Response.Error`, as the real service answers.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     pub(crate) code: &'static str,
     pub(crate) message: String,
@@ -55,11 +56,21 @@ pub(crate) fn respond(body: Result<Value, ApiError>) -> Response {
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    peer: SocketAddr,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // The admin endpoints change faults and count calls without any signature: only a client
+    // on the emulator's own machine may use them, whatever address it listens on.
+    if uri.path().starts_with("/_emulator/") && !peer.ip().to_canonical().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "the /_emulator/ endpoints answer loopback clients only\n",
+        )
+            .into_response();
+    }
     match (method.as_str(), uri.path()) {
         ("GET", "/_emulator/stats") => {
             let c = lock(&shared.counters);

@@ -2,7 +2,18 @@
 //! encryption contexts, fault injection and call counters, for development and tests.
 //!
 //! It is not a KMS to keep real keys in: its master keys live in its memory and, with a state
-//! file, on disk in the clear (mode 0600).
+//! file, on disk in the clear (mode 0600). So that it is not reached from other machines by
+//! accident:
+//!
+//! - it listens on a loopback address only, unless [`EmulatorConfig::allow_remote`] is set
+//!   (`envelope kms-emulator --allow-remote`);
+//! - its admin endpoints (`GET /_emulator/stats`, `POST /_emulator/faults`) answer loopback
+//!   clients only, even with `allow_remote`: use them from the emulator's own machine (or
+//!   container). Everything else a client does goes through the TC3 signature check, except
+//!   the instance-role metadata path (as on a real CVM, anyone who reaches it gets credentials).
+//!
+//! Without a state file every key is lost when it stops, and with it every data key a key
+//! table holds under it: [`Emulator::state_file`] tells which, and the command line prints it.
 //!
 //! Start it with `envelope kms-emulator` or, in a test, with [`Emulator::start`], which runs it
 //! on its own thread so that it never shares a runtime with the code under test.
@@ -20,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -82,6 +94,9 @@ pub struct EmulatorConfig {
     /// `metadata.tencentyun.com` does: each read hands out new temporary credentials (accepted
     /// with their `X-TC-Token` until they expire).
     pub instance_role: Option<InstanceRole>,
+    /// Allow `listen` to be an address other machines can reach (not loopback). Off, such an
+    /// address is refused by [`Emulator::start`]: the emulator is not a KMS to expose.
+    pub allow_remote: bool,
 }
 
 /// The role of the emulated CVM instance.
@@ -117,12 +132,14 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("state_file", &self.state_file)
             .field("faults", &self.faults)
             .field("instance_role", &self.instance_role)
+            .field("allow_remote", &self.allow_remote)
             .finish()
     }
 }
 
 impl EmulatorConfig {
-    /// Listen on 127.0.0.1 (a free port) with these credentials, no state file, no faults.
+    /// Listen on 127.0.0.1 (a free port) with these credentials, no state file, no faults,
+    /// loopback only.
     pub fn local(secret_id: &str, secret_key: &str) -> Self {
         EmulatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -132,6 +149,7 @@ impl EmulatorConfig {
             state_file: None,
             faults: Faults::default(),
             instance_role: None,
+            allow_remote: false,
         }
     }
 }
@@ -152,6 +170,25 @@ struct Shared {
     window: Mutex<(Instant, u32)>,
     /// Temporary credentials handed out on the metadata path, by SecretId.
     temp: Mutex<BTreeMap<String, TempCredentials>>,
+}
+
+impl Shared {
+    /// The emulator's state, with the keys of the state file if there is one.
+    fn new(config: EmulatorConfig) -> Result<Shared, String> {
+        let keys = match &config.state_file {
+            Some(path) => load_state(path)?,
+            None => BTreeMap::new(),
+        };
+        let faults = config.faults;
+        Ok(Shared {
+            config,
+            keys: Mutex::new(keys),
+            counters: Mutex::default(),
+            faults: Mutex::new(faults),
+            window: Mutex::new((Instant::now(), 0)),
+            temp: Mutex::default(),
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,21 +216,18 @@ impl Emulator {
     /// Start serving on a thread of its own.
     ///
     /// # Errors
-    /// When the address cannot be bound or the state file cannot be read.
+    /// When `listen` is not a loopback address and [`EmulatorConfig::allow_remote`] is off,
+    /// when the address cannot be bound, or when the state file cannot be read.
     pub fn start(config: EmulatorConfig) -> Result<Emulator, String> {
-        let keys = match &config.state_file {
-            Some(path) => load_state(path)?,
-            None => BTreeMap::new(),
-        };
-        let faults = config.faults;
-        let shared = Arc::new(Shared {
-            config,
-            keys: Mutex::new(keys),
-            counters: Mutex::default(),
-            faults: Mutex::new(faults),
-            window: Mutex::new((Instant::now(), 0)),
-            temp: Mutex::default(),
-        });
+        if !config.allow_remote && !config.listen.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on {}, which other machines can reach: the emulator is not a \
+                 KMS (its master keys are in memory, and in the clear in a state file). Listen \
+                 on 127.0.0.1, or allow it explicitly (--allow-remote)",
+                config.listen
+            ));
+        }
+        let shared = Arc::new(Shared::new(config)?);
         let std_listener = std::net::TcpListener::bind(shared.config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", shared.config.listen))?;
         std_listener
@@ -229,9 +263,16 @@ impl Emulator {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    let app = axum::Router::new().fallback(move |method, uri, headers, body| {
-                        handle(server_shared.clone(), method, uri, headers, body)
-                    });
+                    let app = axum::Router::new().fallback(
+                        move |ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                              method,
+                              uri,
+                              headers,
+                              body| {
+                            handle(server_shared.clone(), peer, method, uri, headers, body)
+                        },
+                    );
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
                     let _ = axum::serve(listener, app)
                         .with_graceful_shutdown(async {
                             let _ = rx.await;
@@ -254,6 +295,17 @@ impl Emulator {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The state file that keeps its keys across restarts, or `None`: then every key is lost
+    /// when it stops.
+    pub fn state_file(&self) -> Option<&Path> {
+        self.shared.config.state_file.as_deref()
+    }
+
+    /// How many keys it holds (those of the state file, at start).
+    pub fn key_count(&self) -> usize {
+        lock(&self.shared.keys).len()
     }
 
     /// The base URL for [`envelope_core::kms::tencent::TencentConfig::endpoint`].
@@ -331,6 +383,71 @@ mod tests {
         );
         let e = Emulator::start(c).unwrap();
         assert!(!format!("{e:?}").contains("emulator-secret-key-value"));
+    }
+
+    #[test]
+    fn a_listen_address_other_machines_reach_needs_allow_remote() {
+        let mut c = EmulatorConfig::local("AKIDtest", "test-secret-key");
+        c.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+        let refused = Emulator::start(c.clone()).unwrap_err();
+        assert!(refused.contains("--allow-remote"), "{refused}");
+        c.allow_remote = true;
+        let e = Emulator::start(c).unwrap();
+        assert!(e.addr().ip().is_unspecified());
+        let mut v6 = EmulatorConfig::local("AKIDtest", "test-secret-key");
+        v6.listen = "[::1]:0".parse().unwrap();
+        // Loopback over IPv6 is fine without the flag (when the machine has it).
+        if let Err(e) = Emulator::start(v6) {
+            assert!(!e.contains("--allow-remote"), "{e}");
+        }
+    }
+
+    /// `GET /_emulator/stats` from `from` to `to`: the status code.
+    fn stats_status(from: std::net::IpAddr, to: SocketAddr) -> u16 {
+        use std::io::{Read as _, Write as _};
+        let socket = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5));
+        let mut stream = socket.unwrap();
+        assert_eq!(stream.local_addr().unwrap().ip(), from);
+        stream
+            .write_all(
+                b"GET /_emulator/stats HTTP/1.1\r\nHost: emulator\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not HTTP: {answer}"))
+    }
+
+    #[test]
+    fn admin_endpoints_answer_loopback_clients_only() {
+        // This machine's address on its default route (no packet is sent), if it has one.
+        let outward = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+            .and_then(|s| s.local_addr())
+            .map(|a| a.ip())
+            .ok()
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+        let mut c = EmulatorConfig::local("AKIDtest", "test-secret-key");
+        c.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+        c.allow_remote = true;
+        let e = Emulator::start(c).unwrap();
+        let port = e.addr().port();
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(stats_status(loopback, SocketAddr::new(loopback, port)), 200);
+        let Some(outward) = outward else {
+            // Nothing but loopback here: no client that is not loopback to try.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: admin_endpoints_answer_loopback_clients_only: no address but loopback"
+            );
+            return;
+        };
+        assert_eq!(stats_status(outward, SocketAddr::new(outward, port)), 403);
     }
 
     #[test]

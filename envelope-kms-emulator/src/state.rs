@@ -70,23 +70,27 @@ pub(crate) fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, Stri
     Ok(keys)
 }
 
-/// Write the keys atomically (temporary file, then rename), readable by the owner only.
-pub(crate) fn persist(shared: &Shared, keys: &BTreeMap<String, CmkEntry>) -> Result<(), ApiError> {
+/// Write `keys` (every key's metadata, in the order of the state file) atomically (temporary
+/// file, then rename), readable by the owner only. Callers change the keys in memory only once
+/// this succeeded, so memory never holds a key the file lost.
+pub(crate) fn persist<'a>(
+    shared: &Shared,
+    keys: impl Iterator<Item = &'a StoredKey>,
+) -> Result<(), ApiError> {
     let Some(path) = &shared.config.state_file else {
         return Ok(());
     };
     let state = StateFile {
         version: 1,
         keys: keys
-            .values()
             .map(|k| StoredKey {
-                key_id: k.meta.key_id.clone(),
-                alias: k.meta.alias.clone(),
-                description: k.meta.description.clone(),
-                key_state: k.meta.key_state,
-                create_time: k.meta.create_time,
-                deletion_date: k.meta.deletion_date,
-                material: k.meta.material.clone(),
+                key_id: k.key_id.clone(),
+                alias: k.alias.clone(),
+                description: k.description.clone(),
+                key_state: k.key_state,
+                create_time: k.create_time,
+                deletion_date: k.deletion_date,
+                material: k.material.clone(),
             })
             .collect(),
     };

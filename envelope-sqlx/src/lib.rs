@@ -72,6 +72,12 @@
 //!
 //! A store whose table does not exist says so (`StoreError::MissingTable`), with these ways out.
 //!
+//! An application that creates its own tables at start-up (`CREATE TABLE IF NOT EXISTS`) can
+//! run that DDL through [`run_ddl_in_turn`], so that replicas started at once on a fresh
+//! database take turns as the key table's `create_table` does. On PostgreSQL, concurrent
+//! `CREATE TABLE IF NOT EXISTS` otherwise fails now and then with a unique violation on
+//! `pg_type_typname_nsp_index`.
+//!
 //! ## MySQL and MariaDB: strict mode
 //!
 //! A sealed value is 47 to 50 bytes longer than its plaintext (the text form about 4/3 of that).
@@ -120,6 +126,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `postgres`, `mysql`, `sqlite` | the key store and column types on that database |
+//! | `any` | [`run_ddl_in_turn`] on a `sqlx::AnyPool` |
 //! | `uuid` | `uuid::Uuid` fields |
 //! | `chrono` | `chrono::NaiveDate`, `chrono::NaiveDateTime` and `chrono::DateTime<Utc>` fields |
 //! | `json` | `AsJson<T>` fields: any serde type, stored as JSON inside the envelope |
@@ -131,6 +138,7 @@
 )]
 
 mod store;
+mod turns;
 mod types;
 
 pub use envelope_core;
@@ -139,6 +147,7 @@ pub use envelope_core::column::AsJson;
 pub use envelope_core::column::{Column, IndexColumn, Plaintext};
 pub use envelope_core::{blind_index, column};
 pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
+pub use turns::{DdlTurns, run_ddl_in_turn};
 pub use types::{BlindIndex, Encrypted, EncryptedText};
 
 /// The statement [`mysql_strict_session`] runs: adds `STRICT_ALL_TABLES` to the session's

@@ -4,10 +4,12 @@ use std::marker::PhantomData;
 use std::time::SystemTime;
 
 use envelope_core::__private::IoRuntime;
-use envelope_core::key_table::{self, COLUMNS, DdlGuard, KeyRow, millis};
+use envelope_core::key_table::{self, COLUMNS, KeyRow, millis};
 use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use sqlx::pool::PoolOptions;
 use sqlx::{Database, Pool, QueryBuilder, Row};
+
+use crate::turns::run_ddl_in_turn;
 
 /// The DDL for the default table name, one script per database (the same as
 /// [`envelope_core::key_table::ddl`]), also shipped as files to copy into an application's own
@@ -119,7 +121,7 @@ impl<DB: Database> SqlxKeyStore<DB> {
     }
 }
 
-fn backend(e: sqlx::Error) -> StoreError {
+pub(crate) fn backend(e: sqlx::Error) -> StoreError {
     if let Some(db) = e.as_database_error()
         && db.is_unique_violation()
     {
@@ -215,7 +217,7 @@ fn unsupported_scheme(scheme: &str) -> envelope_core::Error {
 }
 
 macro_rules! sqlx_key_store {
-    ($db:ty, $ddl:expr, $guard:expr) => {
+    ($db:ty, $ddl:expr) => {
         #[async_trait]
         impl CreateTable for SqlxKeyStore<$db> {
             async fn ensure_table(&self) -> Result<(), StoreError> {
@@ -231,42 +233,9 @@ macro_rules! sqlx_key_store {
             /// The database's error.
             pub async fn create_table(&self) -> Result<(), StoreError> {
                 let statements = self.ddl_for($ddl);
-                self.on_runtime(move |pool, _| async move {
-                    let guard: DdlGuard = $guard;
-                    let mut conn = pool.acquire().await.map_err(backend)?;
-                    let mut run = async |sql: &str| {
-                        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-                            .execute(&mut *conn)
-                            .await
-                            .map(|_| ())
-                            .map_err(backend)
-                    };
-                    let mut result = Ok(());
-                    for sql in guard
-                        .before
-                        .iter()
-                        .copied()
-                        .chain(statements.iter().map(String::as_str))
-                    {
-                        result = run(sql).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    let finish = if result.is_ok() {
-                        guard.after
-                    } else {
-                        guard.on_error
-                    };
-                    for sql in finish {
-                        let done = run(sql).await;
-                        // The first error is the one worth reporting.
-                        if result.is_ok() {
-                            result = done;
-                        }
-                    }
-                    result
-                })
+                self.on_runtime(
+                    move |pool, _| async move { run_ddl_in_turn(&pool, &statements).await },
+                )
                 .await
             }
 
@@ -419,11 +388,11 @@ macro_rules! sqlx_key_store {
 }
 
 #[cfg(feature = "postgres")]
-sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES, DdlGuard::POSTGRES);
+sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES);
 #[cfg(feature = "mysql")]
-sqlx_key_store!(sqlx::MySql, ddl::MYSQL, DdlGuard::MYSQL);
+sqlx_key_store!(sqlx::MySql, ddl::MYSQL);
 #[cfg(feature = "sqlite")]
-sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE, DdlGuard::SQLITE);
+sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE);
 
 #[cfg(test)]
 mod tests {

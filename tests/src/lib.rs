@@ -184,6 +184,7 @@ impl Default for Fixture {
 
 pub mod contract;
 pub mod proxy;
+pub mod replicas;
 pub mod rows_bench;
 pub mod scenarios;
 pub mod servers;

@@ -116,6 +116,78 @@ key_table_backend!(
     false
 );
 
+/// Run `statements` (an application's own `CREATE TABLE IF NOT EXISTS …`, `CREATE INDEX IF
+/// NOT EXISTS …`, or any other DDL) on `conn`, taking turns with every other process doing the
+/// same, so that the replicas of a new deployment can all start at once on a fresh database. It
+/// is what the stores' `create_table` does for the key table, and shares its lock:
+///
+/// - PostgreSQL: the statements run in one transaction that first takes a transaction-scoped
+///   advisory lock (`pg_advisory_xact_lock`). Without it, concurrent `CREATE TABLE IF NOT
+///   EXISTS` fails with a unique violation on `pg_type_typname_nsp_index`. A failed statement
+///   rolls them all back;
+/// - MySQL/MariaDB: the named lock `envelope-keys-ddl` (`GET_LOCK`, waited for up to 60 s),
+///   held by the connection around the statements. DDL commits implicitly there, so the
+///   statements before a failed one stay;
+/// - SQLite: nothing; SQLite serializes writers itself.
+///
+/// The statements must be idempotent (`IF NOT EXISTS`): every process runs them, one after
+/// the other. Each string goes to `batch_execute`, so it may hold several statements. The lock
+/// is per database (PostgreSQL) or per server (MySQL/MariaDB), shared with every envelope
+/// process: keep the DDL short. Do not call it inside a transaction of your own (PostgreSQL's
+/// `BEGIN` would not nest).
+///
+/// ```no_run
+/// use diesel::Connection;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let mut conn = diesel::pg::PgConnection::establish("postgres://app@db/app")?;
+/// envelope_diesel::run_ddl_in_turn(
+///     &mut conn,
+///     &[
+///         "CREATE TABLE IF NOT EXISTS patients (id TEXT PRIMARY KEY, email BYTEA NOT NULL)",
+///         "CREATE INDEX IF NOT EXISTS patients_email ON patients (email)",
+///     ],
+/// )?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// The database's error for the first statement that failed (or for taking the lock), as
+/// [`StoreError::Backend`].
+pub fn run_ddl_in_turn<C, S>(conn: &mut C, statements: &[S]) -> Result<(), StoreError>
+where
+    C: diesel::Connection,
+    C::Backend: KeyTableBackend,
+    S: AsRef<str>,
+{
+    let guard = <C::Backend as KeyTableBackend>::GUARD;
+    let mut result = Ok(());
+    for sql in guard
+        .before
+        .iter()
+        .copied()
+        .chain(statements.iter().map(AsRef::as_ref))
+    {
+        result = conn.batch_execute(sql).map_err(backend);
+        if result.is_err() {
+            break;
+        }
+    }
+    let finish = if result.is_ok() {
+        guard.after
+    } else {
+        guard.on_error
+    };
+    for sql in finish {
+        let done = conn.batch_execute(sql).map_err(backend);
+        // The first error is the one worth reporting.
+        if result.is_ok() {
+            result = done;
+        }
+    }
+    result
+}
+
 /// A bind value of a key-table statement.
 #[doc(hidden)]
 #[derive(Debug)]

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use diesel::connection::SimpleConnection;
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::query_dsl::RunQueryDsl;
 use diesel::query_dsl::load_dsl::{ExecuteDsl, LoadQuery};
@@ -16,6 +15,7 @@ use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_tra
 
 use super::{
     DEFAULT_TABLE, KeyRowSql, KeyTableBackend, Queries, Rewrap, Statement, backend, records,
+    run_ddl_in_turn,
 };
 
 /// A sync diesel connection the key table can live on: `PgConnection`, `MysqlConnection` or
@@ -158,32 +158,7 @@ where
     /// The pool's or the database's error.
     pub fn create_table(&self) -> Result<(), StoreError> {
         let mut conn = checkout(&self.pool)?;
-        let guard = <C::Backend as KeyTableBackend>::GUARD;
-        let mut result = Ok(());
-        for sql in guard
-            .before
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain(self.queries.ddl::<C::Backend>())
-        {
-            result = conn.batch_execute(&sql).map_err(backend);
-            if result.is_err() {
-                break;
-            }
-        }
-        let finish = if result.is_ok() {
-            guard.after
-        } else {
-            guard.on_error
-        };
-        for sql in finish {
-            let done = conn.batch_execute(sql).map_err(backend);
-            // The first error is the one worth reporting.
-            if result.is_ok() {
-                result = done;
-            }
-        }
-        result
+        run_ddl_in_turn(&mut *conn, &self.queries.ddl::<C::Backend>())
     }
 
     /// Run `work` with a connection of the pool on the store's blocking threads.

@@ -44,7 +44,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::NaiveDate;
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use envelope_core::kms::KeyUri;
@@ -212,21 +211,23 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
             .map_err(|e| format!("cannot create the key table: {e}"))?;
         Ok(Arc::new(store))
     }
-    let ddl_error = |e: diesel::result::Error| format!("cannot create the patients table: {e}");
+    // Replicas started together on a fresh database take turns, as for the key table.
+    let ddl_error = |e: envelope_core::StoreError| format!("cannot create the patients table: {e}");
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
         #[cfg(feature = "postgres")]
         Some("postgres" | "postgresql") => {
             let db = pool::<PgConnection>(url)?;
-            db.get()
-                .map_err(pool_error_text)?
-                .batch_execute(
+            envelope_diesel::run_ddl_in_turn(
+                &mut *db.get().map_err(pool_error_text)?,
+                &[
                     "CREATE TABLE IF NOT EXISTS patients (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
                      email BYTEA NOT NULL, email_bidx BYTEA NOT NULL, national_id BYTEA, \
                      born BYTEA, notes BYTEA); \
                      CREATE INDEX IF NOT EXISTS patients_email_bidx ON patients (email_bidx);",
-                )
-                .map_err(ddl_error)?;
+                ],
+            )
+            .map_err(ddl_error)?;
             Ok((
                 Db::Postgres(db),
                 store::<PgConnection>(url, keys_table)?,
@@ -237,15 +238,16 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
         Some("mysql" | "mariadb") => {
             let url = url.replacen("mariadb://", "mysql://", 1);
             let db = pool::<MysqlConnection>(&url)?;
-            db.get()
-                .map_err(pool_error_text)?
-                .batch_execute(
+            envelope_diesel::run_ddl_in_turn(
+                &mut *db.get().map_err(pool_error_text)?,
+                &[
                     "CREATE TABLE IF NOT EXISTS patients (id VARCHAR(36) PRIMARY KEY, \
                      name VARCHAR(200) NOT NULL, email VARBINARY(1024) NOT NULL, \
                      email_bidx VARBINARY(32) NOT NULL, national_id VARBINARY(512), \
                      born VARBINARY(512), notes MEDIUMBLOB, INDEX patients_email_bidx (email_bidx))",
-                )
-                .map_err(ddl_error)?;
+                ],
+            )
+            .map_err(ddl_error)?;
             Ok((
                 Db::Mysql(db),
                 store::<MysqlConnection>(&url, keys_table)?,
@@ -257,10 +259,11 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
                 .trim_start_matches("sqlite://")
                 .trim_start_matches("sqlite:");
             let db = pool::<SqliteConnection>(path)?;
-            db.get()
-                .map_err(pool_error_text)?
-                .batch_execute(SQLITE_DDL)
-                .map_err(ddl_error)?;
+            envelope_diesel::run_ddl_in_turn(
+                &mut *db.get().map_err(pool_error_text)?,
+                &[SQLITE_DDL],
+            )
+            .map_err(ddl_error)?;
             Ok((
                 Db::Sqlite(db),
                 store::<SqliteConnection>(path, keys_table)?,

@@ -27,6 +27,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // PORT=0 takes a free port: say which.
+    let port = listener.local_addr().map_or(port, |a| a.port());
     println!(
         "web-diesel listening on http://127.0.0.1:{port} ({}; KMS {})",
         app.database(),

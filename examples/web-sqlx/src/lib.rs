@@ -293,12 +293,10 @@ impl App {
             .connect(url)
             .await
             .map_err(|e| format!("cannot connect to the database: {e}"))?;
-        for statement in backend.ddl(&config.customers_table) {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&pool)
-                .await
-                .map_err(|e| format!("cannot create the customers table: {e}"))?;
-        }
+        // Replicas started together on a fresh database take turns, as for the key table.
+        envelope_sqlx::run_ddl_in_turn(&pool, &backend.ddl(&config.customers_table))
+            .await
+            .map_err(|e| format!("cannot create the customers table: {e}"))?;
         let builder = trusted
             .into_iter()
             .fold(Keyring::builder(kms, store).cmk(cmk), |b, c| b.trust_cmk(c));

@@ -11,7 +11,7 @@ web-sqlx: envelope's showcase, a customer API with encrypted fields
 usage: web-sqlx [--help]
 
 Serves on 127.0.0.1:$PORT. Configuration comes from the environment, all optional:
-  PORT                       port to listen on (3000)
+  PORT                       port to listen on (3000; 0 takes a free one, printed at start)
   DATABASE_URL               sqlite://web-sqlx.db?mode=rwc; postgres://... and mysql://... work too
   ENVELOPE_KMS               local (default), tencent (with ENVELOPE_CMK and TENCENTCLOUD_*),
                              or a key URI: aws://REGION/KEY, vault://HOST:PORT/MOUNT/KEY
@@ -60,6 +60,8 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // PORT=0 takes a free port: say which.
+    let port = listener.local_addr().map_or(port, |a| a.port());
     println!(
         "web-sqlx listening on http://127.0.0.1:{port} ({}; KMS {})",
         app.database(),
