@@ -13,6 +13,14 @@ use crate::keys::{KeyId, KeyKind, KeyRecord};
 /// The default key table name.
 pub const DEFAULT_TABLE: &str = "envelope_keys";
 
+/// Adds `STRICT_ALL_TABLES` to a MySQL/MariaDB session's `sql_mode`, keeping the rest of the
+/// server's: a value too long for its column then fails instead of being cut short with a
+/// warning (a sealed value cut short can never be opened). The key stores run it on each of
+/// their MySQL connections; applications run it on theirs (envelope-sqlx's
+/// `mysql_strict_session`, envelope-diesel's `MYSQL_STRICT_SESSION`).
+pub const MYSQL_STRICT_SESSION: &str =
+    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'STRICT_ALL_TABLES')";
+
 /// The key table's columns, in the order every store selects and inserts them.
 pub const COLUMNS: &str =
     "id, kind, scope, provider, cmk_id, wrapped, kms_context, created_at, retired_at";

@@ -75,6 +75,13 @@
 //! show.
 //! MySQL's `BLOB` holds at most 64 KiB: use `MEDIUMBLOB` for larger values.
 //!
+//! On MySQL/MariaDB, make the sessions that write envelope values strict: on a server whose
+//! `sql_mode` is not strict, a value too long for its `VARBINARY(n)` is cut to fit with only a
+//! warning, and a sealed value cut short can never be opened. Run [`MYSQL_STRICT_SESSION`] on
+//! each connection (with r2d2, in a `CustomizeConnection::on_acquire`:
+//! `conn.batch_execute(envelope_diesel::MYSQL_STRICT_SESSION)`); the write then fails with
+//! "data too long" instead. The key stores do this for their own connections.
+//!
 //! With diesel-async, `ToSql` and `FromSql` run inside the calling task: scope the keyring with
 //! `keyring.install_for(async { .. })` (or install a default). A cache miss there is safe on
 //! multi-thread and current-thread runtimes.
@@ -157,6 +164,7 @@ pub use envelope_core;
 #[cfg(feature = "json")]
 pub use envelope_core::column::AsJson;
 pub use envelope_core::column::{Column, IndexColumn, Plaintext};
+pub use envelope_core::key_table::MYSQL_STRICT_SESSION;
 pub use envelope_core::{blind_index, column};
 pub use error::{Report, envelope_error, report};
 #[cfg(feature = "async")]

@@ -580,3 +580,47 @@ fn an_unreachable_key_table_fails_the_read_in_time_with_a_clear_error() {
     let report = envelope_diesel::report(&err).to_string();
     assert!(report.contains("key store"), "{report}");
 }
+
+/// The key store's own MySQL sessions are strict even when the server's are not (its
+/// connections open while the global `sql_mode` is non-strict): a value too long for its column
+/// fails the insert instead of being stored cut short.
+#[test]
+fn mysql_key_store_sessions_are_strict() {
+    let Some(db) = mysql() else { return };
+    let mut admin = MysqlConnection::establish(&db.url).unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        mode: String,
+    }
+    let old = diesel::sql_query("SELECT CAST(@@GLOBAL.sql_mode AS CHAR) AS mode")
+        .get_result::<Mode>(&mut admin)
+        .unwrap()
+        .mode;
+    diesel::sql_query("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        .execute(&mut admin)
+        .unwrap();
+    let store = DieselKeyStore::<MysqlConnection>::connect(&db.url)
+        .unwrap()
+        .with_table(&db.table)
+        .unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.create_table().unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(
+                envelope_tests::store_contract::refuses_a_value_too_long_for_its_column(&store),
+            );
+    }));
+    diesel::sql_query(format!("SET GLOBAL sql_mode = '{}'", old.replace('\'', "")))
+        .execute(&mut admin)
+        .unwrap();
+    diesel::sql_query(format!("DROP TABLE IF EXISTS {}", db.table))
+        .execute(&mut admin)
+        .unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -98,7 +98,8 @@
 //! # Ok(pool) }
 //! ```
 //!
-//! The `envelope` CLI does this for its own sessions.
+//! The `envelope` CLI does this for its own sessions, and [`SqlxKeyStore`] for its own
+//! connections.
 //!
 //! ## Queries checked at compile time
 //!
@@ -152,8 +153,7 @@ pub use types::{BlindIndex, Encrypted, EncryptedText};
 
 /// The statement [`mysql_strict_session`] runs: adds `STRICT_ALL_TABLES` to the session's
 /// `sql_mode`, keeping the rest of the server's.
-pub const MYSQL_STRICT_SESSION: &str =
-    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'STRICT_ALL_TABLES')";
+pub use envelope_core::key_table::MYSQL_STRICT_SESSION;
 
 /// Make a MySQL/MariaDB session strict, so that a value too long for its column fails instead
 /// of being cut short (a sealed value cut short can never be opened): for the pool's

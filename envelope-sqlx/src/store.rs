@@ -81,6 +81,20 @@ impl<DB: Database> SqlxKeyStore<DB> {
             PoolOptions::<DB>::new()
                 .max_connections(2)
                 .min_connections(0)
+                // MySQL/MariaDB: strict, so that nothing the store writes is cut short.
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        #[cfg(feature = "mysql")]
+                        if let Some(my) =
+                            (conn as &mut dyn std::any::Any).downcast_mut::<sqlx::MySqlConnection>()
+                        {
+                            crate::mysql_strict_session(my).await?;
+                        }
+                        #[cfg(not(feature = "mysql"))]
+                        let _ = conn;
+                        Ok(())
+                    })
+                })
                 .connect_lazy_with(options)
         };
         Ok(SqlxKeyStore {

@@ -744,3 +744,54 @@ async fn mysql_strict_session_makes_a_too_long_value_fail() {
         .await
         .unwrap();
 }
+
+/// The key store's own MySQL sessions are strict even when the server's are not: with the
+/// global `sql_mode` non-strict while its connections open, a value too long for its column
+/// fails the insert instead of being stored cut short.
+#[tokio::test]
+async fn mysql_key_store_sessions_are_strict() {
+    use sqlx::Connection as _;
+    let Ok(url) = std::env::var("ENVELOPE_TEST_MYSQL_URL") else {
+        envelope_tests::skipped("set ENVELOPE_TEST_MYSQL_URL to run the strict-mode test");
+        return;
+    };
+    let mut admin = sqlx::MySqlConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("ENVELOPE_TEST_MYSQL_URL is set but unreachable: {e}"));
+    let old: String = sqlx::query_scalar("SELECT CAST(@@GLOBAL.sql_mode AS CHAR)")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let table = format!(
+        "keys_strict_{}",
+        &envelope_core::KeyId::random().unwrap().to_hex()[..10]
+    );
+    let store = SqlxKeyStore::<sqlx::MySql>::connect_lazy(&url)
+        .unwrap()
+        .with_table(&table)
+        .unwrap();
+    let outcome = async move {
+        store.create_table().await.unwrap();
+        envelope_tests::store_contract::refuses_a_value_too_long_for_its_column(&store).await;
+    };
+    // The server's mode is put back whatever happened.
+    let result = tokio::spawn(outcome).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET GLOBAL sql_mode = '{}'",
+        old.replace('\'', "")
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -121,3 +121,20 @@ pub async fn run(store: &dyn KeyStore) {
         Err(StoreError::NotFound(_))
     ));
 }
+
+/// MySQL/MariaDB: nothing a store writes is cut short, whatever the server's `sql_mode`. A
+/// `cmk_id` longer than its `VARCHAR(255)` column must fail the insert: on a non-strict session it
+/// would be stored cut to 255 characters, and the key could then never be unwrapped. Call it
+/// with a store whose connections were opened while the server's global `sql_mode` was not
+/// strict.
+pub async fn refuses_a_value_too_long_for_its_column(store: &dyn KeyStore) {
+    let mut r = record(KeyKind::Data, "strict", 1);
+    r.cmk_id = "c".repeat(300);
+    let outcome = store.insert(&r).await;
+    let stored = store.get(&r.id).await.ok().flatten();
+    assert!(
+        outcome.is_err(),
+        "a 300-character cmk_id was accepted (stored as {} characters)",
+        stored.map_or(0, |s| s.cmk_id.len())
+    );
+}

@@ -105,7 +105,13 @@ macro_rules! key_table_backend {
 #[cfg(feature = "postgres")]
 key_table_backend!(diesel::pg::Pg, ddl::POSTGRES, DdlGuard::POSTGRES, "", true);
 #[cfg(feature = "mysql")]
-key_table_backend!(diesel::mysql::Mysql, ddl::MYSQL, DdlGuard::MYSQL, "", false);
+key_table_backend!(
+    diesel::mysql::Mysql,
+    ddl::MYSQL,
+    DdlGuard::MYSQL,
+    key_table::MYSQL_STRICT_SESSION,
+    false
+);
 // Writers wait for each other (up to 5 s) instead of failing at once with "database is locked".
 #[cfg(feature = "sqlite")]
 key_table_backend!(
