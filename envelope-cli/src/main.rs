@@ -613,7 +613,12 @@ fn run_local(command: Command) -> Result<(), String> {
                 }),
                 allow_remote,
             })?;
-            println!("kms-emulator listening on {}", emulator.endpoint());
+            // Whoever started it may stop reading after the first line: a closed stdout must
+            // not stop the emulator, so nothing here may panic on a write.
+            use std::io::Write as _;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "kms-emulator listening on {}", emulator.endpoint());
+            let _ = out.flush();
             if !listen.ip().is_loopback() {
                 eprintln!(
                     "warning: kms-emulator listens on {}, which other machines can reach \
@@ -627,20 +632,21 @@ fn run_local(command: Command) -> Result<(), String> {
                     }
                 );
             }
-            match emulator.state_file() {
-                Some(path) => println!(
+            let _ = match emulator.state_file() {
+                Some(path) => writeln!(
+                    out,
                     "kms-emulator state file: {} ({} key(s) loaded)",
                     path.display(),
                     emulator.key_count()
                 ),
-                None => println!(
+                None => writeln!(
+                    out,
                     "kms-emulator state file: none (keys are kept in memory only: every CMK, and \
                      every data key wrapped under one, is lost when the emulator stops; \
                      use --state FILE to keep them)"
                 ),
-            }
-            use std::io::Write as _;
-            let _ = std::io::stdout().flush();
+            };
+            let _ = out.flush();
             emulator.wait();
             Ok(())
         }

@@ -233,6 +233,20 @@ async fn retire_then_write(kind: Kind) {
     let first = app.encrypt(&label, b"before").await.unwrap();
     let old = envelope_core::format::peek_key_id(&first).unwrap();
 
+    // Scopes and labels share the key table's `scope` column: `--scope` names data keys only,
+    // so a scope spelled like the label leaves the label's index key alone; `--label` takes it.
+    let live_index = async || {
+        keys(&t)
+            .await
+            .into_iter()
+            .filter(|k| k.kind == KeyKind::Index && k.retired_at.is_none())
+            .count()
+    };
+    assert_eq!(live_index().await, 1);
+    let out = t.expect(&["keys", "retire", "--scope", LABEL, "--json"], 0);
+    assert_eq!(Target::summary(&out)["retired"], 0, "{out}");
+    assert_eq!(live_index().await, 1);
+
     let out = t.expect(&["keys", "retire", "--key", &old.to_hex()], 0);
     assert!(out.contains("retired data key"), "{out}");
     let row = keys(&t).await.into_iter().find(|k| k.id == old).unwrap();

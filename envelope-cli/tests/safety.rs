@@ -544,7 +544,51 @@ async fn a_mixed_case_key_table_name_works(kind: Kind) {
     t.expect(&["status"], 0);
 }
 
+/// A sealed `string` value whose plaintext is not UTF-8, with no blind index yet: the case-folded
+/// normalizer cannot read it. That is the value's failure (`PlaintextType`, exit 1), not a KMS
+/// outage: it used to be retried for `--patience` and end with exit 3.
+async fn a_value_the_normalizer_cannot_read_fails_its_row(kind: Kind) {
+    let Some(t) = Target::new(kind).await else {
+        return;
+    };
+    let table = t.table("utf8");
+    let blob = t.blob();
+    t.exec(&format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email {blob}, email_bidx {blob})"
+    ))
+    .await;
+    t.write_config(&format!(
+        "[[table]]\nname = \"{table}\"\nprimary_key = \"id\"\n\n[[table.column]]\nname = \"email\"\nlabel = \"utf8.email\"\ntype = \"string\"\nblind_index = {{ column = \"email_bidx\", normalizer = \"case-folded\" }}\n"
+    ));
+    t.expect(&["init"], 0);
+    let keyring = t.keyring().await;
+    let label = Label::new("utf8.email").unwrap();
+    for (id, pt) in [(1, &b"ok@example.com"[..]), (2, &[0xff, 0xfe, 0x41][..])] {
+        let sealed = keyring.encrypt(&label, pt).await.unwrap();
+        t.exec(&format!(
+            "INSERT INTO {table} VALUES ({id}, {}, NULL)",
+            t.bytes_literal(&sealed)
+        ))
+        .await;
+    }
+    let started = Instant::now();
+    let out = t.envelope(&["encrypt", "--json", "--patience", "20s"]);
+    let all = stdout_stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{kind:?}: {all}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{kind:?}: it was retried"
+    );
+    let summary = Target::summary(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        summary["columns"][0]["failures"]["PlaintextType"], 1,
+        "{all}"
+    );
+    assert_eq!(summary["columns"][0]["written"], 1, "{all}");
+}
+
 per_database!(
+    a_value_the_normalizer_cannot_read_fails_its_row,
     a_mixed_case_key_table_name_works,
     commands_on_one_column_take_turns,
     case_variant_names_are_refused,

@@ -213,6 +213,13 @@ impl Bridge {
         if !multi_thread || NO_BLOCK_IN_PLACE.with(Cell::get) {
             return f();
         }
+        // Under `panic = "abort"` the probe below cannot be caught: it would abort the process
+        // where a current-thread runtime has a multi-thread handle entered. Run `f` directly
+        // instead: a key load then holds this worker thread for its duration (cache misses
+        // only), and nothing else changes.
+        if cfg!(panic = "abort") {
+            return f();
+        }
         // A multi-thread runtime's handle is current, which is almost always because this is one
         // of its workers. But a handle can also be entered inside a current-thread runtime, where
         // `block_in_place` refuses (it panics before running `f`, and tokio offers no way to ask

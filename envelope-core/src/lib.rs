@@ -60,6 +60,10 @@
 //! [`Keyring::blocking`] serves synchronous codecs. A cached key costs no I/O; a miss waits
 //! for the keyring's own runtime thread with a timeout ([`Policy::kms_timeout`]), which is safe on
 //! plain threads, multi-thread tokio workers, current-thread runtimes and `spawn_blocking`.
+//! On a multi-thread worker the wait runs inside `tokio::task::block_in_place`, so the runtime
+//! moves its other tasks away; whether that is allowed is found out by trying, which needs
+//! unwinding. Built with `panic = "abort"`, the keyring never tries: a miss then holds the worker
+//! thread while the key loads.
 //!
 //! ## Metrics and traces
 //!
