@@ -1060,3 +1060,86 @@ async fn aws_without_credentials_says_so() {
     );
     assert!(keys(&t).await.is_empty(), "no key row was written");
 }
+
+/// `keys rewrap` moves a row only from a master key that `kms` or `also_read` names: a row
+/// naming another CMK the credentials can use (another application's, or one an attacker put
+/// in the key table with a key wrapped under it) is reported and left as it is. Rewrapping it
+/// would launder that key under the destination, which every keyring trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_leaves_rows_under_an_unconfigured_cmk() {
+    use envelope_core::kms::tencent::{TencentConfig, TencentKms};
+    use envelope_kms_emulator::{Emulator, EmulatorConfig};
+
+    let Some(t) = Target::new(Kind::Sqlite).await else {
+        return;
+    };
+    let emulator = Emulator::start(EmulatorConfig::local("AKIDkeys", "keys-secret")).unwrap();
+    let tencent = || {
+        TencentKms::new(
+            TencentConfig::new(
+                "AKIDkeys",
+                envelope_core::SecretString::new("keys-secret"),
+                "ap-guangzhou",
+            )
+            .with_endpoint(emulator.endpoint()),
+        )
+        .unwrap()
+    };
+    let a = tencent().create_key("cmk-a", "A").await.unwrap().key_id;
+    let b = tencent().create_key("cmk-b", "B").await.unwrap().key_id;
+    let other = tencent().create_key("cmk-other", "C").await.unwrap().key_id;
+    let endpoint = emulator.endpoint();
+    let env = [
+        ("TENCENTCLOUD_SECRET_ID", "AKIDkeys"),
+        ("TENCENTCLOUD_SECRET_KEY", "keys-secret"),
+        ("ENVELOPE_TENCENT_ENDPOINT", endpoint.as_str()),
+    ];
+    let uri_a = format!("tencent://ap-guangzhou/{a}");
+    let uri_b = format!("tencent://ap-guangzhou/{b}");
+    let table = t.table("untrusted");
+    t.exec(&format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email {blob}, email_bidx {blob})",
+        blob = t.blob()
+    ))
+    .await;
+    t.write_config(&config(&table));
+    t.expect_with_env(&["--kms", &uri_a, "init"], &env, 0);
+    // A key row under a CMK the configuration does not name.
+    let store = envelope_sqlx::key_store_for_url(&t.url, &t.key_table())
+        .await
+        .unwrap();
+    let foreign = {
+        let (kms, other, store) = (Arc::new(tencent()), other.clone(), store.clone());
+        let keyring = tokio::task::spawn_blocking(move || {
+            Keyring::builder(kms, store).cmk(other).build().unwrap()
+        })
+        .await
+        .unwrap();
+        keyring
+            .rotate(&envelope_core::Scope::default())
+            .await
+            .unwrap()
+    };
+    let out = t.expect_with_env(
+        &["--kms", &uri_a, "keys", "rewrap", "--to", &uri_b],
+        &env,
+        1,
+    );
+    let row = keys(&t)
+        .await
+        .into_iter()
+        .find(|k| k.id == foreign)
+        .unwrap();
+    assert_eq!(
+        row.cmk_id, other,
+        "the row under an unconfigured CMK was moved: {out}"
+    );
+    assert!(
+        keys(&t)
+            .await
+            .iter()
+            .filter(|k| k.id != foreign)
+            .all(|k| k.cmk_id == b),
+        "{out}"
+    );
+}
