@@ -16,17 +16,30 @@ use crate::keys::{KeyId, KeyKind};
 /// Everything that can go wrong in envelope-core.
 ///
 /// The variants fall into four groups, so that a caller can act on the group without knowing
-/// every case:
+/// every case. [`Error::category`] says which group an error is in, and [`Error::is_retryable`]
+/// whether sending the same call again later may succeed:
 ///
-/// - **the value**: [`Error::Format`], [`Error::Decrypt`], [`Error::UnknownKey`],
-///   [`Error::KeyKindMismatch`], [`Error::ScopeMismatch`], [`Error::PlaintextType`],
-///   [`Error::PlaintextEncode`]: this value cannot be written or read; others can;
-/// - **the services**: [`Error::Kms`], [`Error::Store`], [`Error::Unavailable`]: the KMS or the
-///   key table failed or did not answer in time; retrying later may succeed;
-/// - **the deployment**: [`Error::Config`], [`Error::MasterKeyMissing`]: a setting, a
-///   credential or a master key is missing or wrong; fix it and restart;
-/// - **the program**: [`Error::Misuse`]: the API was used in a way it cannot serve; fix the
-///   code. [`Error::System`]: the operating system or the crypto library failed.
+/// - **the value** ([`Category::Value`]): [`Error::Format`], [`Error::Decrypt`],
+///   [`Error::UnknownKey`], [`Error::KeyKindMismatch`], [`Error::ScopeMismatch`],
+///   [`Error::PlaintextType`], [`Error::PlaintextEncode`], and two [`Error::Misuse`] cases that
+///   depend on the value rather than the code: [`Misuse::PlaintextTooLarge`] and
+///   [`Misuse::BlindIndex`] (a text normalizer given bytes that are not UTF-8; the same variant
+///   reports an out-of-range [`crate::BlindIndexSpec::with_len`], which is found before any
+///   value is read): this value cannot be written or read; others can;
+/// - **the services** ([`Category::Service`]): [`Error::Kms`], [`Error::Store`],
+///   [`Error::Unavailable`]: the KMS or the key table failed or did not answer in time. Retrying
+///   later may succeed for a retryable [`KmsError`], a [`StoreError::Backend`], an
+///   [`Unavailable::Timeout`] and [`Unavailable::KeysUsedUp`]; not for a keyring that was
+///   [shut down](Unavailable::ShutDown). [`Unavailable::WriteKey`] takes the group and the
+///   retryability of its cause;
+/// - **the deployment** ([`Category::Deployment`]): [`Error::Config`],
+///   [`Error::MasterKeyMissing`]: a setting, a credential or a master key is missing or wrong;
+///   fix it and restart;
+/// - **the program** ([`Category::Program`]): [`Error::Misuse`] (but for the two value cases
+///   above): the API was used in a way it cannot serve; fix the code. [`Error::System`]: the
+///   operating system or the crypto library failed.
+///
+/// Only service errors are ever retryable.
 ///
 /// A message never repeats its cause: the cause is [`std::error::Error::source`]. Print the
 /// whole chain with [`Error::report`].
@@ -248,6 +261,28 @@ pub enum Misuse {
     },
 }
 
+impl Misuse {
+    /// [`Category::Value`] for the cases that depend on the value ([`Misuse::PlaintextTooLarge`],
+    /// [`Misuse::BlindIndex`]), [`Category::Program`] for the rest.
+    fn category(&self) -> Category {
+        match self {
+            // The plaintext is too large: this value cannot be sealed, others can.
+            Misuse::PlaintextTooLarge { .. } => Category::Value,
+            // Mostly a text normalizer given bytes that are not UTF-8, which is the value's
+            // problem. `BlindIndexSpec::with_len` also reports here, but at start-up, before
+            // any value is read, where the distinction makes no difference to a caller.
+            Misuse::BlindIndex(_) => Category::Value,
+            Misuse::NoKeyring
+            | Misuse::BridgeReentrant
+            | Misuse::ForkedProcess { .. }
+            | Misuse::InvalidName { .. }
+            | Misuse::Policy { .. }
+            | Misuse::Builder(_)
+            | Misuse::KeyLength { .. } => Category::Program,
+        }
+    }
+}
+
 /// A setting, credential or file of the deployment that is missing or invalid
 /// ([`Error::Config`]): which one, and what is wrong with it.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -343,7 +378,110 @@ pub enum SystemError {
     Crypto(&'static str),
 }
 
+impl SystemError {
+    /// Always [`Category::Program`]; matched per case so that a new one is decided on.
+    fn category(&self) -> Category {
+        match self {
+            SystemError::Random(_)
+            | SystemError::Thread { .. }
+            | SystemError::ForkHandler(_)
+            | SystemError::HttpClient { .. }
+            | SystemError::File { .. }
+            | SystemError::Internal(_)
+            | SystemError::Crypto(_) => Category::Program,
+        }
+    }
+}
+
+/// Whose problem an [`Error`] is: the four groups of [`Error`]'s documentation.
+///
+/// Each error belongs to exactly one group ([`Error::category`]); the mapping lives here, beside
+/// the error, so that callers act on the group instead of matching variants themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Category {
+    /// This value cannot be written or read; other values can. Report the value and go on.
+    Value,
+    /// The KMS or the key table failed or did not answer in time. See [`Error::is_retryable`]
+    /// for whether retrying later may succeed.
+    Service,
+    /// A setting, a credential or a master key is missing or wrong; fix it and restart.
+    Deployment,
+    /// The API was used in a way it cannot serve, or the operating system or the crypto library
+    /// failed; fix the code (or the build).
+    Program,
+}
+
+impl Category {
+    /// A short, stable, lower-case name: `value`, `service`, `deployment` or `program`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Value => "value",
+            Category::Service => "service",
+            Category::Deployment => "deployment",
+            Category::Program => "program",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Error {
+    /// Which of the four groups this error belongs to (see [`Error`]).
+    pub fn category(&self) -> Category {
+        match self {
+            Error::Format(_)
+            | Error::Decrypt { .. }
+            | Error::UnknownKey { .. }
+            | Error::KeyKindMismatch { .. }
+            | Error::ScopeMismatch { .. }
+            | Error::PlaintextType { .. }
+            | Error::PlaintextEncode { .. } => Category::Value,
+            Error::Kms(_) | Error::Store(_) => Category::Service,
+            Error::Unavailable(u) => match u {
+                // The write key could not be made: whose problem that is, is its cause's.
+                Unavailable::WriteKey { cause, .. } => cause.category(),
+                Unavailable::Timeout { .. }
+                | Unavailable::KeysUsedUp { .. }
+                | Unavailable::ShutDown => Category::Service,
+            },
+            Error::Config(_) | Error::MasterKeyMissing(_) => Category::Deployment,
+            Error::Misuse(m) => m.category(),
+            Error::System(s) => s.category(),
+        }
+    }
+
+    /// Whether the same call may succeed if made again later, with nothing fixed in between: a
+    /// [retryable](KmsError::is_retryable) KMS failure, a failure of the key store's database, a
+    /// wait that ran out, or new data keys used up by concurrent writers. Never true outside
+    /// [`Category::Service`], nor for a keyring that was shut down.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kms(k) => k.is_retryable(),
+            Error::Store(s) => s.is_retryable(),
+            Error::Unavailable(u) => match u {
+                Unavailable::Timeout { .. } | Unavailable::KeysUsedUp { .. } => true,
+                Unavailable::WriteKey { cause, .. } => cause.is_retryable(),
+                Unavailable::ShutDown => false,
+            },
+            Error::Format(_)
+            | Error::Decrypt { .. }
+            | Error::UnknownKey { .. }
+            | Error::KeyKindMismatch { .. }
+            | Error::ScopeMismatch { .. }
+            | Error::PlaintextType { .. }
+            | Error::PlaintextEncode { .. }
+            | Error::MasterKeyMissing(_)
+            | Error::Config(_)
+            | Error::Misuse(_)
+            | Error::System(_) => false,
+        }
+    }
+
     /// A short, stable name for the error's variant, as used by the test vectors' `expect` field.
     pub fn name(&self) -> &'static str {
         match self {
@@ -540,13 +678,21 @@ pub enum KmsErrorKind {
 impl KmsErrorKind {
     /// Whether a call that failed this way may succeed if sent again.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
+        match self {
             KmsErrorKind::Network
-                | KmsErrorKind::Timeout
-                | KmsErrorKind::Throttled
-                | KmsErrorKind::Unavailable
-        )
+            | KmsErrorKind::Timeout
+            | KmsErrorKind::Throttled
+            | KmsErrorKind::Unavailable => true,
+            KmsErrorKind::Auth
+            | KmsErrorKind::KeyDisabled
+            | KmsErrorKind::KeyNotFound
+            | KmsErrorKind::KeyPendingDeletion
+            | KmsErrorKind::KeyVersionDisallowed
+            | KmsErrorKind::InvalidCiphertext
+            | KmsErrorKind::InvalidRequest
+            | KmsErrorKind::InvalidResponse
+            | KmsErrorKind::Other => false,
+        }
     }
 
     fn describe(self) -> &'static str {
@@ -704,6 +850,19 @@ impl StoreError {
     pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend(Arc::new(e))
     }
+
+    /// Whether the same call may succeed if made again later: only when the database failed
+    /// ([`StoreError::Backend`]). A conflict, a corrupt or missing row and a missing table stay
+    /// until someone acts.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Backend(_) => true,
+            StoreError::Conflict(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::NotFound(_)
+            | StoreError::MissingTable { .. } => false,
+        }
+    }
 }
 
 /// The message of [`Unavailable::WriteKey`]: what follows from its cause, without repeating the
@@ -759,5 +918,267 @@ mod tests {
         assert!(s.contains("abc-123"), "{s}");
         assert!(!e.is_retryable());
         assert!(KmsError::new("x", KmsErrorKind::Throttled).is_retryable());
+    }
+
+    fn io() -> Arc<std::io::Error> {
+        Arc::new(std::io::Error::other("io"))
+    }
+
+    fn kms(kind: KmsErrorKind) -> Error {
+        Error::Kms(KmsError::new("test", kind))
+    }
+
+    fn misuse(m: Misuse) -> Error {
+        Error::Misuse(m)
+    }
+
+    fn system(s: SystemError) -> Error {
+        Error::System(s)
+    }
+
+    fn write_key(cause: Error) -> Error {
+        Error::Unavailable(Unavailable::WriteKey {
+            scope: "s".into(),
+            cause: Box::new(cause),
+        })
+    }
+
+    /// Every variant and sub-variant, with its category and whether it is retryable.
+    fn every_error() -> Vec<(Error, Category, bool)> {
+        use Category::{Deployment, Program, Service, Value};
+        let key_id = KeyId::from_bytes([7; KeyId::LEN]);
+        let mut all = vec![
+            (Error::Decrypt { key_id }, Value, false),
+            (Error::UnknownKey { key_id }, Value, false),
+            (
+                Error::KeyKindMismatch {
+                    key_id,
+                    expected: KeyKind::Data,
+                    found: KeyKind::Index,
+                },
+                Value,
+                false,
+            ),
+            (
+                Error::ScopeMismatch {
+                    key_id,
+                    expected: "a".into(),
+                    found: "b".into(),
+                },
+                Value,
+                false,
+            ),
+            (
+                Error::PlaintextType {
+                    expected: "u64",
+                    detail: "d".into(),
+                },
+                Value,
+                false,
+            ),
+            (
+                Error::PlaintextEncode {
+                    ty: "AsJson<T>",
+                    detail: "d".into(),
+                },
+                Value,
+                false,
+            ),
+            (
+                Error::Store(StoreError::Conflict("c".into())),
+                Service,
+                false,
+            ),
+            (
+                Error::Store(StoreError::Corrupt {
+                    key_id,
+                    reason: "r".into(),
+                }),
+                Service,
+                false,
+            ),
+            (Error::Store(StoreError::NotFound(key_id)), Service, false),
+            (
+                Error::Store(StoreError::MissingTable { table: "t".into() }),
+                Service,
+                false,
+            ),
+            (Error::Store(StoreError::Backend(io())), Service, true),
+            (
+                Error::Unavailable(Unavailable::Timeout {
+                    waited: Duration::from_secs(1),
+                    what: "w".into(),
+                }),
+                Service,
+                true,
+            ),
+            (
+                Error::Unavailable(Unavailable::KeysUsedUp { scope: "s".into() }),
+                Service,
+                true,
+            ),
+            (Error::Unavailable(Unavailable::ShutDown), Service, false),
+            (write_key(kms(KmsErrorKind::Network)), Service, true),
+            (write_key(kms(KmsErrorKind::KeyDisabled)), Service, false),
+            (
+                write_key(Error::Store(StoreError::Backend(io()))),
+                Service,
+                true,
+            ),
+            (
+                write_key(Error::config("CMK", "missing")),
+                Deployment,
+                false,
+            ),
+            (
+                write_key(system(SystemError::Random("r".into()))),
+                Program,
+                false,
+            ),
+            (
+                Error::MasterKeyMissing(Box::new(MasterKeyMissing {
+                    provider: "local".into(),
+                    keys: 1,
+                    wanted: vec!["a".into()],
+                    held: "b".into(),
+                    origin: "o".into(),
+                })),
+                Deployment,
+                false,
+            ),
+            (Error::config("setting", "problem"), Deployment, false),
+            (
+                Error::Config(ConfigError::new("f", "p").with_io(std::io::Error::other("io"))),
+                Deployment,
+                false,
+            ),
+            (
+                misuse(Misuse::PlaintextTooLarge { len: 2, max: 1 }),
+                Value,
+                false,
+            ),
+            (misuse(Misuse::BlindIndex("not UTF-8")), Value, false),
+            (misuse(Misuse::NoKeyring), Program, false),
+            (misuse(Misuse::BridgeReentrant), Program, false),
+            (
+                misuse(Misuse::ForkedProcess { built_in: 1 }),
+                Program,
+                false,
+            ),
+            (
+                misuse(Misuse::InvalidName {
+                    what: "scope",
+                    value: "".into(),
+                    reason: "r",
+                }),
+                Program,
+                false,
+            ),
+            (
+                misuse(Misuse::Policy {
+                    field: "f",
+                    problem: "p".into(),
+                }),
+                Program,
+                false,
+            ),
+            (misuse(Misuse::Builder("b".into())), Program, false),
+            (
+                misuse(Misuse::KeyLength {
+                    expected: 32,
+                    len: 1,
+                }),
+                Program,
+                false,
+            ),
+            (system(SystemError::Random("r".into())), Program, false),
+            (
+                system(SystemError::Thread {
+                    what: "w".into(),
+                    source: io(),
+                }),
+                Program,
+                false,
+            ),
+            (system(SystemError::ForkHandler("f".into())), Program, false),
+            (
+                system(SystemError::HttpClient { detail: "d".into() }),
+                Program,
+                false,
+            ),
+            (
+                system(SystemError::File {
+                    path: "p".into(),
+                    action: "write",
+                    source: io(),
+                }),
+                Program,
+                false,
+            ),
+            (system(SystemError::Internal("i")), Program, false),
+            (system(SystemError::Crypto("c")), Program, false),
+        ];
+        for f in [
+            FormatError::NotEnvelope,
+            FormatError::HexText,
+            FormatError::UnsupportedVersion(9),
+            FormatError::UnknownAlgorithm(9),
+            FormatError::Truncated { len: 1, needed: 2 },
+            FormatError::TrailingBytes { extra: 1 },
+            FormatError::MalformedLength,
+            FormatError::MalformedText,
+        ] {
+            all.push((Error::Format(f), Value, false));
+        }
+        for (kind, retryable) in [
+            (KmsErrorKind::Network, true),
+            (KmsErrorKind::Timeout, true),
+            (KmsErrorKind::Throttled, true),
+            (KmsErrorKind::Unavailable, true),
+            (KmsErrorKind::Auth, false),
+            (KmsErrorKind::KeyDisabled, false),
+            (KmsErrorKind::KeyNotFound, false),
+            (KmsErrorKind::KeyPendingDeletion, false),
+            (KmsErrorKind::KeyVersionDisallowed, false),
+            (KmsErrorKind::InvalidCiphertext, false),
+            (KmsErrorKind::InvalidRequest, false),
+            (KmsErrorKind::InvalidResponse, false),
+            (KmsErrorKind::Other, false),
+        ] {
+            all.push((kms(kind), Service, retryable));
+        }
+        all
+    }
+
+    #[test]
+    fn every_error_has_its_category_and_retryability() {
+        for (e, category, retryable) in every_error() {
+            let name = e.name();
+            assert_eq!(e.category(), category, "{name}: {}", e.report());
+            assert_eq!(e.is_retryable(), retryable, "{name}: {}", e.report());
+        }
+    }
+
+    #[test]
+    fn only_service_errors_are_retryable() {
+        for (e, _, _) in every_error() {
+            if e.is_retryable() {
+                assert_eq!(e.category(), Category::Service, "{}", e.report());
+            }
+        }
+    }
+
+    #[test]
+    fn category_names_are_stable() {
+        let names: Vec<String> = [
+            Category::Value,
+            Category::Service,
+            Category::Deployment,
+            Category::Program,
+        ]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+        assert_eq!(names, ["value", "service", "deployment", "program"]);
     }
 }

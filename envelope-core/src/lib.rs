@@ -94,8 +94,8 @@ mod telemetry;
 
 pub use blind::{BlindIndexSpec, Normalizer};
 pub use error::{
-    ConfigError, Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Misuse, Report,
-    Result, StoreError, SystemError, Unavailable,
+    Category, ConfigError, Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Misuse,
+    Report, Result, StoreError, SystemError, Unavailable,
 };
 pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy, RetireOnDrop};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
