@@ -6,54 +6,84 @@
 //! a command-line flag beats the environment, which beats the file. KMS credentials come only
 //! from the environment: a config file that names one is refused.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use envelope_core::kms::KeyUri;
+pub(crate) use envelope_core::kms::KeyUri;
 use envelope_core::{BlindIndexSpec, Label, Normalizer, Scope};
 use serde::Deserialize;
 
-use crate::db::Dialect;
+pub(crate) use crate::field::ValueType;
+use crate::sql::Dialect;
 
-/// A configuration problem: exit code 2, before anything is written.
-#[derive(Debug)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A configuration problem: exit code 2, before anything is written. Each message names the
+/// file and the setting, and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    /// The file cannot be read.
+    #[error(
+        "cannot read the configuration {}: {source} (pass --config PATH, or set ENVELOPE_CONFIG)",
+        path.display()
+    )]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML of the expected shape.
+    #[error("{origin}: {source}")]
+    Syntax {
+        /// The file.
+        origin: String,
+        /// The parser's error.
+        source: toml::de::Error,
+    },
+    /// A setting envelope-core refuses (a key URI, a name, a blind-index length).
+    #[error("{at}: {source}")]
+    Setting {
+        /// The file and the setting.
+        at: String,
+        /// Core's error.
+        source: envelope_core::Error,
+    },
+    /// A setting that does not fit the others, or is missing.
+    #[error("{0}")]
+    Invalid(String),
 }
 
-impl std::error::Error for ConfigError {}
-
 fn bad(message: impl Into<String>) -> ConfigError {
-    ConfigError(message.into())
+    ConfigError::Invalid(message.into())
+}
+
+/// A setting at `at` that envelope-core refuses.
+fn setting(at: impl Into<String>) -> impl FnOnce(envelope_core::Error) -> ConfigError {
+    let at = at.into();
+    move |source| ConfigError::Setting { at, source }
 }
 
 /// The validated configuration. Its `Debug` hides the password of the database URL.
 #[derive(Clone)]
-pub struct Config {
+pub(crate) struct Config {
     /// Where the data (and the key and job tables) live.
-    pub database_url: String,
+    pub(crate) database_url: String,
     /// The key URI new keys are made under (`local://PATH`, `tencent://REGION/CMK_ID`,
     /// `aws://REGION/KEY`, `vault://HOST[:PORT]/MOUNT/KEY`).
-    pub kms: KeyUri,
+    pub(crate) kms: KeyUri,
     /// Other KMSs whose keys the CLI may unwrap (`also_read`): while keys move from one KMS
     /// to another, and for `keys rewrap` away from a KMS that `kms` no longer names.
-    pub also_read: Vec<KeyUri>,
+    pub(crate) also_read: Vec<KeyUri>,
     /// The key table's name.
-    pub key_table: String,
+    pub(crate) key_table: String,
     /// The job (checkpoint) table's name.
-    pub job_table: String,
+    pub(crate) job_table: String,
     /// The key scope the CLI writes under (the keyring's default scope when unset).
-    pub scope: Option<Scope>,
+    pub(crate) scope: Option<Scope>,
     /// The tables with encrypted columns.
-    pub tables: Vec<TableConfig>,
+    pub(crate) tables: Vec<TableConfig>,
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
             .field("kms", &self.kms)
@@ -69,7 +99,7 @@ impl fmt::Debug for Config {
 /// A URL with its password replaced: the userinfo's (`user:PASSWORD@`, up to the last `@`, so
 /// a password holding an unescaped `@` is hidden whole) and query parameters that carry one
 /// (`?password=`, `&sslpassword=`).
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -102,121 +132,52 @@ pub fn redact_url(url: &str) -> String {
 
 /// One table of the configuration.
 #[derive(Clone, Debug)]
-pub struct TableConfig {
+pub(crate) struct TableConfig {
     /// The table's name, optionally schema-qualified (`app.customers`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its primary-key column (one column: integer, text or UUID).
-    pub primary_key: String,
+    pub(crate) primary_key: String,
     /// The encrypted columns.
-    pub columns: Vec<ColumnConfig>,
+    pub(crate) columns: Vec<ColumnConfig>,
 }
 
 /// One encrypted column.
 #[derive(Clone, Debug)]
-pub struct ColumnConfig {
+pub(crate) struct ColumnConfig {
     /// The column holding (or to hold) envelope values.
-    pub name: String,
+    pub(crate) name: String,
     /// The context label, as in `column!(.. = "customers.email")`.
-    pub label: Label,
+    pub(crate) label: Label,
     /// The field type: how plaintext values are encoded (docs/FORMAT.md).
-    pub ty: ValueType,
+    pub(crate) ty: ValueType,
     /// Binary (BYTEA/BLOB) or text (`ev1:`) form.
-    pub form: Form,
+    pub(crate) form: Form,
     /// Read plaintext from this column instead of `name` itself.
-    pub source: Option<String>,
+    pub(crate) source: Option<String>,
     /// The blind-index column filled from the plaintext.
-    pub blind_index: Option<BlindIndexConfig>,
+    pub(crate) blind_index: Option<BlindIndexConfig>,
 }
 
 impl ColumnConfig {
     /// Whether the column is migrated in place (no source column).
-    pub fn in_place(&self) -> bool {
+    pub(crate) fn in_place(&self) -> bool {
         self.source.is_none()
     }
 }
 
 /// A blind-index column.
 #[derive(Clone, Debug)]
-pub struct BlindIndexConfig {
+pub(crate) struct BlindIndexConfig {
     /// The column that stores the index.
-    pub column: String,
+    pub(crate) column: String,
     /// The index's spec (label, normalizer, length).
-    pub spec: BlindIndexSpec,
-}
-
-/// The field types the CLI knows, with their plaintext encodings of docs/FORMAT.md.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ValueType {
-    /// UTF-8 text.
-    String,
-    /// Raw bytes.
-    Bytes,
-    /// 2-byte big-endian integer.
-    I16,
-    /// 4-byte big-endian integer.
-    I32,
-    /// 8-byte big-endian integer.
-    I64,
-    /// 2-byte big-endian unsigned integer.
-    U16,
-    /// 4-byte big-endian unsigned integer.
-    U32,
-    /// 8-byte big-endian unsigned integer.
-    U64,
-    /// One byte, 0 or 1.
-    Bool,
-    /// The 16 bytes of a UUID.
-    Uuid,
-    /// `YYYY-MM-DD`.
-    Date,
-    /// RFC 3339 in UTC.
-    Timestamp,
-    /// A date and time without a time zone, `YYYY-MM-DDTHH:MM:SS[.fraction]`.
-    Datetime,
-    /// Compact JSON.
-    Json,
-}
-
-impl ValueType {
-    /// The name used in the config file.
-    pub fn name(self) -> &'static str {
-        match self {
-            ValueType::String => "string",
-            ValueType::Bytes => "bytes",
-            ValueType::I16 => "i16",
-            ValueType::I32 => "i32",
-            ValueType::I64 => "i64",
-            ValueType::U16 => "u16",
-            ValueType::U32 => "u32",
-            ValueType::U64 => "u64",
-            ValueType::Bool => "bool",
-            ValueType::Uuid => "uuid",
-            ValueType::Date => "date",
-            ValueType::Timestamp => "timestamp",
-            ValueType::Datetime => "datetime",
-            ValueType::Json => "json",
-        }
-    }
-
-    /// Whether the plaintext encoding is UTF-8 text (so an in-place text-form column can hold
-    /// it as legacy plaintext).
-    pub fn is_textual(self) -> bool {
-        matches!(
-            self,
-            ValueType::String
-                | ValueType::Date
-                | ValueType::Timestamp
-                | ValueType::Datetime
-                | ValueType::Json
-        )
-    }
+    pub(crate) spec: BlindIndexSpec,
 }
 
 /// How envelope values are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Form {
+pub(crate) enum Form {
     /// The binary form, in BYTEA / BLOB / VARBINARY columns.
     #[default]
     Binary,
@@ -276,16 +237,16 @@ fn default_normalizer() -> String {
 
 /// Values that beat the file: flags, then the environment.
 #[derive(Default)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     /// `--database-url`.
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
     /// `--kms`.
-    pub kms: Option<String>,
+    pub(crate) kms: Option<String>,
 }
 
 /// Where the configuration comes from: `--config`, else `ENVELOPE_CONFIG`, else `envelope.toml`
 /// in the working directory.
-pub fn config_path(flag: Option<&Path>) -> PathBuf {
+pub(crate) fn config_path(flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
         .or_else(|| std::env::var_os("ENVELOPE_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("envelope.toml"))
@@ -299,12 +260,10 @@ fn env(name: &str) -> Option<String> {
 ///
 /// # Errors
 /// A [`ConfigError`] that says which key is wrong and how to fix it.
-pub fn load(path: &Path, overrides: Overrides) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        bad(format!(
-            "cannot read the configuration {}: {e} (pass --config PATH, or set ENVELOPE_CONFIG)",
-            path.display()
-        ))
+pub(crate) fn load(path: &Path, overrides: Overrides) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
     })?;
     parse(&text, &path.display().to_string(), overrides)
 }
@@ -313,8 +272,11 @@ pub fn load(path: &Path, overrides: Overrides) -> Result<Config, ConfigError> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| bad(format!("{origin}: {e}")))?;
+pub(crate) fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+        origin: origin.to_owned(),
+        source,
+    })?;
     let database_url = overrides
         .database_url
         .or_else(|| env("ENVELOPE_DATABASE_URL"))
@@ -334,9 +296,8 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
                 "{origin}: no kms key URI (for example kms = \"local://envelope-master.key\"; or set ENVELOPE_KMS)"
             ))
         })?;
-    let key_uri = |what: &str, uri: &str| {
-        KeyUri::parse(uri).map_err(|e| bad(format!("{origin}: {what}: {e}")))
-    };
+    let key_uri =
+        |what: &str, uri: &str| KeyUri::parse(uri).map_err(setting(format!("{origin}: {what}")));
     let kms = key_uri("kms", &kms)?;
     let also_read = env("ENVELOPE_ALSO_READ")
         .map(|v| {
@@ -369,11 +330,11 @@ pub fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Config, C
         .unwrap_or_else(|| "envelope_jobs".to_owned());
     // The key stores splice the key table's name unquoted, with their own rule (no schema).
     envelope_core::key_table::check_table_name(&key_table)
-        .map_err(|e| bad(format!("{origin}: key_table: {e}")))?;
+        .map_err(setting(format!("{origin}: key_table")))?;
     check_ident("job_table", &job_table)?;
     let scope = env("ENVELOPE_SCOPE")
         .or(raw.scope)
-        .map(|s| Scope::new(s).map_err(|e| bad(format!("{origin}: scope: {e}"))))
+        .map(|s| Scope::new(s).map_err(setting(format!("{origin}: scope"))))
         .transpose()?;
 
     // Names are compared as the database resolves them: MySQL/MariaDB and SQLite match column
@@ -465,7 +426,7 @@ impl Names {
 fn column(where_: &str, pk: &str, names: Names, c: RawColumn) -> Result<ColumnConfig, ConfigError> {
     let where_ = format!("{where_}, column {:?}", c.name);
     check_ident(&where_, &c.name)?;
-    let label = Label::new(c.label).map_err(|e| bad(format!("{where_}: label: {e}")))?;
+    let label = Label::new(c.label).map_err(setting(format!("{where_}: label")))?;
     if names.same(&c.name, pk) || c.source.as_deref().is_some_and(|s| names.same(s, pk)) {
         return Err(bad(format!(
             "{where_}: the primary key cannot be encrypted (keyset batches need it in the clear){}",
@@ -521,7 +482,7 @@ fn column(where_: &str, pk: &str, names: Names, c: RawColumn) -> Result<ColumnCo
             if let Some(len) = b.len {
                 spec = spec
                     .with_len(len)
-                    .map_err(|e| bad(format!("{where_}: blind_index.len: {e}")))?;
+                    .map_err(setting(format!("{where_}: blind_index.len")))?;
             }
             Ok(BlindIndexConfig {
                 column: b.column,
@@ -591,7 +552,7 @@ source = "ssn"
     fn parse_err(text: &str) -> String {
         parse(text, "test.toml", Overrides::default())
             .unwrap_err()
-            .0
+            .to_string()
     }
 
     #[test]

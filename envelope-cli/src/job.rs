@@ -9,11 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::AnyConnection;
 use sqlx::Row;
 
-use crate::db::{Context, Db, DbError, Dialect, Pk, PkKind, TablePlan};
+use crate::db::{Context, Db, DbError, Pk, PkKind};
+use crate::plan::TablePlan;
+use crate::sql::Dialect;
 
 /// Milliseconds since the Unix epoch on this machine's clock (leases assume the machines
 /// sharing a job agree on the time to well within the lease).
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -21,7 +23,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// The job table's DDL.
-pub fn ddl(d: Dialect, table: &str) -> String {
+pub(crate) fn ddl(d: Dialect, table: &str) -> String {
     let t = d.quote(table);
     let (text, flag) = match d {
         Dialect::MySql => ("LONGTEXT", "TINYINT"),
@@ -50,7 +52,7 @@ pub fn ddl(d: Dialect, table: &str) -> String {
 
 /// Why a command may not work on a column now.
 #[derive(Debug)]
-pub enum Exclusive {
+pub(crate) enum Exclusive {
     /// Another command (this job) holds live leases on the column.
     Busy(String),
     /// The job table could not be read.
@@ -65,46 +67,46 @@ impl From<DbError> for Exclusive {
 
 /// One leased range.
 #[derive(Clone, Debug)]
-pub struct Range {
+pub(crate) struct Range {
     /// Its number within the job.
-    pub no: i64,
+    pub(crate) no: i64,
     /// Rows with keys greater than this (exclusive); `None` from the first row.
-    pub start: Option<Pk>,
+    pub(crate) start: Option<Pk>,
     /// Up to and including this key; `None` to the last row.
-    pub end: Option<Pk>,
+    pub(crate) end: Option<Pk>,
     /// The last key of the last committed batch.
-    pub last: Option<Pk>,
+    pub(crate) last: Option<Pk>,
 }
 
 impl Range {
     /// Where the next batch starts (exclusive).
-    pub fn resume_after(&self) -> Option<&Pk> {
+    pub(crate) fn resume_after(&self) -> Option<&Pk> {
         self.last.as_ref().or(self.start.as_ref())
     }
 }
 
 /// A batch's counters, added to the range's row with its checkpoint.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Rows examined.
-    pub seen: i64,
+    pub(crate) seen: i64,
     /// Rows updated.
-    pub written: i64,
+    pub(crate) written: i64,
     /// Rows whose update lost a race with the application and were re-read.
-    pub retried: i64,
+    pub(crate) retried: i64,
     /// Rows with a value that failed (left untouched).
-    pub failed: i64,
+    pub(crate) failed: i64,
 }
 
 /// The job table of one database.
 #[derive(Clone, Debug)]
-pub struct Jobs {
+pub(crate) struct Jobs {
     db: Db,
     table: String,
 }
 
 /// The state of a job's ranges as this process sees them.
-pub enum Claim {
+pub(crate) enum Claim {
     /// A range to work on, leased to us.
     Range(Range),
     /// Ranges remain but are leased to live workers (or are being planned): try again later.
@@ -115,7 +117,7 @@ pub enum Claim {
 
 impl Jobs {
     /// The job table `table` in `db`.
-    pub fn new(db: Db, table: &str) -> Jobs {
+    pub(crate) fn new(db: Db, table: &str) -> Jobs {
         Jobs {
             table: db.dialect.quote(table),
             db,
@@ -126,7 +128,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn create_table(&self, name: &str) -> Result<(), DbError> {
+    pub(crate) async fn create_table(&self, name: &str) -> Result<(), DbError> {
         sqlx::query(sqlx::AssertSqlSafe(ddl(self.db.dialect, name)))
             .execute(&self.db.pool)
             .await
@@ -142,7 +144,10 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn unfinished_params(&self, job: &str) -> Result<Option<Option<String>>, DbError> {
+    pub(crate) async fn unfinished_params(
+        &self,
+        job: &str,
+    ) -> Result<Option<Option<String>>, DbError> {
         let sql = format!(
             "SELECT params FROM {} WHERE job = {} AND done = 0 ORDER BY range_no LIMIT 1",
             self.table,
@@ -166,7 +171,7 @@ impl Jobs {
     ///
     /// # Errors
     /// [`Exclusive::Busy`] naming the other command, or a database error.
-    pub async fn claim_column(&self, job: &str) -> Result<Option<String>, Exclusive> {
+    pub(crate) async fn claim_column(&self, job: &str) -> Result<Option<String>, Exclusive> {
         let what = || format!("reading the job table for {job}");
         let d = self.db.dialect;
         let column = job.split_once(':').map_or(job, |(_, c)| c);
@@ -231,7 +236,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn pass_state(&self, job: &str) -> Result<(i64, i64), DbError> {
+    pub(crate) async fn pass_state(&self, job: &str) -> Result<(i64, i64), DbError> {
         let what = || format!("reading job {job}");
         let d = self.db.dialect;
         let sql = format!(
@@ -258,7 +263,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         job: &str,
         table: &TablePlan,
@@ -273,7 +278,7 @@ impl Jobs {
         }
         // Integer keys split into ranges of about `range_rows` keys by arithmetic; text and
         // UUID keys at boundaries sampled from the table, about `range_rows` rows apart.
-        let mut bounds: Vec<(Option<Pk>, Option<Pk>)> = vec![(None, None)];
+        let mut bounds: Vec<Bounds> = vec![(None, None)];
         if table.pk_kind == PkKind::Int {
             let sql = format!(
                 "SELECT {lo}, {hi} FROM {t}",
@@ -288,28 +293,11 @@ impl Jobs {
             let lo: Option<i64> = row.try_get(0).context(what)?;
             let hi: Option<i64> = row.try_get(1).context(what)?;
             if let (Some(lo), Some(hi)) = (lo, hi) {
-                let span = (hi as i128 - lo as i128 + 1).max(1);
-                let n = (span / range_rows.max(1) as i128).clamp(1, 10_000) as i64;
-                let step = (span / n as i128).max(1);
-                bounds = (0..n)
-                    .map(|i| {
-                        let start =
-                            (i > 0).then(|| Pk::Int((lo as i128 + step * i as i128 - 1) as i64));
-                        let end = (i + 1 < n)
-                            .then(|| Pk::Int((lo as i128 + step * (i as i128 + 1) - 1) as i64));
-                        (start, end)
-                    })
-                    .collect();
+                bounds = int_ranges(lo, hi, range_rows);
             }
         } else {
             let cuts = self.sample_boundaries(table, range_rows).await?;
-            if !cuts.is_empty() {
-                let mut starts = vec![None];
-                starts.extend(cuts.iter().cloned().map(Some));
-                let mut ends: Vec<Option<Pk>> = cuts.into_iter().map(Some).collect();
-                ends.push(None);
-                bounds = starts.into_iter().zip(ends).collect();
-            }
+            bounds = ranges_between(cuts);
         }
         let mut tx = self.db.pool.begin().await.context(what)?;
         let sql = format!("DELETE FROM {} WHERE job = {}", self.table, self.p(1));
@@ -394,7 +382,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn claim(
+    pub(crate) async fn claim(
         &self,
         job: &str,
         owner: &str,
@@ -501,7 +489,7 @@ impl Jobs {
     /// # Errors
     /// A [`DbError`].
     #[allow(clippy::too_many_arguments)]
-    pub async fn checkpoint(
+    pub(crate) async fn checkpoint(
         &self,
         conn: &mut AnyConnection,
         job: &str,
@@ -555,7 +543,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn release(&self, job: &str, range: i64, owner: &str) -> Result<(), DbError> {
+    pub(crate) async fn release(&self, job: &str, range: i64, owner: &str) -> Result<(), DbError> {
         let sql = format!(
             "UPDATE {} SET lease_owner = NULL, lease_expires = NULL WHERE job = {} AND range_no = {} AND lease_owner = {}",
             self.table,
@@ -577,7 +565,7 @@ impl Jobs {
     ///
     /// # Errors
     /// A [`DbError`].
-    pub async fn summary(&self) -> Result<Vec<JobSummary>, DbError> {
+    pub(crate) async fn summary(&self) -> Result<Vec<JobSummary>, DbError> {
         let what = || "reading the job table".to_owned();
         let d = self.db.dialect;
         let sql = format!(
@@ -641,36 +629,36 @@ impl Jobs {
 
 /// One job's progress.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct JobSummary {
+pub(crate) struct JobSummary {
     /// `encrypt:customers.email` and so on.
-    pub job: String,
+    pub(crate) job: String,
     /// Ranges in the current pass.
-    pub ranges: i64,
+    pub(crate) ranges: i64,
     /// Ranges finished.
-    pub done: i64,
+    pub(crate) done: i64,
     /// Rows examined.
-    pub seen: i64,
+    pub(crate) seen: i64,
     /// Rows updated.
-    pub written: i64,
+    pub(crate) written: i64,
     /// Rows re-read after losing a race with the application.
-    pub retried: i64,
+    pub(crate) retried: i64,
     /// Rows left untouched because their value failed.
-    pub failed: i64,
+    pub(crate) failed: i64,
     /// When the pass began (ms since the epoch).
-    pub started_at: i64,
+    pub(crate) started_at: i64,
     /// The last checkpoint (ms since the epoch).
-    pub updated_at: i64,
+    pub(crate) updated_at: i64,
     /// Ranges currently leased by a live worker.
-    pub leased: i64,
+    pub(crate) leased: i64,
     /// The owners of those leases (`host:pid:tag`).
-    pub owners: Vec<String>,
+    pub(crate) owners: Vec<String>,
 }
 
 impl JobSummary {
     /// Whether a process may still be working on the job: a live lease whose owner is on
     /// another machine, or is a process of this machine that still exists. A process killed
     /// here (`kill -9`) leaves leases that look live until they expire.
-    pub fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         let host = this_host();
         self.leased > 0
             && self.owners.iter().any(|o| {
@@ -686,11 +674,98 @@ impl JobSummary {
     }
 }
 
+/// A range's bounds: after the first key (exclusive; `None` from the start) up to the second
+/// (inclusive; `None` to the end).
+type Bounds = (Option<Pk>, Option<Pk>);
+
+/// Integer keys `lo..=hi` in ranges of about `range_rows` keys (at most 10,000 ranges), by
+/// arithmetic: together they cover every key, once.
+fn int_ranges(lo: i64, hi: i64, range_rows: i64) -> Vec<Bounds> {
+    let span = (i128::from(hi) - i128::from(lo) + 1).max(1);
+    let n = (span / i128::from(range_rows.max(1))).clamp(1, 10_000) as i64;
+    let step = (span / i128::from(n)).max(1);
+    (0..n)
+        .map(|i| {
+            let at = |k: i64| Pk::Int((i128::from(lo) + step * i128::from(k) - 1) as i64);
+            ((i > 0).then(|| at(i)), (i + 1 < n).then(|| at(i + 1)))
+        })
+        .collect()
+}
+
+/// The ranges between sampled keys `cuts` (in key order): from the start to the first cut, from
+/// each cut to the next, and from the last to the end.
+fn ranges_between(cuts: Vec<Pk>) -> Vec<Bounds> {
+    let mut starts = vec![None];
+    starts.extend(cuts.iter().cloned().map(Some));
+    let mut ends: Vec<Option<Pk>> = cuts.into_iter().map(Some).collect();
+    ends.push(None);
+    starts.into_iter().zip(ends).collect()
+}
+
 /// This machine's name, as lease owners record it.
-pub fn this_host() -> String {
+pub(crate) fn this_host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "host".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ranges that hold `k` (after the start, up to and including the end).
+    fn holding(ranges: &[Bounds], k: i64) -> usize {
+        ranges
+            .iter()
+            .filter(|(start, end)| {
+                start.as_ref().is_none_or(|s| Pk::Int(k) > *s)
+                    && end.as_ref().is_none_or(|e| Pk::Int(k) <= *e)
+            })
+            .count()
+    }
+
+    #[test]
+    fn integer_ranges_cover_every_key_once() {
+        for (lo, hi, rows) in [(1, 1000, 100), (-50, 49, 7), (5, 5, 100), (0, 99, 1000)] {
+            let ranges = int_ranges(lo, hi, rows);
+            for k in lo - 2..=hi + 2 {
+                let outside = k < lo || k > hi;
+                // The first and last ranges are open-ended, so keys outside [lo, hi] (rows
+                // inserted since) are covered too.
+                assert_eq!(
+                    holding(&ranges, k),
+                    1,
+                    "{lo}..={hi} by {rows}: key {k} ({outside})"
+                );
+            }
+        }
+        assert_eq!(int_ranges(1, 1000, 100).len(), 10);
+        assert_eq!(int_ranges(1, 1000, 100)[1].0, Some(Pk::Int(100)));
+    }
+
+    #[test]
+    fn integer_ranges_are_capped_and_survive_the_extremes() {
+        assert_eq!(int_ranges(0, 10_000_000, 1).len(), 10_000);
+        let whole = int_ranges(i64::MIN, i64::MAX, 1_000_000);
+        assert_eq!(whole.len(), 10_000);
+        assert_eq!(holding(&whole, i64::MIN), 1);
+        assert_eq!(holding(&whole, i64::MAX), 1);
+        assert_eq!(holding(&whole, 0), 1);
+    }
+
+    #[test]
+    fn sampled_cuts_make_ranges_from_start_to_end() {
+        let cuts = vec![Pk::Text("g".into()), Pk::Text("p".into())];
+        assert_eq!(
+            ranges_between(cuts),
+            vec![
+                (None, Some(Pk::Text("g".into()))),
+                (Some(Pk::Text("g".into())), Some(Pk::Text("p".into()))),
+                (Some(Pk::Text("p".into())), None),
+            ]
+        );
+        assert_eq!(ranges_between(Vec::new()), vec![(None, None)]);
+    }
 }

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use envelope_core::{KeyKind, KeyRecord};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -16,7 +17,7 @@ use crate::job::JobSummary;
 
 /// How output is shaped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
+pub(crate) enum Output {
     /// Human text: bars on a terminal, log lines otherwise.
     Human,
     /// One JSON object per line on stdout.
@@ -25,7 +26,7 @@ pub enum Output {
 
 impl Output {
     /// A one-line message.
-    pub fn line(&self, human: &str, json: serde_json::Value) {
+    pub(crate) fn line(&self, human: &str, json: serde_json::Value) {
         match self {
             Output::Human => println!("{human}"),
             Output::Json => println!("{json}"),
@@ -33,7 +34,7 @@ impl Output {
     }
 
     /// The final summary.
-    pub fn summary(&self, summary: &Summary) {
+    pub(crate) fn summary(&self, summary: &Summary) {
         match self {
             Output::Json => println!(
                 "{}",
@@ -46,7 +47,91 @@ impl Output {
     }
 
     /// `envelope status`.
-    pub fn status(&self, columns: &[serde_json::Value], jobs: &[JobSummary]) {
+    /// `envelope keys list`: every key row, and with `counts` the values under each key per
+    /// column (`table.column`), including values under keys the table no longer holds.
+    pub(crate) fn keys(
+        &self,
+        key_table: &str,
+        keys: &[KeyRecord],
+        counts: Option<&BTreeMap<String, BTreeMap<String, i64>>>,
+    ) {
+        if *self == Output::Json {
+            for k in keys {
+                let mut json = key_json(k);
+                if let Some(counts) = counts {
+                    json["values"] =
+                        serde_json::json!(counts.get(&k.id.to_hex()).cloned().unwrap_or_default());
+                }
+                println!("{}", serde_json::json!({"event": "key", "key": json}));
+            }
+            if let Some(counts) = counts {
+                for (key, columns) in counts
+                    .iter()
+                    .filter(|(id, _)| !keys.iter().any(|k| k.id.to_hex() == **id))
+                {
+                    println!(
+                        "{}",
+                        serde_json::json!({"event": "values_without_key", "key_id": key, "values": columns})
+                    );
+                }
+            }
+            return;
+        }
+        if keys.is_empty() {
+            println!("no keys in {key_table}");
+        } else {
+            println!(
+                "{:<32}  {:<5}  {:<16}  {:<8}  {:<24}  {:<20}  RETIRED",
+                "ID", "KIND", "SCOPE", "PROVIDER", "CMK", "CREATED"
+            );
+        }
+        for k in keys {
+            println!(
+                "{:<32}  {:<5}  {:<16}  {:<8}  {:<24}  {:<20}  {}",
+                k.id,
+                k.kind.as_str(),
+                k.scope,
+                k.provider,
+                k.cmk_id,
+                time(k.created_at),
+                k.retired_at.map_or_else(|| "-".to_owned(), time)
+            );
+            if let Some(counts) = counts {
+                match counts.get(&k.id.to_hex()) {
+                    Some(columns) => {
+                        for (column, n) in columns {
+                            println!("    {column}: {n} values");
+                        }
+                    }
+                    None if k.kind == KeyKind::Data => {
+                        println!("    no values in the configured columns")
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let Some(counts) = counts {
+            for (key, columns) in counts
+                .iter()
+                .filter(|(id, _)| !keys.iter().any(|k| k.id.to_hex() == **id))
+            {
+                let what = if key == "not-an-envelope" {
+                    "values that are not envelopes (plaintext?)".to_owned()
+                } else {
+                    format!(
+                        "values under key {key}, which is not in the key table (shredded, or from another database): unreadable"
+                    )
+                };
+                println!("{what}:");
+                for (column, n) in columns {
+                    println!("    {column}: {n}");
+                }
+            }
+        }
+    }
+
+    /// `envelope status`.
+    pub(crate) fn status(&self, columns: &[ColumnKeys], jobs: &[JobSummary]) {
         if *self == Output::Json {
             for c in columns {
                 println!("{}", serde_json::json!({"event": "column", "column": c}));
@@ -58,19 +143,12 @@ impl Output {
         }
         println!("values per key id:");
         for c in columns {
-            println!(
-                "  {}.{} ({})",
-                c["table"].as_str().unwrap_or(""),
-                c["column"].as_str().unwrap_or(""),
-                c["label"].as_str().unwrap_or("")
-            );
-            match c["per_key"].as_object() {
-                Some(keys) if !keys.is_empty() => {
-                    for (k, n) in keys {
-                        println!("    {k:<34} {n}");
-                    }
-                }
-                _ => println!("    (no values)"),
+            println!("  {}.{} ({})", c.table, c.column, c.label);
+            if c.per_key.is_empty() {
+                println!("    (no values)");
+            }
+            for (k, n) in &c.per_key {
+                println!("    {k:<34} {n}");
             }
         }
         if jobs.is_empty() {
@@ -94,8 +172,39 @@ impl Output {
     }
 }
 
+/// One column's values per key id, as `envelope status` shows them.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ColumnKeys {
+    /// The table's configured name.
+    pub(crate) table: String,
+    /// The column's configured name.
+    pub(crate) column: String,
+    /// Its label.
+    pub(crate) label: String,
+    /// Values per key id (`not-an-envelope` for values that are not envelopes).
+    pub(crate) per_key: BTreeMap<String, i64>,
+}
+
+/// A time as RFC 3339, to the second, in UTC.
+fn time(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A key row as `--json` shows it: never the wrapped key.
+pub(crate) fn key_json(k: &KeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id.to_hex(),
+        "kind": k.kind.as_str(),
+        "scope": k.scope,
+        "provider": k.provider,
+        "cmk_id": k.cmk_id,
+        "created_at": time(k.created_at),
+        "retired_at": k.retired_at.map(time),
+    })
+}
+
 /// The progress display, running on its own thread until [`Reporter::finish`].
-pub struct Reporter {
+pub(crate) struct Reporter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     bars: Vec<(Arc<Stats>, Option<ProgressBar>)>,
@@ -105,7 +214,7 @@ pub struct Reporter {
 
 impl Reporter {
     /// Start showing progress of `columns`.
-    pub fn start(output: &Output, op: &Op, columns: &[Arc<ColumnJob>]) -> Reporter {
+    pub(crate) fn start(output: &Output, op: &Op, columns: &[Arc<ColumnJob>]) -> Reporter {
         let terminal = *output == Output::Human && std::io::stderr().is_terminal();
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
@@ -204,7 +313,7 @@ impl Reporter {
     }
 
     /// A column's job ended (done, interrupted or failed).
-    pub fn column_done(&self, job: &ColumnJob) {
+    pub(crate) fn column_done(&self, job: &ColumnJob) {
         for (stats, bar) in &self.bars {
             if Arc::ptr_eq(stats, &job.stats) {
                 if let Some(b) = bar {
@@ -223,7 +332,7 @@ impl Reporter {
     }
 
     /// Stop the display.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -233,53 +342,53 @@ impl Reporter {
 
 /// One column's results.
 #[derive(Clone, Debug, Serialize)]
-pub struct ColumnSummary {
+pub(crate) struct ColumnSummary {
     /// The job name (`encrypt:customers.email`).
-    pub job: String,
+    pub(crate) job: String,
     /// The table.
-    pub table: String,
+    pub(crate) table: String,
     /// The column.
-    pub column: String,
+    pub(crate) column: String,
     /// Rows examined.
-    pub seen: i64,
+    pub(crate) seen: i64,
     /// Rows updated (a dry run: rows that would be).
-    pub written: i64,
+    pub(crate) written: i64,
     /// Rows that lost a race with the application, re-read and retried.
-    pub retried: i64,
+    pub(crate) retried: i64,
     /// Rows still contended after every retry (left for the next run).
-    pub contended: i64,
+    pub(crate) contended: i64,
     /// Rows whose value failed, left untouched.
-    pub failed: i64,
+    pub(crate) failed: i64,
     /// Failures by error name.
-    pub failures: BTreeMap<String, i64>,
+    pub(crate) failures: BTreeMap<String, i64>,
     /// Keys of a few failing rows, with their error names.
-    pub failing_rows: Vec<(String, String)>,
+    pub(crate) failing_rows: Vec<(String, String)>,
     /// Verify: plaintext values.
-    pub plaintext: i64,
+    pub(crate) plaintext: i64,
     /// Verify: rows whose source has a value and whose column has none yet.
-    pub missing: i64,
+    pub(crate) missing: i64,
     /// Verify: NULL values.
-    pub nulls: i64,
+    pub(crate) nulls: i64,
     /// Verify: envelope values that differ from their source column's value.
-    pub differs_from_source: i64,
+    pub(crate) differs_from_source: i64,
     /// Verify: values per key id that open.
-    pub per_key: BTreeMap<String, i64>,
+    pub(crate) per_key: BTreeMap<String, i64>,
 }
 
 /// The whole command's results.
 #[derive(Clone, Debug, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// The command.
-    pub command: &'static str,
+    pub(crate) command: &'static str,
     /// Whether nothing was written.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Per column.
-    pub columns: Vec<ColumnSummary>,
+    pub(crate) columns: Vec<ColumnSummary>,
 }
 
 impl Summary {
     /// Collect the counters.
-    pub fn of(op: &Op, columns: &[Arc<ColumnJob>], dry_run: bool) -> Summary {
+    pub(crate) fn of(op: &Op, columns: &[Arc<ColumnJob>], dry_run: bool) -> Summary {
         let get = |a: &std::sync::atomic::AtomicI64| a.load(Ordering::Relaxed);
         Summary {
             command: op.name(),
@@ -311,7 +420,7 @@ impl Summary {
     }
 
     /// What makes the command exit 1, if anything.
-    pub fn problem(&self, op: &Op) -> Option<String> {
+    pub(crate) fn problem(&self, op: &Op) -> Option<String> {
         let failed: i64 = self.columns.iter().map(|c| c.failed).sum();
         let plaintext: i64 = self.columns.iter().map(|c| c.plaintext + c.missing).sum();
         let contended: i64 = self.columns.iter().map(|c| c.contended).sum();

@@ -8,22 +8,31 @@ use envelope_core::column::Plaintext;
 use zeroize::Zeroizing;
 
 use crate::config::ValueType;
-use crate::db::{Dialect, Raw};
+use crate::db::Raw;
+use crate::sql::Dialect;
 
 /// Why a value cannot be taken as a value of its declared type. Names no value.
-pub type Invalid = String;
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Invalid {
+    /// The plaintext codec refused it (core's error names no value either).
+    #[error(transparent)]
+    Codec(#[from] envelope_core::Error),
+    /// It does not fit the type: out of range, not UTF-8, the wrong length, not JSON.
+    #[error("{0}")]
+    Shape(String),
+}
 
 /// The plaintext bytes of a source-column value (in its canonical read shape, see
-/// `db::source_sql`) for field type `ty`.
+/// `plan::source_sql`) for field type `ty`.
 ///
 /// # Errors
 /// The value is not a `ty` value (out of range, not UTF-8, not a date ...).
-pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Invalid> {
+pub(crate) fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Invalid> {
     let wrong = |what: &str| {
-        Err(format!(
+        Err(Invalid::Shape(format!(
             "the source value is {what}, not a {} value",
             ty.name()
-        ))
+        )))
     };
     let text = |raw: &Raw| match raw {
         Raw::Text(s) => Some(s.clone()),
@@ -86,9 +95,8 @@ pub fn encode_source(ty: ValueType, raw: &Raw) -> Result<Zeroizing<Vec<u8>>, Inv
             None => return wrong("not a date and time without a time zone"),
         },
         ValueType::Json => match text(raw) {
-            Some(s) => {
-                compact_json(&s).ok_or_else(|| "the source value is not valid JSON".to_owned())?
-            }
+            Some(s) => compact_json(&s)
+                .ok_or_else(|| Invalid::Shape("the source value is not valid JSON".into()))?,
             None => return wrong("not text"),
         },
     };
@@ -103,26 +111,26 @@ fn integer<T: TryFrom<i64> + Plaintext>(
 ) -> Result<Vec<u8>, Invalid> {
     match value.map(T::try_from) {
         Some(Ok(v)) => plaintext(&v),
-        Some(Err(_)) => Err(format!(
+        Some(Err(_)) => Err(Invalid::Shape(format!(
             "the source value is out of the {0} range, not a {0} value",
             ty.name()
-        )),
-        None => Err(format!(
+        ))),
+        None => Err(Invalid::Shape(format!(
             "the source value is not an integer, not a {} value",
             ty.name()
-        )),
+        ))),
     }
 }
 
 fn opened<T: Plaintext>(bytes: &[u8]) -> Result<T, Invalid> {
-    T::from_plaintext(bytes.to_vec()).map_err(|e| e.to_string())
+    T::from_plaintext(bytes.to_vec()).map_err(Invalid::Codec)
 }
 
 fn plaintext<T: Plaintext>(value: &T) -> Result<Vec<u8>, Invalid> {
     value
         .to_plaintext()
         .map(|b| b.into_owned())
-        .map_err(|e| e.to_string())
+        .map_err(Invalid::Codec)
 }
 
 /// A timestamp as the databases render it: RFC 3339 with any offset, or a date and time with
@@ -151,7 +159,7 @@ fn parse_datetime(s: &str) -> Option<NaiveDateTime> {
 
 /// Valid JSON with the whitespace between tokens removed; keys, their order and number
 /// spellings stay as they are (no round trip through floating point).
-pub fn compact_json(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn compact_json(s: &str) -> Option<Vec<u8>> {
     serde_json::from_str::<serde::de::IgnoredAny>(s).ok()?;
     let mut out = Vec::with_capacity(s.len());
     let mut in_string = false;
@@ -180,11 +188,11 @@ pub fn compact_json(s: &str) -> Option<Vec<u8>> {
 ///
 /// # Errors
 /// Why they are not.
-pub fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
+pub(crate) fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
     fn check<T: Plaintext>(bytes: &[u8]) -> Result<(), Invalid> {
         T::from_plaintext(bytes.to_vec())
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(Invalid::Codec)
     }
     match ty {
         ValueType::Bytes => Ok(()),
@@ -202,7 +210,7 @@ pub fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
         ValueType::Datetime => check::<NaiveDateTime>(bytes),
         ValueType::Json => serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
             .map(drop)
-            .map_err(|e| format!("not valid JSON ({:?} error)", e.classify())),
+            .map_err(|e| Invalid::Shape(format!("not valid JSON ({:?} error)", e.classify()))),
     }
 }
 
@@ -211,9 +219,13 @@ pub fn check_plaintext(ty: ValueType, bytes: &[u8]) -> Result<(), Invalid> {
 ///
 /// # Errors
 /// The bytes are not a `ty` value.
-pub fn decode_to_source(ty: ValueType, dialect: Dialect, bytes: &[u8]) -> Result<Raw, Invalid> {
+pub(crate) fn decode_to_source(
+    ty: ValueType,
+    dialect: Dialect,
+    bytes: &[u8],
+) -> Result<Raw, Invalid> {
     check_plaintext(ty, bytes)?;
-    let utf8 = || String::from_utf8(bytes.to_vec()).map_err(|_| "not UTF-8".to_owned());
+    let utf8 = || String::from_utf8(bytes.to_vec()).map_err(|_| Invalid::Shape("not UTF-8".into()));
     let be = |n: usize| -> Result<i64, Invalid> {
         let mut v: i64 = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
             -1
@@ -221,7 +233,7 @@ pub fn decode_to_source(ty: ValueType, dialect: Dialect, bytes: &[u8]) -> Result
             0
         };
         if bytes.len() != n {
-            return Err(format!("{} bytes", bytes.len()));
+            return Err(Invalid::Shape(format!("{} bytes", bytes.len())));
         }
         for &b in bytes {
             v = (v << 8) | i64::from(b);
@@ -248,12 +260,12 @@ pub fn decode_to_source(ty: ValueType, dialect: Dialect, bytes: &[u8]) -> Result
         ValueType::Bool => Raw::Int(i64::from(bytes == [1])),
         ValueType::Uuid => Raw::Text(
             uuid::Uuid::from_slice(bytes)
-                .map_err(|_| "not 16 bytes".to_owned())?
+                .map_err(|_| Invalid::Shape("not 16 bytes".into()))?
                 .hyphenated()
                 .to_string(),
         ),
         ValueType::Timestamp => {
-            let t = DateTime::<Utc>::from_plaintext(bytes.to_vec()).map_err(|e| e.to_string())?;
+            let t = DateTime::<Utc>::from_plaintext(bytes.to_vec()).map_err(Invalid::Codec)?;
             Raw::Text(match dialect {
                 // DATETIME takes neither `T` nor an offset.
                 Dialect::MySql => t.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
@@ -281,6 +293,7 @@ mod tests {
         assert!(
             enc(ValueType::I16, Raw::Int(70_000))
                 .unwrap_err()
+                .to_string()
                 .contains("range")
         );
         assert_eq!(enc(ValueType::Bool, Raw::Int(1)).unwrap(), [1]);
@@ -399,11 +412,13 @@ mod tests {
         assert!(
             enc(ValueType::U16, Raw::Int(-1))
                 .unwrap_err()
+                .to_string()
                 .contains("range")
         );
         assert!(
             enc(ValueType::U32, Raw::Int(1 << 32))
                 .unwrap_err()
+                .to_string()
                 .contains("range")
         );
         assert_eq!(

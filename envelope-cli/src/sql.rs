@@ -1,0 +1,144 @@
+//! The SQL dialects the CLI speaks: quoting, placeholders, NULL-safe and byte-exact
+//! comparison, and the few expressions that differ between PostgreSQL, MySQL/MariaDB and SQLite.
+
+/// Which SQL dialect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+    /// SQLite.
+    Sqlite,
+}
+
+impl Dialect {
+    /// The dialect of a database URL, by scheme.
+    pub(crate) fn of_url(url: &str) -> Option<Dialect> {
+        match url.split(':').next().unwrap_or("") {
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            "sqlite" => Some(Dialect::Sqlite),
+            _ => None,
+        }
+    }
+
+    /// A quoted identifier (`schema.name` quotes each part).
+    pub(crate) fn quote(self, ident: &str) -> String {
+        let q = if self == Dialect::MySql { '`' } else { '"' };
+        ident
+            .split('.')
+            .map(|p| format!("{q}{p}{q}"))
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// The `n`th (1-based) bind parameter.
+    pub(crate) fn param(self, n: usize) -> String {
+        match self {
+            Dialect::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
+        }
+    }
+
+    /// `a` equals `b`, NULLs included, byte for byte.
+    pub(crate) fn same(self, a: &str, b: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("{a} IS NOT DISTINCT FROM {b}"),
+            // `<=>` is NULL-safe; BINARY makes it exact (no case folding, no pad-space).
+            Dialect::MySql => format!("BINARY {a} <=> BINARY {b}"),
+            Dialect::Sqlite => format!("{a} IS {b}"),
+        }
+    }
+
+    /// `a` equals `b` as [`Dialect::same`] does, for a value of `shape`. Text is compared as
+    /// the bytes the application wrote, whatever the column's collation or character set:
+    /// PostgreSQL in the `C` collation (a nondeterministic, case-insensitive collation would
+    /// match a value changed in case only), MySQL/MariaDB in utf8mb4 (a latin1 or GBK column's
+    /// stored bytes are not the UTF-8 bytes of the parameter), SQLite in `BINARY` (a `NOCASE`
+    /// column).
+    pub(crate) fn same_as(self, shape: Shape, a: &str, b: &str) -> String {
+        if shape != Shape::Text {
+            return self.same(a, b);
+        }
+        match self {
+            Dialect::Postgres => format!("{a} COLLATE \"C\" IS NOT DISTINCT FROM {b}"),
+            Dialect::MySql => format!("BINARY CONVERT({a} USING utf8mb4) <=> BINARY {b}"),
+            Dialect::Sqlite => format!("{a} COLLATE BINARY IS {b}"),
+        }
+    }
+
+    /// The SQL expression of a binary column's key id (bytes 2..18), as hex.
+    pub(crate) fn key_id_hex(self, column: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("encode(substring({column} from 3 for 16), 'hex')"),
+            Dialect::MySql => format!("LOWER(HEX(SUBSTRING({column}, 3, 16)))"),
+            Dialect::Sqlite => format!("lower(hex(substr({column}, 3, 16)))"),
+        }
+    }
+
+    /// An aggregate as a 64-bit integer, 0 when it is NULL (PostgreSQL's `SUM(bigint)` is
+    /// numeric and MySQL's is decimal, which the `Any` driver does not read).
+    pub(crate) fn int(self, expr: &str) -> String {
+        self.int_or_null(&format!("COALESCE({expr}, 0)"))
+    }
+
+    /// An expression as a 64-bit integer, NULL staying NULL.
+    pub(crate) fn int_or_null(self, expr: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("CAST({expr} AS BIGINT)"),
+            Dialect::MySql => format!("CAST({expr} AS SIGNED)"),
+            Dialect::Sqlite => expr.to_owned(),
+        }
+    }
+
+    /// A string's length in bytes.
+    pub(crate) fn octet_length(self, expr: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("octet_length({expr})"),
+            Dialect::MySql => format!("LENGTH({expr})"),
+            Dialect::Sqlite => format!("length(CAST({expr} AS BLOB))"),
+        }
+    }
+
+    /// The name the dialect gets in messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "PostgreSQL",
+            Dialect::MySql => "MySQL/MariaDB",
+            Dialect::Sqlite => "SQLite",
+        }
+    }
+}
+
+/// The shape of a value as the CLI reads and binds it: a NULL binds with its shape's type,
+/// and text is compared as text (see [`Dialect::same_as`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// Integer.
+    Int,
+    /// Text.
+    Text,
+    /// Bytes.
+    Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialect_sql() {
+        assert_eq!(
+            Dialect::Postgres.quote("app.customers"),
+            "\"app\".\"customers\""
+        );
+        assert_eq!(Dialect::MySql.quote("customers"), "`customers`");
+        assert_eq!(Dialect::Postgres.param(3), "$3");
+        assert_eq!(Dialect::Sqlite.param(3), "?");
+        assert_eq!(Dialect::MySql.same("a", "?"), "BINARY a <=> BINARY ?");
+        assert_eq!(Dialect::of_url("mariadb://root@h/db"), Some(Dialect::MySql));
+        assert_eq!(Dialect::of_url("sqlite::memory:"), Some(Dialect::Sqlite));
+        assert_eq!(Dialect::of_url("oracle://x"), None);
+    }
+}
