@@ -118,7 +118,7 @@ pub(crate) fn key_store(config: &Config) -> Result<(Arc<dyn KeyStore>, KeyTable)
             (s.clone(), KeyTable::Postgres(s))
         }
         Some(Dialect::MySql) => {
-            let url = url.replacen("mariadb:", "mysql:", 1);
+            let url = Dialect::MySql.driver_url(url);
             let s = Arc::new(
                 SqlxKeyStore::<sqlx::MySql>::connect_lazy(&url)
                     .and_then(|s| s.with_table(table))

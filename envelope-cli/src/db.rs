@@ -160,28 +160,13 @@ impl Db {
                     .into(),
             ),
         })?;
-        let url = match dialect {
-            // MariaDB speaks the MySQL protocol; sqlx knows the scheme `mysql`.
-            Dialect::MySql if url.starts_with("mariadb:") => format!("mysql:{}", &url[8..]),
-            _ => url.to_owned(),
-        };
+        let url = dialect.driver_url(url);
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    let setup: &[&str] = match dialect {
-                        Dialect::Postgres => &["SET TIME ZONE 'UTC'", "SET DateStyle = 'ISO, YMD'"],
-                        // Strict: a value too long for its column is an error, never silently
-                        // cut (a sealed value cut short can never be opened).
-                        Dialect::MySql => &[
-                            "SET time_zone = '+00:00'",
-                            envelope_sqlx::MYSQL_STRICT_SESSION,
-                        ],
-                        // A writer waits for another instead of failing at once.
-                        Dialect::Sqlite => &["PRAGMA busy_timeout = 10000"],
-                    };
-                    for sql in setup {
+                    for sql in dialect.session_setup() {
                         sqlx::query(sqlx::AssertSqlSafe(*sql))
                             .execute(&mut *conn)
                             .await?;

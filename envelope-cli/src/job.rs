@@ -11,7 +11,7 @@ use sqlx::Row;
 
 use crate::db::{Context, Db, DbError, Pk, PkKind};
 use crate::plan::TablePlan;
-use crate::sql::Dialect;
+use crate::sql::{Dialect, Skip};
 
 /// Milliseconds since the Unix epoch on this machine's clock (leases assume the machines
 /// sharing a job agree on the time to well within the lease).
@@ -398,19 +398,10 @@ impl Jobs {
             None => String::new(),
         };
         let mut conn = self.db.pool.acquire().await.context(what)?;
-        let begin = if d == Dialect::Sqlite {
-            "BEGIN IMMEDIATE"
-        } else {
-            "BEGIN"
-        };
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, begin)
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, d.begin_write())
             .await
             .context(what)?;
-        let lock = if d == Dialect::Sqlite {
-            ""
-        } else {
-            " FOR UPDATE SKIP LOCKED"
-        };
+        let lock = d.lock_rows(Skip::Locked);
         let sql = format!(
             "SELECT range_no, range_start, range_end, last_pk FROM {t} \
              WHERE job = {p1} AND done = 0 AND (lease_owner IS NULL OR lease_expires < {p2}){shard_sql} \

@@ -1,6 +1,15 @@
 //! The SQL dialects the CLI speaks: quoting, placeholders, NULL-safe and byte-exact
 //! comparison, and the few expressions that differ between PostgreSQL, MySQL/MariaDB and SQLite.
 
+/// Which rows a locking read passes over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Skip {
+    /// None: wait for rows another transaction holds.
+    None,
+    /// Rows another transaction holds (a job's ranges leased by another worker).
+    Locked,
+}
+
 /// Which SQL dialect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -20,6 +29,64 @@ impl Dialect {
             "mysql" | "mariadb" => Some(Dialect::MySql),
             "sqlite" => Some(Dialect::Sqlite),
             _ => None,
+        }
+    }
+
+    /// The URL sqlx's drivers take: MariaDB speaks the MySQL protocol, and sqlx knows the
+    /// scheme `mysql`.
+    pub(crate) fn driver_url(self, url: &str) -> String {
+        match url.strip_prefix("mariadb:") {
+            Some(rest) if self == Dialect::MySql => format!("mysql:{rest}"),
+            _ => url.to_owned(),
+        }
+    }
+
+    /// What every session of the CLI runs first: UTC (so timestamps read and write unshifted),
+    /// MySQL/MariaDB strict (a value too long for its column is an error, never silently cut: a
+    /// sealed value cut short can never be opened), and a SQLite writer that waits for another
+    /// instead of failing at once.
+    pub(crate) fn session_setup(self) -> &'static [&'static str] {
+        match self {
+            Dialect::Postgres => &["SET TIME ZONE 'UTC'", "SET DateStyle = 'ISO, YMD'"],
+            Dialect::MySql => &[
+                "SET time_zone = '+00:00'",
+                envelope_sqlx::MYSQL_STRICT_SESSION,
+            ],
+            Dialect::Sqlite => &["PRAGMA busy_timeout = 10000"],
+        }
+    }
+
+    /// How a transaction that writes begins: SQLite takes its write lock at once (`IMMEDIATE`),
+    /// so two writers wait for each other at the start instead of one failing at its first
+    /// write.
+    pub(crate) fn begin_write(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres | Dialect::MySql => "BEGIN",
+        }
+    }
+
+    /// The clause that locks the rows a `SELECT` reads until the transaction ends (nothing on
+    /// SQLite, whose write transaction already holds the whole file).
+    pub(crate) fn lock_rows(self, skip: Skip) -> &'static str {
+        match (self, skip) {
+            (Dialect::Sqlite, _) => "",
+            (_, Skip::None) => " FOR UPDATE",
+            (_, Skip::Locked) => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// Whether the binary value in `column` starts like an envelope (format version 1, and at
+    /// least the 47 bytes of a header and tag), as a SQL condition.
+    pub(crate) fn has_envelope_header(self, column: &str) -> String {
+        match self {
+            Dialect::Postgres => {
+                format!("get_byte({column}, 0) = 1 AND octet_length({column}) >= 47")
+            }
+            Dialect::MySql => format!("ASCII({column}) = 1 AND LENGTH({column}) >= 47"),
+            Dialect::Sqlite => {
+                format!("substr({column}, 1, 1) = x'01' AND length({column}) >= 47")
+            }
         }
     }
 
@@ -140,5 +207,15 @@ mod tests {
         assert_eq!(Dialect::of_url("mariadb://root@h/db"), Some(Dialect::MySql));
         assert_eq!(Dialect::of_url("sqlite::memory:"), Some(Dialect::Sqlite));
         assert_eq!(Dialect::of_url("oracle://x"), None);
+        assert_eq!(
+            Dialect::MySql.driver_url("mariadb://root@h/db"),
+            "mysql://root@h/db"
+        );
+        assert_eq!(Dialect::Sqlite.begin_write(), "BEGIN IMMEDIATE");
+        assert_eq!(
+            Dialect::Postgres.lock_rows(Skip::Locked),
+            " FOR UPDATE SKIP LOCKED"
+        );
+        assert_eq!(Dialect::Sqlite.lock_rows(Skip::None), "");
     }
 }

@@ -12,7 +12,6 @@ use crate::error::Failure;
 use crate::job::Jobs;
 use crate::plan::{ColumnPlan, TablePlan};
 use crate::report::{ColumnKeys, Output};
-use crate::sql::Dialect;
 
 /// `envelope status`: values per key id per column, and the job table's progress.
 ///
@@ -56,13 +55,7 @@ pub(crate) async fn values_per_key(
         Form::Binary => {
             // One SQL expression on the key id at offset 2.
             let col = &c.target;
-            let header_ok = match d {
-                Dialect::Postgres => {
-                    format!("get_byte({col}, 0) = 1 AND octet_length({col}) >= 47")
-                }
-                Dialect::MySql => format!("ASCII({col}) = 1 AND LENGTH({col}) >= 47"),
-                Dialect::Sqlite => format!("substr({col}, 1, 1) = x'01' AND length({col}) >= 47"),
-            };
+            let header_ok = d.has_envelope_header(col);
             let sql = format!(
                 "SELECT CASE WHEN {header_ok} THEN {} ELSE 'not-an-envelope' END AS envelope_key, {} \
                  FROM {} WHERE {col} IS NOT NULL GROUP BY envelope_key ORDER BY envelope_key",

@@ -8,7 +8,7 @@ use sqlx::any::AnyArguments;
 
 use super::{ColumnJob, Op, Read, Update, parse_row, select_list};
 use crate::db::{ErrorClass, Pk, Raw, classify};
-use crate::sql::{Dialect, Shape};
+use crate::sql::{Dialect, Shape, Skip};
 
 /// Write `updates` where each row still holds what was read. Returns the rows that did not
 /// match (an application wrote them in between) and the rows whose new value the database
@@ -223,11 +223,7 @@ pub(super) async fn reread(
             job.table.table,
             job.table.pk,
             job.table.pk,
-            if d == Dialect::Sqlite {
-                ""
-            } else {
-                " FOR UPDATE"
-            }
+            d.lock_rows(Skip::None)
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for pk in chunk {

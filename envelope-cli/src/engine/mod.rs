@@ -506,11 +506,7 @@ impl Engine {
             self.prepare_keys(job).await?;
         }
         let mut conn = self.db.pool.acquire().await.context(what)?;
-        let begin = match (d, read_only) {
-            (_, true) => "BEGIN",
-            (Dialect::Sqlite, false) => "BEGIN IMMEDIATE",
-            _ => "BEGIN",
-        };
+        let begin = if read_only { "BEGIN" } else { d.begin_write() };
         let mut tx = sqlx::Connection::begin_with(&mut *conn, begin)
             .await
             .context(what)?;
