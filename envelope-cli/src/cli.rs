@@ -48,7 +48,7 @@ pub(crate) struct Global {
     #[arg(long, global = true)]
     pub(crate) database_url: Option<String>,
     /// The key URI: local://PATH, tencent://REGION/CMK_ID, aws://REGION/KEY_ID_OR_ARN or
-    /// vault://HOST[:PORT]/MOUNT/KEY (beats the file and ENVELOPE_KMS).
+    /// vault://HOST:PORT/MOUNT/KEY (beats the file and ENVELOPE_KMS).
     #[arg(long, global = true)]
     pub(crate) kms: Option<String>,
     /// Print JSON lines (progress events and a summary) instead of text.
@@ -160,7 +160,7 @@ pub(crate) enum KeysCommand {
     /// KeyringBuilder::trust_cmk): a keyring unwraps keys only under master keys it was given.
     Rewrap {
         /// The new key URI: local://PATH, tencent://REGION/CMK_ID, aws://REGION/KEY_ID_OR_ARN
-        /// or vault://HOST[:PORT]/MOUNT/KEY.
+        /// or vault://HOST:PORT/MOUNT/KEY.
         #[arg(long)]
         to: String,
         /// Keep retrying a failing database or KMS this long before giving up with exit code 3.

@@ -320,7 +320,7 @@ fn capacity(d: Dialect, form: Form, info: &ColumnInfo) -> Option<u64> {
 }
 
 /// The read and write expressions of a source column of SQL type `info` holding `ty` values:
-/// the read gives a canonical shape ([`Raw::Int`] for integers and booleans, text for text-like
+/// the read gives a canonical shape ([`Raw::Int`](crate::db::Raw::Int) for integers and booleans, text for text-like
 /// types, bytes for bytes); the write (`{}` is the parameter) turns that shape back into the
 /// column's type.
 fn source_sql(

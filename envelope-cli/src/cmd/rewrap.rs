@@ -138,7 +138,7 @@ impl Rewrapper {
 /// row is read or written; a rerun after a crash finishes the rest.
 ///
 /// # Errors
-/// A [`Failure`]: [`Failure::Found`] when some keys could not be rewrapped.
+/// A [`Failure`]: [`Failure::Findings`] when some keys could not be rewrapped.
 pub(crate) async fn rewrap(
     config: &Config,
     to: &str,
