@@ -184,13 +184,9 @@ impl Inner {
     /// waiting out `kms_timeout` again. Answers about the data itself (an unknown key, a corrupt
     /// row) are not remembered: they cost no wait.
     pub(super) fn note_load_failure(&self, id: KeyId, e: &Error) {
-        let transient = match e {
-            Error::Unavailable(Unavailable::Timeout { .. }) => true,
-            Error::Kms(k) => k.is_retryable(),
-            Error::Store(StoreError::Backend(_)) => true,
-            _ => false,
-        };
-        if transient {
+        // Error::is_retryable: on this path a retryable KMS error, a failed key-store database
+        // or a timeout (a load never fails with the write-side WriteKey or KeysUsedUp).
+        if e.is_retryable() {
             self.loads.note_failure(id, self.clock.now(), e);
         }
     }
