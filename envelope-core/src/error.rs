@@ -735,6 +735,8 @@ struct KmsErrorDetails {
     code: Option<String>,
     request_id: Option<String>,
     message: Option<String>,
+    /// The provider's own error, as `source()`: shared, so that the error stays `Clone`.
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl KmsError {
@@ -762,6 +764,17 @@ impl KmsError {
     /// Attach a human-readable detail. It must not contain key material or a response body.
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
         self.details.message = Some(message.into());
+        self
+    }
+
+    /// Attach the provider's own error (an SDK's or an HTTP client's) as this error's
+    /// [`source`](std::error::Error::source), as rustls's `Error::Other` carries a provider's
+    /// error: a caller can downcast it, and [`Error::report`] prints it after this message.
+    ///
+    /// Its `Display` is printed as it is, so it must name no key material and no response
+    /// body: attach a transport or SDK error, never one built from what the KMS sent back.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.details.source = Some(Arc::new(source));
         self
     }
 
@@ -807,7 +820,14 @@ impl fmt::Display for KmsError {
     }
 }
 
-impl std::error::Error for KmsError {}
+impl std::error::Error for KmsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.details
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// A failure of the key store (the key table).
 #[derive(Clone, Debug, thiserror::Error)]
@@ -918,6 +938,35 @@ mod tests {
         assert!(s.contains("abc-123"), "{s}");
         assert!(!e.is_retryable());
         assert!(KmsError::new("x", KmsErrorKind::Throttled).is_retryable());
+    }
+
+    #[test]
+    fn kms_error_carries_the_providers_error_as_its_source() {
+        let sdk = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = Error::Kms(
+            KmsError::new("aws", KmsErrorKind::Network)
+                .with_request_id("r-1")
+                .with_source(sdk),
+        );
+        // The message stays the KMS error's own; the provider's error is the cause.
+        assert!(!e.to_string().contains("connection reset"), "{e}");
+        let cause = std::error::Error::source(&e).expect("a source");
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .expect("the provider's error, downcastable");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+        let report = e.report().to_string();
+        assert!(
+            report.starts_with("kms aws: network error") && report.ends_with(": connection reset"),
+            "{report}"
+        );
+        // Clones share the source, and the kind still decides retries.
+        let copy = e.clone();
+        assert!(std::error::Error::source(&copy).is_some());
+        assert!(copy.is_retryable());
+        // Without one there is no source.
+        let bare = KmsError::new("aws", KmsErrorKind::Network);
+        assert!(std::error::Error::source(&bare).is_none());
     }
 
     fn io() -> Arc<std::io::Error> {

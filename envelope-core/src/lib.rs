@@ -78,7 +78,7 @@
 mod blind;
 mod bridge;
 mod cipher;
-mod clock;
+mod coarse_clock;
 pub mod column;
 mod error;
 pub mod format;
@@ -87,7 +87,6 @@ mod keyring;
 mod keys;
 pub mod kms;
 mod nonce;
-mod registry;
 mod secret;
 mod store;
 mod telemetry;
@@ -97,11 +96,13 @@ pub use error::{
     Category, ConfigError, Error, FormatError, KmsError, KmsErrorKind, MasterKeyMissing, Misuse,
     Report, Result, StoreError, SystemError, Unavailable,
 };
-pub use keyring::{Blocking, Keyring, KeyringBuilder, MAX_USES_CEILING, Policy, RetireOnDrop};
+pub use keyring::{
+    Blocking, Keyring, KeyringBuilder, KeyringGuard, MAX_USES_CEILING, Policy, RetireOnDrop,
+    current,
+};
 pub use keys::{KeyId, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 pub use kms::local::LocalKms;
 pub use kms::provider::{EncryptionContext, GeneratedDataKey, KmsProvider};
-pub use registry::{KeyringGuard, current};
 pub use secret::SecretString;
 pub use store::{KeyFilter, KeyStore, MemoryKeyStore};
 pub use telemetry::{MetricsSnapshot, names as metric_names};

@@ -1,9 +1,21 @@
 //! The KMS actions: CreateKey, DescribeKey, key states, GenerateDataKey, Encrypt, Decrypt,
 //! ReEncrypt, GenerateRandom.
 
-use crate::*;
+use std::collections::BTreeMap;
 
-pub(crate) fn new_key_id() -> String {
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rand::{Rng as _, RngExt as _};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::auth::now_secs;
+use crate::blob::{cmk_cipher, open_blob, seal_blob};
+use crate::http::{ApiError, api_error, context_bytes, int_param, opt_str, str_param, uuid_text};
+use crate::state::{CmkEntry, KeyState, StoredKey, persist};
+use crate::{Shared, lock};
+
+fn new_key_id() -> String {
     // A version-4 UUID, as Tencent's KeyIds are.
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -11,7 +23,7 @@ pub(crate) fn new_key_id() -> String {
     uuid_text(b)
 }
 
-pub(crate) fn metadata(m: &StoredKey) -> Value {
+fn metadata(m: &StoredKey) -> Value {
     json!({
         "KeyId": m.key_id,
         "Alias": m.alias,
@@ -89,10 +101,7 @@ fn change_persisted(
 }
 
 /// The entry for a KeyId (or `alias/NAME`).
-pub(crate) fn find<'a>(
-    keys: &'a BTreeMap<String, CmkEntry>,
-    id: &str,
-) -> Result<&'a CmkEntry, ApiError> {
+fn find<'a>(keys: &'a BTreeMap<String, CmkEntry>, id: &str) -> Result<&'a CmkEntry, ApiError> {
     let found = match id.strip_prefix("alias/") {
         Some(alias) => keys.values().find(|k| k.meta.alias == alias),
         None => keys.get(id),
@@ -278,6 +287,7 @@ pub(crate) fn generate_random(params: &Value) -> Result<Value, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EmulatorConfig;
 
     /// An emulator whose state file cannot be written: its directory does not exist.
     fn unwritable() -> (tempfile::TempDir, Shared) {

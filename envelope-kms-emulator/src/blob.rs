@@ -1,6 +1,17 @@
 //! The CiphertextBlob format: how the emulator seals data keys under its master keys.
 
-use crate::*;
+use std::collections::BTreeMap;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rand::{Rng as _, RngExt as _};
+use zeroize::Zeroizing;
+
+use crate::actions::usable;
+use crate::http::{ApiError, api_error};
+use crate::state::CmkEntry;
+use crate::{BLOB_MARKER, BLOB_SEPARATOR};
 
 /// An AES-256-GCM key; `None` unless `material` is 32 bytes.
 pub(crate) fn cmk_cipher(material: &[u8]) -> Option<LessSafeKey> {
@@ -43,7 +54,7 @@ pub(crate) fn seal_blob(
     ))
 }
 
-pub(crate) fn blob_aad(key_id: &str, context: &str) -> Vec<u8> {
+fn blob_aad(key_id: &str, context: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(key_id.len() + 1 + context.len());
     aad.extend_from_slice(key_id.as_bytes());
     aad.push(0);
@@ -51,7 +62,7 @@ pub(crate) fn blob_aad(key_id: &str, context: &str) -> Vec<u8> {
     aad
 }
 
-pub(crate) fn invalid_ciphertext() -> ApiError {
+fn invalid_ciphertext() -> ApiError {
     api_error(
         "InvalidParameterValue.InvalidCiphertext",
         "the ciphertext is invalid, or the EncryptionContext does not match",

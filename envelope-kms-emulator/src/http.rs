@@ -1,6 +1,24 @@
 //! The HTTP side: the API 3.0 envelope of requests and answers, the metadata path, the server.
 
-use crate::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use envelope_core::kms::tencent::API_VERSION;
+use envelope_core::{EncryptionContext, SecretString};
+use rand::{Rng as _, RngExt as _};
+use serde_json::{Value, json};
+
+use crate::actions::{
+    create_key, decrypt, describe_key, encrypt, generate_data_key, generate_random, re_encrypt,
+    schedule_deletion, set_state,
+};
+use crate::auth::{authenticate, now_secs};
+use crate::state::KeyState;
+use crate::{Faults, ROLE_PATH, Shared, TempCredentials, lock};
 
 /// An API error: HTTP 200 with `Response.Error`, as the real service answers.
 #[derive(Debug)]
@@ -16,7 +34,7 @@ pub(crate) fn api_error(code: &'static str, message: impl Into<String>) -> ApiEr
     }
 }
 
-pub(crate) fn request_id() -> String {
+fn request_id() -> String {
     uuid_text(rand::rng().random())
 }
 
@@ -33,7 +51,7 @@ pub(crate) fn uuid_text(b: [u8; 16]) -> String {
     )
 }
 
-pub(crate) fn respond(body: Result<Value, ApiError>) -> Response {
+fn respond(body: Result<Value, ApiError>) -> Response {
     let rid = request_id();
     let response = match body {
         Ok(mut v) => {
@@ -129,7 +147,7 @@ pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
 
 /// `GET /latest/meta-data/cam/security-credentials/[ROLE]`: the role's name, or new temporary
 /// credentials for it, in the shape the CVM metadata service uses.
-pub(crate) fn instance_metadata(shared: &Shared, rest: &str) -> Response {
+fn instance_metadata(shared: &Shared, rest: &str) -> Response {
     let Some(role) = &shared.config.instance_role else {
         return (StatusCode::NOT_FOUND, "no role is bound to this instance\n").into_response();
     };
@@ -179,7 +197,7 @@ pub(crate) fn instance_metadata(shared: &Shared, rest: &str) -> Response {
         .into_response()
 }
 
-pub(crate) async fn serve(
+async fn serve(
     shared: &Shared,
     action: &str,
     headers: &HeaderMap,

@@ -27,34 +27,20 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use axum::body::Bytes;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use envelope_core::__private::tc3 as sign;
-use envelope_core::kms::tencent::API_VERSION;
-use envelope_core::{EncryptionContext, SecretString};
-use rand::{Rng as _, RngExt as _};
+use envelope_core::SecretString;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use zeroize::Zeroizing;
+
+use crate::http::handle;
+use crate::state::{CmkEntry, load_state};
 
 mod actions;
 mod auth;
 mod blob;
 mod http;
 mod state;
-
-use actions::*;
-use auth::*;
-use blob::*;
-use http::*;
-use state::*;
 
 /// Requests whose timestamp is further than this from the emulator's clock are refused.
 pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
@@ -369,6 +355,7 @@ impl Drop for Emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::secrets_equal;
 
     #[test]
     fn config_debug_never_shows_the_secret_key_or_token() {

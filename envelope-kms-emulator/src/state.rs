@@ -1,6 +1,18 @@
 //! Key states and the state file that keeps keys across restarts.
 
-use crate::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aws_lc_rs::aead::LessSafeKey;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rand::RngExt as _;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::Shared;
+use crate::blob::cmk_cipher;
+use crate::http::{ApiError, api_error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum KeyState {
@@ -39,9 +51,9 @@ pub(crate) struct CmkEntry {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct StateFile {
-    pub(crate) version: u32,
-    pub(crate) keys: Vec<StoredKey>,
+struct StateFile {
+    version: u32,
+    keys: Vec<StoredKey>,
 }
 
 pub(crate) fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, String> {

@@ -1,11 +1,22 @@
 //! [`Blocking`]: the keyring for synchronous callers.
 
-use super::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Keyring;
+use super::cache::IndexSet;
+use super::hot::{exhausted, write_unavailable};
+use super::rotation::Rotation;
+use crate::blind::BlindIndexSpec;
+use crate::bridge::Bridge;
+use crate::error::{Error, Result};
+use crate::format;
+use crate::keys::{Label, Scope};
 
 /// A [`Keyring`]'s operations for synchronous callers ([`Keyring::blocking`]): the column
 /// types' codecs, sync diesel, plain threads. A cached key costs no I/O; a key that must be
 /// made or loaded is waited for through the keyring's own runtime thread, bounded by
-/// [`Policy::kms_timeout`], which is safe on plain threads, multi-thread tokio workers,
+/// [`Policy::kms_timeout`](super::Policy::kms_timeout), which is safe on plain threads, multi-thread tokio workers,
 /// current-thread runtimes and `spawn_blocking`.
 #[derive(Clone, Copy, Debug)]
 pub struct Blocking<'a> {
@@ -148,7 +159,7 @@ impl Blocking<'_> {
     }
 
     fn index_set(&self, label: &Label) -> Result<Arc<IndexSet>> {
-        if let Some(set) = self.keyring.inner.cached_index_set(label) {
+        if let Some(set) = self.keyring.inner.index.cached(label) {
             return Ok(set);
         }
         self.keyring.inner.metrics.bridge_wait();

@@ -1,6 +1,25 @@
 //! [`KeyringBuilder`]: checks the configuration and starts a keyring.
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use super::clock::Clock;
+use super::hot::ActiveKeys;
+use super::index::IndexKeys;
+use super::loading::Loader;
+use super::maintenance::{self, Maintenance};
+use super::policy::Policy;
+use super::rotation::Rotations;
+use super::trust::TrustedCmks;
+use super::{Inner, Keyring};
+use crate::bridge::Bridge;
+use crate::coarse_clock;
+use crate::error::{Error, Misuse, Result};
+use crate::keys::{KeyIdHash, Scope};
+use crate::kms::KmsProvider;
+use crate::store::KeyStore;
+use crate::telemetry::{Metrics, TracedStore};
 
 /// Builds a [`Keyring`].
 pub struct KeyringBuilder {
@@ -124,8 +143,8 @@ impl KeyringBuilder {
     /// start a healthy-looking service that cannot read a single existing row.
     ///
     /// # Errors
-    /// [`Misuse::Policy`](crate::Misuse::Policy) for an invalid policy;
-    /// [`Misuse::Builder`](crate::Misuse::Builder) for no or an empty CMK id (to make keys
+    /// [`Misuse::Policy`] for an invalid policy;
+    /// [`Misuse::Builder`] for no or an empty CMK id (to make keys
     /// under, or to trust), two providers of one name, a trusted CMK of a provider the keyring
     /// was not given, or a provider whose retry budget exceeds [`Policy::kms_timeout`];
     /// [`SystemError::Thread`](crate::SystemError::Thread) when the runtime thread cannot start;
@@ -137,7 +156,7 @@ impl KeyringBuilder {
             (Some(cmk), _) => cmk,
             (None, Some(own)) => own.to_owned(),
             (None, None) => {
-                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                return Err(Error::Misuse(Misuse::Builder(
                     format!(
                         "the '{}' KMS provider names no master key of its own: give the keyring one with KeyringBuilder::cmk",
                         self.kms.name()
@@ -147,14 +166,14 @@ impl KeyringBuilder {
             }
         };
         if cmk.is_empty() {
-            return Err(Error::Misuse(crate::error::Misuse::Builder(
+            return Err(Error::Misuse(Misuse::Builder(
                 "the CMK id must not be empty".into(),
             )));
         }
-        let mut names = std::collections::HashSet::new();
+        let mut names = HashSet::new();
         for kms in std::iter::once(&self.kms).chain(&self.readers) {
             if !names.insert(kms.name().to_owned()) {
-                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                return Err(Error::Misuse(Misuse::Builder(
                     format!(
                         "two KMS providers named '{}' were given to one keyring: a key record names its provider only by name, so only one of each can be read",
                         kms.name()
@@ -165,7 +184,7 @@ impl KeyringBuilder {
             if let Some(budget) = kms.call_budget()
                 && budget > self.policy.kms_timeout
             {
-                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                return Err(Error::Misuse(Misuse::Builder(
                     format!(
                         "the '{}' KMS provider may spend up to {budget:?} on one call (all attempts and back-off), more than Policy::kms_timeout ({:?}): its own errors would never surface; lower its timeouts or attempts, or raise kms_timeout",
                         kms.name(),
@@ -179,12 +198,12 @@ impl KeyringBuilder {
         trusted.add(self.kms.name(), &cmk);
         for (provider, cmk) in &self.trusted {
             if cmk.is_empty() {
-                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                return Err(Error::Misuse(Misuse::Builder(
                     format!("a trusted CMK id of the '{provider}' KMS provider is empty").into(),
                 )));
             }
             if !names.contains(provider) {
-                return Err(Error::Misuse(crate::error::Misuse::Builder(
+                return Err(Error::Misuse(Misuse::Builder(
                     format!(
                         "CMK {cmk} is trusted for the '{provider}' KMS provider, but the keyring was given no provider of that name: add it with KeyringBuilder::also_read"
                     )
@@ -194,8 +213,8 @@ impl KeyringBuilder {
             trusted.add(provider, cmk);
         }
         let read_scope = self.scoped.then(|| self.default_scope.clone());
-        let first_key_refresh = crate::clock::ms(self.policy.key_refresh);
-        crate::clock::start();
+        let first_key_refresh = coarse_clock::ms(self.policy.key_refresh);
+        coarse_clock::start();
         let (bridge, guard) = Bridge::start(self.policy.kms_timeout)?;
         let cache = moka::sync::Cache::builder()
             .name("envelope-keys")
@@ -208,37 +227,28 @@ impl KeyringBuilder {
         let inner = Arc::new(Inner {
             kms: self.kms,
             readers: self.readers,
-            store: Arc::new(crate::telemetry::TracedStore(self.store)),
+            store: Arc::new(TracedStore(self.store)),
             cmk,
             trusted,
-            soft_uses: self.policy.soft_uses(),
+            active: ActiveKeys::new(self.policy.soft_uses()),
             policy: self.policy,
             default_scope: self.default_scope,
-            cache,
-            active: ArcSwap::from_pointee(ActiveSet::default()),
-            generation: AtomicU64::new(0),
-            id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
-            rotate_locks: Mutex::default(),
-            index_locks: Mutex::default(),
-            index_sets: RwLock::default(),
-            presence: Mutex::default(),
-            key_refresh_running: AtomicBool::new(false),
-            next_key_refresh_ms: AtomicU64::new(first_key_refresh),
-            load_failures: Mutex::default(),
             read_scope,
-            pid: std::process::id(),
-            recent_failures: Mutex::default(),
-            pending: Mutex::default(),
+            cache,
             migration_windows: RwLock::default(),
             metrics: Metrics::new(),
             bridge,
             epoch: Instant::now(),
             clock: self.clock,
+            rotations: Rotations::default(),
+            loads: Loader::default(),
+            index: IndexKeys::default(),
+            maintenance: Maintenance::new(first_key_refresh),
         });
         inner
             .bridge
             .handle()
-            .spawn(maintenance(Arc::downgrade(&inner)));
+            .spawn(maintenance::run(Arc::downgrade(&inner)));
         let keyring = Keyring {
             inner,
             _runtime: Arc::new(guard),

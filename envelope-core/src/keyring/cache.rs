@@ -1,6 +1,14 @@
 //! What the key cache holds: opened keys, the active key of each scope, index-key sets.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Instant;
+
+use crate::blind::IndexKey;
+use crate::cipher::DataCipher;
+use crate::error::{Error, Result};
+use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
 
 /// An opened key in the cache, and the scope the key table (and its KMS context) gives it.
 /// Always behind an `Arc`, so the size difference between the variants (the AES key schedule is

@@ -1,8 +1,16 @@
 //! The keyring's clock, which unit tests can move forward.
 
-use super::*;
+#[cfg(test)]
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(test)]
+use std::time::Duration;
+use std::time::Instant;
 
-/// The keyring's clock: the coarse monotonic clock of `crate::clock` (one atomic load, read on
+use crate::coarse_clock;
+
+/// The keyring's clock: the coarse monotonic clock of `crate::coarse_clock` (one atomic load, read on
 /// every write); in unit tests, plus an offset the test can advance.
 #[derive(Clone, Default)]
 pub(super) struct Clock {
@@ -15,24 +23,24 @@ impl Clock {
     pub(super) fn now(&self) -> Instant {
         #[cfg(test)]
         {
-            crate::clock::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+            coarse_clock::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
         }
         #[cfg(not(test))]
         {
-            crate::clock::now()
+            coarse_clock::now()
         }
     }
 
-    /// [`Clock::now`] in the form the write path compares: see `crate::clock::now_ms`.
+    /// [`Clock::now`] in the form the write path compares: see `coarse_clock::now_ms`.
     #[inline]
     pub(super) fn now_ms(&self) -> u64 {
         #[cfg(test)]
         {
-            crate::clock::now_ms().saturating_add(self.offset_ms.load(Ordering::Relaxed))
+            coarse_clock::now_ms().saturating_add(self.offset_ms.load(Ordering::Relaxed))
         }
         #[cfg(not(test))]
         {
-            crate::clock::now_ms()
+            coarse_clock::now_ms()
         }
     }
 

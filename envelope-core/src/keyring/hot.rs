@@ -1,6 +1,118 @@
-//! The hot path: sealing under the active key and opening with a cached key, with no I/O.
+//! The hot path: sealing under the active key and opening with a cached key, with no I/O; and
+//! [`ActiveKeys`], the active-key state it reads.
 
-use super::*;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+
+use super::Inner;
+use super::cache::{ActiveKey, ActiveSet, OpenedKey};
+use crate::cipher::DataCipher;
+use crate::error::{Error, Misuse, Result, Unavailable};
+use crate::format::{self, NONCE_LEN};
+use crate::keys::{KeyId, Label, Scope};
+use crate::nonce;
+
+static NEXT_KEYRING_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One thread's view of one keyring's active keys.
+struct Snapshot {
+    keyring: u64,
+    generation: u64,
+    set: Arc<ActiveSet>,
+}
+
+thread_local! {
+    // The last active-key set this thread used. It keeps those keys alive until the thread next
+    // uses a keyring (or exits): after a rotation that is the previous key, which the cache
+    // keeps for its TTL anyway.
+    static SNAPSHOT: RefCell<Option<Snapshot>> = const { RefCell::new(None) };
+}
+
+/// The data key each scope writes under, read on every write and on most reads.
+pub(super) struct ActiveKeys {
+    /// The active keys, read lock-free; replaced copy-on-write when a key rotates (rare).
+    set: ArcSwap<ActiveSet>,
+    /// Bumped after every change of `set`; threads keep a snapshot of `set` and reload it only
+    /// when this moves, so the write and read paths touch no shared cache line.
+    generation: AtomicU64,
+    /// A process-unique id, so a thread's snapshot can never be mistaken for another keyring's.
+    id: u64,
+    /// The process the keyring was built in: a forked child must not write under keys it shares
+    /// with its parent.
+    pid: u32,
+    /// `policy.dek_max_uses` at `refresh_at_percent`, computed once.
+    soft_uses: u64,
+}
+
+impl ActiveKeys {
+    /// No active key yet; `soft_uses` is the use count from which a successor is prepared.
+    pub(super) fn new(soft_uses: u64) -> Self {
+        ActiveKeys {
+            set: ArcSwap::from_pointee(ActiveSet::default()),
+            generation: AtomicU64::new(0),
+            id: NEXT_KEYRING_ID.fetch_add(1, Ordering::Relaxed),
+            pid: std::process::id(),
+            soft_uses,
+        }
+    }
+
+    /// Run `f` on this thread's snapshot of the active keys, reloading it if it is stale.
+    #[inline]
+    pub(super) fn with<R>(&self, f: impl FnOnce(&ActiveSet) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        SNAPSHOT.with(|cell| {
+            let fresh = matches!(
+                &*cell.borrow(),
+                Some(s) if s.keyring == self.id && s.generation == generation
+            );
+            if !fresh {
+                *cell.borrow_mut() = Some(Snapshot {
+                    keyring: self.id,
+                    generation,
+                    set: self.set.load_full(),
+                });
+            }
+            match &*cell.borrow() {
+                Some(s) => f(&s.set),
+                None => f(&self.set.load()),
+            }
+        })
+    }
+
+    /// The current set, bypassing this thread's snapshot.
+    pub(super) fn load(&self) -> arc_swap::Guard<Arc<ActiveSet>> {
+        self.set.load()
+    }
+
+    /// Replace the set copy-on-write with what `f` makes of it (`f` may run more than once when
+    /// another scope changes the set at the same moment). When `f` last said it changed
+    /// something, every thread's snapshot goes stale; returns whether it did.
+    pub(super) fn update(&self, mut f: impl FnMut(&ActiveSet) -> (ActiveSet, bool)) -> bool {
+        let mut changed = false;
+        self.set.rcu(|current| {
+            let (next, c) = f(current);
+            changed = c;
+            next
+        });
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        changed
+    }
+
+    /// The process the keyring was built in.
+    fn built_in(&self) -> u32 {
+        self.pid
+    }
+
+    /// The use count from which a successor is prepared.
+    pub(super) fn soft_uses(&self) -> u64 {
+        self.soft_uses
+    }
+}
 
 impl Inner {
     /// Seal under the scope's active data key if it may take one more write (counting the
@@ -13,7 +125,7 @@ impl Inner {
         label: &Label,
         plaintext: &[u8],
     ) -> Option<Result<Vec<u8>>> {
-        self.with_active(|active| {
+        self.active.with(|active| {
             let key = active.get(scope, &self.default_scope)?;
             let now = self.clock.now_ms();
             if now >= key.hard_deadline_ms {
@@ -23,7 +135,7 @@ impl Inner {
             if uses >= self.policy.dek_max_uses {
                 return None;
             }
-            if now >= key.soft_deadline_ms || uses >= self.soft_uses {
+            if now >= key.soft_deadline_ms || uses >= self.active.soft_uses() {
                 self.schedule_refresh(scope, key);
             }
             Some(
@@ -45,35 +157,11 @@ impl Inner {
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
-        if nonce::fill(&mut nonce)? != self.pid {
-            return Err(Error::Misuse(crate::error::Misuse::ForkedProcess {
-                built_in: self.pid,
-            }));
+        let built_in = self.active.built_in();
+        if nonce::fill(&mut nonce)? != built_in {
+            return Err(Error::Misuse(Misuse::ForkedProcess { built_in }));
         }
         cipher.seal_with_nonce(label, &nonce, plaintext)
-    }
-
-    /// Run `f` on this thread's snapshot of the active keys, reloading it if it is stale.
-    #[inline]
-    pub(super) fn with_active<R>(&self, f: impl FnOnce(&ActiveSet) -> R) -> R {
-        let generation = self.generation.load(Ordering::Acquire);
-        SNAPSHOT.with(|cell| {
-            let fresh = matches!(
-                &*cell.borrow(),
-                Some(s) if s.keyring == self.id && s.generation == generation
-            );
-            if !fresh {
-                *cell.borrow_mut() = Some(Snapshot {
-                    keyring: self.id,
-                    generation,
-                    set: self.active.load_full(),
-                });
-            }
-            match &*cell.borrow() {
-                Some(s) => f(&s.set),
-                None => f(&self.active.load()),
-            }
-        })
     }
 
     pub(super) fn active_key(&self, scope: &Scope) -> Option<Arc<ActiveKey>> {
@@ -87,7 +175,7 @@ impl Inner {
     }
 
     pub(super) fn is_due(&self, active: &ActiveKey) -> bool {
-        active.uses.load(Ordering::Relaxed) >= self.soft_uses
+        active.uses.load(Ordering::Relaxed) >= self.active.soft_uses()
             || self.clock.now_ms() >= active.soft_deadline_ms
     }
 
@@ -103,7 +191,7 @@ impl Inner {
         label: &Label,
         scope: Option<&Scope>,
     ) -> Option<Result<Vec<u8>>> {
-        self.with_active(|active| {
+        self.active.with(|active| {
             let key = active.by_id.get(&envelope.key_id())?;
             self.metrics.cache_hit();
             Some(key.data_in(scope).and_then(|c| c.open(envelope, label)))
@@ -121,11 +209,11 @@ impl Inner {
 
 pub(super) fn write_unavailable(scope: &Scope, e: Error) -> Error {
     match e {
-        e @ (Error::Unavailable(crate::error::Unavailable::WriteKey { .. })
-        | Error::Misuse(crate::error::Misuse::PlaintextTooLarge { .. })
-        | Error::Unavailable(crate::error::Unavailable::ShutDown)
-        | Error::Misuse(crate::error::Misuse::BridgeReentrant)) => e,
-        e => Error::Unavailable(crate::error::Unavailable::WriteKey {
+        e @ (Error::Unavailable(Unavailable::WriteKey { .. })
+        | Error::Misuse(Misuse::PlaintextTooLarge { .. })
+        | Error::Unavailable(Unavailable::ShutDown)
+        | Error::Misuse(Misuse::BridgeReentrant)) => e,
+        e => Error::Unavailable(Unavailable::WriteKey {
             scope: scope.to_string(),
             cause: Box::new(e),
         }),
@@ -133,7 +221,7 @@ pub(super) fn write_unavailable(scope: &Scope, e: Error) -> Error {
 }
 
 pub(super) fn exhausted(scope: &Scope) -> Error {
-    Error::Unavailable(crate::error::Unavailable::KeysUsedUp {
+    Error::Unavailable(Unavailable::KeysUsedUp {
         scope: scope.to_string(),
     })
 }

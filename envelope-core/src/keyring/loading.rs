@@ -1,7 +1,78 @@
 //! Loading keys from the key table through the KMS (single-flight), checking their context,
-//! and the maintenance task that follows the key table.
+//! and the master-key check at start-up; [`Loader`], what loads remember.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Inner;
+use super::cache::OpenedKey;
+use super::policy::MAX_REMEMBERED_LOAD_FAILURES;
+use crate::bridge::Bridge;
+use crate::error::{Error, KmsError, MasterKeyMissing, Result, StoreError, Unavailable};
+use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyRecord, Scope};
+use crate::kms::{EncryptionContext, KmsProvider};
+use crate::store::KeyFilter;
+use crate::telemetry::KmsAction;
+
+/// Context keys the keyring binds every wrapped key to.
+const CTX_KEY_ID: &str = "envelope.key_id";
+const CTX_KIND: &str = "envelope.kind";
+const CTX_SCOPE: &str = "envelope.scope";
+
+pub(super) type KeyIdSet = HashSet<KeyId, KeyIdHash>;
+
+/// What key loads remember between calls: recent failures, and which keys the key table last
+/// held.
+#[derive(Default)]
+pub(super) struct Loader {
+    /// Recent failures to load a key (KMS or key store unavailable, or too slow): readers of that
+    /// key fail at once with the same error for `refresh_retry` instead of each waiting again.
+    failures: Mutex<HashMap<KeyId, (Instant, Error), KeyIdHash>>,
+    /// The ids the last key-table read found, and when that read started: a load that began
+    /// before it and finishes after it must not bring back a key the read found deleted.
+    presence: Mutex<Option<(Instant, Arc<KeyIdSet>)>>,
+}
+
+impl Loader {
+    /// Record that a key-table read started at `started` found exactly `ids`.
+    pub(super) fn set_presence(&self, started: Instant, ids: KeyIdSet) {
+        *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = Some((started, Arc::new(ids)));
+    }
+
+    /// Whether a key-table read that started after `stamp` did not find `id`: the key was
+    /// deleted meanwhile.
+    fn deleted_since(&self, stamp: Instant, id: &KeyId) -> bool {
+        matches!(
+            &*self.presence.lock().unwrap_or_else(|p| p.into_inner()),
+            Some((at, ids)) if *at > stamp && !ids.contains(id)
+        )
+    }
+
+    fn note_failure(&self, id: KeyId, at: Instant, e: &Error) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        // Ids come from stored values: bound the map, however many distinct ids fail.
+        if failures.len() < MAX_REMEMBERED_LOAD_FAILURES {
+            failures.insert(id, (at, e.clone()));
+        }
+    }
+
+    /// `id`'s last failure, if it happened less than `retry` before `now`.
+    fn recent_failure(&self, id: &KeyId, now: Instant, retry: Duration) -> Option<Error> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, e) = failures.get(id)?;
+        (now.duration_since(*at) < retry).then(|| e.clone())
+    }
+
+    /// Forget the failures older than `retry` before `now`.
+    pub(super) fn forget_failures(&self, now: Instant, retry: Duration) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (at, _)| now.duration_since(*at) < retry);
+    }
+}
 
 impl Inner {
     pub(super) fn provider_named(&self, name: &str) -> Option<&Arc<dyn KmsProvider>> {
@@ -16,7 +87,7 @@ impl Inner {
         &self,
         action: KmsAction,
         provider: &str,
-        call: impl std::future::Future<Output = std::result::Result<T, KmsError>>,
+        call: impl Future<Output = std::result::Result<T, KmsError>>,
     ) -> Result<T> {
         let span = tracing::debug_span!(target: "envelope::kms", "envelope.kms", provider, action = action.name());
         let started = Instant::now();
@@ -70,10 +141,7 @@ impl Inner {
             .await?;
         // A key-table refresh that started after this load's read and did not find the row:
         // the key was deleted meanwhile, and must not come back into the cache.
-        if let Some((at, ids)) = &*self.presence.lock().unwrap_or_else(|p| p.into_inner())
-            && *at > stamp
-            && !ids.contains(&id)
-        {
+        if self.loads.deleted_since(stamp, &id) {
             return Err(Error::UnknownKey { key_id: id });
         }
         tracing::debug!(target: "envelope::keyring", key_id = %id, kind = %record.kind, "loaded key");
@@ -116,26 +184,16 @@ impl Inner {
     /// waiting out `kms_timeout` again. Answers about the data itself (an unknown key, a corrupt
     /// row) are not remembered: they cost no wait.
     pub(super) fn note_load_failure(&self, id: KeyId, e: &Error) {
-        let transient = match e {
-            Error::Unavailable(crate::error::Unavailable::Timeout { .. }) => true,
-            Error::Kms(k) => k.is_retryable(),
-            Error::Store(StoreError::Backend(_)) => true,
-            _ => false,
-        };
-        if !transient {
-            return;
-        }
-        let mut failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
-        // Ids come from stored values: bound the map, however many distinct ids fail.
-        if failures.len() < MAX_REMEMBERED_LOAD_FAILURES {
-            failures.insert(id, (self.clock.now(), e.clone()));
+        // Error::is_retryable: on this path a retryable KMS error, a failed key-store database
+        // or a timeout (a load never fails with the write-side WriteKey or KeysUsedUp).
+        if e.is_retryable() {
+            self.loads.note_failure(id, self.clock.now(), e);
         }
     }
 
     pub(super) fn recent_load_failure(&self, id: &KeyId) -> Option<Error> {
-        let failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, e) = failures.get(id)?;
-        (self.clock.now().duration_since(*at) < self.policy.refresh_retry).then(|| e.clone())
+        self.loads
+            .recent_failure(id, self.clock.now(), self.policy.refresh_retry)
     }
 
     /// Refuse to start on a key table whose keys all need master keys this provider lacks.
@@ -174,127 +232,10 @@ impl Inner {
     }
 
     pub(super) fn note_timeout(&self, e: Error) -> Error {
-        if matches!(
-            e,
-            Error::Unavailable(crate::error::Unavailable::Timeout { .. })
-        ) {
+        if matches!(e, Error::Unavailable(Unavailable::Timeout { .. })) {
             self.metrics.bridge_timeout();
         }
         e
-    }
-
-    /// Read the key table and bring this keyring in line with it: a data key an operator
-    /// retired takes no more writes (the next write makes a new key), a deleted key leaves every
-    /// cache, and each blind-index label's keys are read again.
-    pub(super) async fn refresh_key_states(self: Arc<Self>) -> Result<()> {
-        let started = Instant::now();
-        let records = self.store.list(&KeyFilter::all()).await?;
-        let rows: HashMap<KeyId, &KeyRecord, KeyIdHash> =
-            records.iter().map(|r| (r.id, r)).collect();
-        let ids: KeyIdSet = rows.keys().copied().collect();
-        *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = Some((started, Arc::new(ids)));
-        // Only a key known to exist before the read started can be missing from it.
-        let deleted = |key: &OpenedKey| key.stamp < started && !rows.contains_key(&key.id());
-        let retired = |key: &OpenedKey| rows.get(&key.id()).is_some_and(|r| r.retired_at.is_some());
-
-        for (scope, active) in self.active.load().iter(&self.default_scope) {
-            let gone = deleted(&active.key);
-            if gone || retired(&active.key) {
-                self.deactivate(&scope, &active.key, gone);
-            }
-        }
-        self.pending_keys()
-            .retain(|_, key| !deleted(key) && !retired(key));
-        let stale: Vec<KeyId> = self
-            .cache
-            .iter()
-            .filter(|(_, key)| deleted(key))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &stale {
-            self.cache.invalidate(id);
-            tracing::info!(target: "envelope::keyring", key_id = %id, "key deleted from the key table; dropped from the cache");
-        }
-
-        let mut sets = self.index_sets.write().unwrap_or_else(|p| p.into_inner());
-        let labels: Vec<Label> = sets.keys().cloned().collect();
-        for label in labels {
-            match IndexSet::of(&records, &label) {
-                Some(set) => {
-                    sets.insert(label, Arc::new(set));
-                }
-                // No live key: the next use makes one (or finds the one another process made).
-                None => {
-                    sets.remove(&label);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Start a key-table refresh in the background if one is due.
-    pub(super) fn schedule_key_refresh(self: &Arc<Self>) {
-        let now = self.millis_since_epoch();
-        if now < self.next_key_refresh_ms.load(Ordering::Relaxed)
-            || self.key_refresh_running.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let inner = self.clone();
-        self.bridge.handle().spawn(async move {
-            let timeout = inner.policy.kms_timeout;
-            let result = tokio::time::timeout(timeout, inner.clone().refresh_key_states()).await;
-            if let Err(e) = result.unwrap_or_else(|_| {
-                Err(Error::Unavailable(crate::error::Unavailable::Timeout {
-                    waited: timeout,
-                    what: "reading the key table".into(),
-                }))
-            }) {
-                tracing::warn!(target: "envelope::keyring", error = %e, "could not read the key table for retired and deleted keys; trying again at the next interval");
-            }
-            inner.next_key_refresh_ms.store(
-                now.saturating_add(crate::clock::ms(inner.policy.key_refresh)),
-                Ordering::Relaxed,
-            );
-            inner.key_refresh_running.store(false, Ordering::Release);
-        });
-    }
-
-    /// Once a second: expire cache entries for real (moka expires lazily), have every thread
-    /// reseed its nonce generator (see `nonce`), forget old load failures, swap in prepared
-    /// successors of keys past their age, and start refreshes that are due. (Writes check the
-    /// age limit themselves: this tick only keeps idle scopes current.)
-    pub(super) fn tick(self: &Arc<Self>) {
-        self.cache.run_pending_tasks();
-        nonce::request_reseed();
-        let now = self.clock.now();
-        self.load_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (at, _)| now.duration_since(*at) < self.policy.refresh_retry);
-        self.schedule_key_refresh();
-        let now_ms = self.clock.now_ms();
-        let active = self.active.load().iter(&self.default_scope);
-        for (scope, key) in active {
-            if now_ms >= key.hard_deadline_ms && self.promote_pending(&scope).is_some() {
-                continue;
-            }
-            if now_ms >= key.soft_deadline_ms {
-                self.schedule_refresh(&scope, &key);
-            }
-        }
-    }
-}
-
-pub(super) async fn maintenance(inner: Weak<Inner>) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        inner.tick();
     }
 }
 

@@ -5,31 +5,29 @@
 //! active data key per scope for writes, rotated by age and by use count and refreshed in the
 //! background before it expires, so a write never waits for the KMS in steady state.
 //!
-//! Here: [`Keyring`] itself (accessors and the async API) and its shared state. The rest, one
-//! job a file: `policy` (the limits and their checks), `builder` (configuration and start-up),
-//! `cache` (what the key cache holds), `hot` (sealing and opening with no I/O), `rotation`
-//! (making keys, moving each scope to a successor), `loading` (single-flight key loads, the
-//! context checks, the maintenance task), `index` (index-key sets), `blocking` (the synchronous
-//! view), `clock` (the clock unit tests move), `tests`.
+//! Here: [`Keyring`] itself (accessors and the async API) and `Inner`, which composes the
+//! shared services with one part per job. The rest, one job a file, each owning its state:
+//! `policy` (the limits and their checks), `builder` (configuration and start-up), `cache` (what
+//! the key cache holds), `hot` (sealing and opening with no I/O; `ActiveKeys`), `rotation`
+//! (making keys, moving each scope to a successor; `Rotations`), `loading` (single-flight key
+//! loads, the context and master-key checks; `Loader`), `index` (index-key sets; `IndexKeys`),
+//! `maintenance` (the once-a-second task that follows the key table; `Maintenance`),
+//! `registry` (how column types find their keyring), `blocking` (the synchronous view), `clock`
+//! (the clock unit tests move), `trust` (which master keys a row may name), `tests`.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
-use std::time::{Duration, Instant, SystemTime};
-
-use crate::blind::{BlindIndexSpec, IndexKey};
+use crate::blind::BlindIndexSpec;
 use crate::bridge::{Bridge, RuntimeGuard};
-use crate::cipher::DataCipher;
-use crate::error::{Error, KmsError, MasterKeyMissing, Result, StoreError};
-use crate::format::{self, NONCE_LEN};
-use crate::keys::{KeyId, KeyIdHash, KeyKind, KeyMaterial, KeyRecord, Label, Scope};
-use crate::kms::{EncryptionContext, KmsProvider};
-use crate::nonce;
-use crate::store::{KeyFilter, KeyStore};
-use crate::telemetry::{KmsAction, Metrics, MetricsSnapshot};
+use crate::error::{Error, Result};
+use crate::format;
+use crate::keys::{KeyId, KeyIdHash, Label, Scope};
+use crate::kms::KmsProvider;
+use crate::store::KeyStore;
+use crate::telemetry::{Metrics, MetricsSnapshot};
 
 mod blocking;
 mod builder;
@@ -38,7 +36,9 @@ mod clock;
 mod hot;
 mod index;
 mod loading;
+mod maintenance;
 mod policy;
+mod registry;
 mod rotation;
 #[cfg(test)]
 mod tests;
@@ -47,38 +47,19 @@ mod trust;
 pub use blocking::Blocking;
 pub use builder::KeyringBuilder;
 pub use policy::{MAX_USES_CEILING, Policy};
+pub use registry::{KeyringGuard, current};
 
-use cache::*;
-use clock::*;
-use hot::*;
-use loading::*;
-use policy::*;
-use rotation::*;
+use cache::{IndexSet, OpenedKey};
+use clock::Clock;
+use hot::{ActiveKeys, exhausted, write_unavailable};
+use index::IndexKeys;
+use loading::Loader;
+use maintenance::Maintenance;
+use rotation::{Rotation, Rotations};
 use trust::TrustedCmks;
 
-/// Context keys the keyring binds every wrapped key to.
-const CTX_KEY_ID: &str = "envelope.key_id";
-const CTX_KIND: &str = "envelope.kind";
-const CTX_SCOPE: &str = "envelope.scope";
-
-type KeyIdSet = std::collections::HashSet<KeyId, KeyIdHash>;
-
-static NEXT_KEYRING_ID: AtomicU64 = AtomicU64::new(0);
-
-/// One thread's view of one keyring's active keys.
-struct Snapshot {
-    keyring: u64,
-    generation: u64,
-    set: Arc<ActiveSet>,
-}
-
-thread_local! {
-    // The last active-key set this thread used. It keeps those keys alive until the thread next
-    // uses a keyring (or exits): after a rotation that is the previous key, which the cache
-    // keeps for its TTL anyway.
-    static SNAPSHOT: std::cell::RefCell<Option<Snapshot>> = const { std::cell::RefCell::new(None) };
-}
-
+/// The keyring's state: the services and settings every part uses, then one part per job, each
+/// owning its own state (`hot`, `rotation`, `loading`, `index`, `maintenance`).
 struct Inner {
     kms: Arc<dyn KmsProvider>,
     /// Providers that only unwrap: keys whose record names one of them (by
@@ -90,51 +71,27 @@ struct Inner {
     /// explicitly. Never the row's own word.
     trusted: TrustedCmks,
     policy: Policy,
-    /// `policy.dek_max_uses` at `refresh_at_percent`, computed once.
-    soft_uses: u64,
     default_scope: Scope,
-    cache: moka::sync::Cache<KeyId, Arc<OpenedKey>, KeyIdHash>,
-    /// The active keys, read lock-free on every write and most reads; replaced copy-on-write
-    /// when a key rotates (rare).
-    active: ArcSwap<ActiveSet>,
-    /// Bumped after every change of `active`; threads keep a snapshot of `active` and reload it
-    /// only when this moves, so the write and read paths touch no shared cache line.
-    generation: AtomicU64,
-    /// A process-unique id, so a thread's snapshot can never be mistaken for another keyring's.
-    id: u64,
-    rotate_locks: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
-    /// One index-key lookup or creation at a time per label: concurrent first users of a blind
-    /// index wait for the one KMS call instead of each making a key.
-    index_locks: Mutex<HashMap<Label, Arc<tokio::sync::Mutex<()>>>>,
-    /// Per blind-index label: the key new indexes are made with, and every key a lookup probes.
-    index_sets: RwLock<HashMap<Label, Arc<IndexSet>>>,
-    /// The ids the last key-table read found, and when that read started: a load that began
-    /// before it and finishes after it must not bring back a key the read found deleted.
-    presence: Mutex<Option<(Instant, Arc<KeyIdSet>)>>,
-    /// Set while a key-table refresh runs.
-    key_refresh_running: AtomicBool,
-    /// Milliseconds since the keyring's epoch at which the next key-table refresh is due.
-    next_key_refresh_ms: AtomicU64,
-    /// Recent failures to load a key (KMS or key store unavailable, or too slow): readers of that
-    /// key fail at once with the same error for `refresh_retry` instead of each waiting again.
-    load_failures: Mutex<HashMap<KeyId, (Instant, Error), KeyIdHash>>,
     /// The scope `decrypt` requires of a value's key, for a keyring built with
     /// [`KeyringBuilder::default_scope`] (`None`: any scope).
     read_scope: Option<Scope>,
-    /// The process the keyring was built in: a forked child must not write under keys it shares
-    /// with its parent.
-    pid: u32,
-    /// The last failed attempt to make a data key, per scope: writers that find no usable key
-    /// fail fast with this error for `refresh_retry` instead of each waiting on a KMS that is down.
-    recent_failures: Mutex<HashMap<Scope, (Instant, Error)>>,
-    /// Successors prepared by background refreshes, swapped in at the current key's hard limit.
-    pending: Mutex<HashMap<Scope, Arc<OpenedKey>>>,
+    cache: moka::sync::Cache<KeyId, Arc<OpenedKey>, KeyIdHash>,
     /// Labels whose columns may still hold legacy plaintext (`envelope encrypt` is running).
-    migration_windows: RwLock<std::collections::HashSet<Label>>,
+    migration_windows: RwLock<HashSet<Label>>,
     metrics: Metrics,
     bridge: Bridge,
     epoch: Instant,
     clock: Clock,
+    /// Each scope's write key (`hot`).
+    active: ActiveKeys,
+    /// Rotation locks, prepared successors and recent failures per scope (`rotation`).
+    rotations: Rotations,
+    /// Recent load failures and the key table's last known ids (`loading`).
+    loads: Loader,
+    /// Blind-index key sets (`index`).
+    index: IndexKeys,
+    /// When the key table is next read (`maintenance`).
+    maintenance: Maintenance,
 }
 
 /// Retires its keyring's active data keys when it drops ([`Keyring::retire_on_drop`]).
@@ -411,7 +368,7 @@ impl Keyring {
         self.inner.rotate_and_report(s, inner).await
     }
 
-    /// The blind index of `value` under `spec` (see [`BlindIndexSpec`](crate::BlindIndexSpec)). The index key for the
+    /// The blind index of `value` under `spec` (see [`BlindIndexSpec`]). The index key for the
     /// spec's label is created on first use and shared through the key table.
     ///
     /// # Errors
@@ -450,7 +407,7 @@ impl Keyring {
     }
 
     async fn index_set_async(&self, label: &Label) -> Result<Arc<IndexSet>> {
-        if let Some(set) = self.inner.cached_index_set(label) {
+        if let Some(set) = self.inner.index.cached(label) {
             return Ok(set);
         }
         let inner = self.inner.clone();

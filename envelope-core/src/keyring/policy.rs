@@ -1,6 +1,8 @@
 //! The limits a keyring enforces: [`Policy`] and its checks.
 
-use super::*;
+use std::time::Duration;
+
+use crate::error::{Error, Misuse, Result};
 
 /// The most values one data key may seal, whatever the policy says: 2^31, half the 2^32 bound
 /// NIST SP 800-38D sets for random 96-bit nonces.
@@ -40,7 +42,8 @@ pub struct Policy {
     /// most one hour): within this bound plus about a second, it stops writing under a data key
     /// retired with `envelope keys retire`, drops a key deleted with `envelope keys shred` from
     /// every cache (reads of its values then fail with [`Error::UnknownKey`]), and learns a blind
-    /// index's new key during `envelope rotate --index`. [`Keyring::refresh_keys`] does it at once.
+    /// index's new key during `envelope rotate --index`. [`Keyring::refresh_keys`](crate::Keyring::refresh_keys) does it
+    /// at once.
     pub key_refresh: Duration,
 }
 
@@ -62,7 +65,7 @@ impl Default for Policy {
 impl Policy {
     pub(super) fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, problem: &'static str| {
-            Err(Error::Misuse(crate::error::Misuse::Policy {
+            Err(Error::Misuse(Misuse::Policy {
                 field,
                 problem: problem.into(),
             }))

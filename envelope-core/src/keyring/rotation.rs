@@ -1,6 +1,18 @@
-//! Making data keys and moving each scope's active key to a successor.
+//! Making data keys and moving each scope's active key to a successor; [`Rotations`], the
+//! per-scope state of that work.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Inner;
+use super::cache::{ActiveKey, ActiveSet, OpenedKey};
+use super::loading::kms_context;
+use crate::coarse_clock;
+use crate::error::{Error, Result, SystemError, Unavailable};
+use crate::keys::{KeyId, KeyKind, KeyRecord, Scope};
+use crate::telemetry::KmsAction;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Rotation {
@@ -10,6 +22,49 @@ pub(super) enum Rotation {
     IfDue,
     /// Make a key now (operator request).
     Always,
+}
+
+/// Per scope: the lock that serializes its rotations, the successor prepared for it, and its
+/// last failure to make a key.
+#[derive(Default)]
+pub(super) struct Rotations {
+    locks: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
+    /// Successors prepared by background refreshes, swapped in at the current key's hard limit.
+    pending: Mutex<HashMap<Scope, Arc<OpenedKey>>>,
+    /// The last failed attempt to make a data key, per scope: writers that find no usable key
+    /// fail fast with this error for `refresh_retry` instead of each waiting on a KMS that is
+    /// down.
+    failures: Mutex<HashMap<Scope, (Instant, Error)>>,
+}
+
+impl Rotations {
+    fn lock(&self, scope: &Scope) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(scope.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn pending_keys(&self) -> MutexGuard<'_, HashMap<Scope, Arc<OpenedKey>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn has_pending(&self, scope: &Scope) -> bool {
+        self.pending_keys().contains_key(scope)
+    }
+
+    fn failures(&self) -> MutexGuard<'_, HashMap<Scope, (Instant, Error)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The scope's last failure, if it happened less than `retry` before `now`.
+    fn recent_failure(&self, scope: &Scope, now: Instant, retry: Duration) -> Option<Error> {
+        let failures = self.failures();
+        let (at, e) = failures.get(scope)?;
+        (now.duration_since(*at) < retry).then(|| e.clone())
+    }
 }
 
 impl Inner {
@@ -29,7 +84,7 @@ impl Inner {
                 tokio::time::timeout(timeout, inner.clone().rotate(scope.clone(), Rotation::IfDue))
                     .await
                     .unwrap_or_else(|_| {
-                        Err(Error::Unavailable(crate::error::Unavailable::Timeout {
+                        Err(Error::Unavailable(Unavailable::Timeout {
                             waited: timeout,
                             what: "refreshing a data key".into(),
                         }))
@@ -53,15 +108,6 @@ impl Inner {
         });
     }
 
-    pub(super) fn rotate_lock(&self, scope: &Scope) -> Arc<tokio::sync::Mutex<()>> {
-        self.rotate_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(scope.clone())
-            .or_default()
-            .clone()
-    }
-
     /// Bring a new data key into service for `scope` if `when` says so. Serialized per scope, so
     /// concurrent writers that all found the key unusable make one new key, not many.
     ///
@@ -79,9 +125,9 @@ impl Inner {
     ) -> Result<Option<KeyId>> {
         let timeout = self.policy.kms_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let lock = self.rotate_lock(&scope);
+        let lock = self.rotations.lock(&scope);
         let Ok(_serial) = tokio::time::timeout_at(deadline, lock.lock()).await else {
-            return Err(Error::Unavailable(crate::error::Unavailable::Timeout {
+            return Err(Error::Unavailable(Unavailable::Timeout {
                 waited: timeout,
                 what: "waiting for another rotation of the same scope".into(),
             }));
@@ -89,7 +135,7 @@ impl Inner {
         let current = self.active_key(&scope);
         match (&current, when) {
             (Some(a), Rotation::IfUnusable) if self.is_usable(a) => return Ok(None),
-            (Some(a), Rotation::IfDue) if !self.is_due(a) || self.has_pending(&scope) => {
+            (Some(a), Rotation::IfDue) if !self.is_due(a) || self.rotations.has_pending(&scope) => {
                 return Ok(None);
             }
             (None, Rotation::IfDue) => return Ok(None),
@@ -109,42 +155,35 @@ impl Inner {
             tokio::time::timeout_at(deadline, self.create_key(KeyKind::Data, scope.as_str()))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(Error::Unavailable(crate::error::Unavailable::Timeout {
+                    Err(Error::Unavailable(Unavailable::Timeout {
                         waited: timeout,
                         what: "making a data key".into(),
                     }))
                 });
         let (record, key) = match made {
             Ok(made) => {
-                self.failures().remove(&scope);
+                self.rotations.failures().remove(&scope);
                 made
             }
             Err(e) => {
-                self.failures()
+                self.rotations
+                    .failures()
                     .insert(scope.clone(), (self.clock.now(), e.clone()));
                 return Err(e);
             }
         };
         if when == Rotation::IfDue {
             tracing::info!(target: "envelope::keyring", scope = %scope, key_id = %record.id, "prepared the next data key");
-            self.pending_keys().insert(scope, key);
+            self.rotations.pending_keys().insert(scope, key);
         } else {
             self.activate(&scope, key);
         }
         Ok(Some(record.id))
     }
 
-    pub(super) fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Arc<OpenedKey>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(super) fn has_pending(&self, scope: &Scope) -> bool {
-        self.pending_keys().contains_key(scope)
-    }
-
     /// Swap in the prepared successor, if there is one. No I/O on the caller's thread.
     pub(super) fn promote_pending(self: &Arc<Self>, scope: &Scope) -> Option<KeyId> {
-        let next = self.pending_keys().remove(scope)?;
+        let next = self.rotations.pending_keys().remove(scope)?;
         let id = next.id();
         self.activate(scope, next);
         Some(id)
@@ -157,14 +196,14 @@ impl Inner {
         let fresh = Arc::new(ActiveKey {
             key,
             uses: AtomicU64::new(0),
-            soft_deadline_ms: now.saturating_add(crate::clock::ms(self.policy.soft_age())),
-            hard_deadline_ms: now.saturating_add(crate::clock::ms(self.policy.dek_max_age)),
+            soft_deadline_ms: now.saturating_add(coarse_clock::ms(self.policy.soft_age())),
+            hard_deadline_ms: now.saturating_add(coarse_clock::ms(self.policy.dek_max_age)),
             refresh_in_flight: AtomicBool::new(false),
             refresh_not_before_ms: AtomicU64::new(0),
         });
         let mut previous = None;
-        // Copy-on-write; `rcu` retries if another scope rotated at the same moment.
-        self.active.rcu(|current| {
+        // Copy-on-write; retried if another scope rotated at the same moment.
+        self.active.update(|current| {
             let mut next = ActiveSet::clone(current);
             let slot = if *scope == self.default_scope {
                 next.default.replace(fresh.clone())
@@ -176,9 +215,8 @@ impl Inner {
                 next.by_id.remove(&old.id());
             }
             next.by_id.insert(id, fresh.key.clone());
-            next
+            (next, true)
         });
-        self.generation.fetch_add(1, Ordering::Release);
         self.metrics.rotation();
         let previous = previous.map(|old| {
             // The outgoing key leaves the active set, and its cache entry (made when the key was)
@@ -200,16 +238,9 @@ impl Inner {
         }
     }
 
-    pub(super) fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, (Instant, Error)>> {
-        self.recent_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(super) fn recent_failure(&self, scope: &Scope) -> Option<Error> {
-        let failures = self.failures();
-        let (at, e) = failures.get(scope)?;
-        (self.clock.now().duration_since(*at) < self.policy.refresh_retry).then(|| e.clone())
+    fn recent_failure(&self, scope: &Scope) -> Option<Error> {
+        self.rotations
+            .recent_failure(scope, self.clock.now(), self.policy.refresh_retry)
     }
 
     pub(super) async fn rotate_and_report(&self, scope: Scope, me: Arc<Self>) -> Result<KeyId> {
@@ -221,7 +252,7 @@ impl Inner {
             .await?;
         // An unconditional rotation always makes a key or fails; a missing id is a bug here.
         id.ok_or_else(|| {
-            Error::System(crate::error::SystemError::Internal(
+            Error::System(SystemError::Internal(
                 "an unconditional rotation returned no key",
             ))
         })
@@ -271,12 +302,11 @@ impl Inner {
     /// runtime itself may be held up), record that as the scope's recent failure, as `rotate`
     /// does for failures it sees itself.
     pub(super) fn note_write_failure(&self, scope: &Scope, e: Error) -> Error {
-        if matches!(
-            e,
-            Error::Unavailable(crate::error::Unavailable::Timeout { .. })
-        ) && self.recent_failure(scope).is_none()
+        if matches!(e, Error::Unavailable(Unavailable::Timeout { .. }))
+            && self.recent_failure(scope).is_none()
         {
-            self.failures()
+            self.rotations
+                .failures()
                 .insert(scope.clone(), (self.clock.now(), e.clone()));
         }
         e
@@ -286,11 +316,10 @@ impl Inner {
     /// (`deleted` false: it stays readable) or deleted it.
     pub(super) fn deactivate(self: &Arc<Self>, scope: &Scope, key: &Arc<OpenedKey>, deleted: bool) {
         let id = key.id();
-        let mut removed = false;
-        self.active.rcu(|current| {
+        let removed = self.active.update(|current| {
             let mut next = ActiveSet::clone(current);
             let holds = |a: Option<&Arc<ActiveKey>>| a.is_some_and(|a| a.key.id() == id);
-            removed = if *scope == self.default_scope {
+            let removed = if *scope == self.default_scope {
                 holds(next.default.as_ref()) && next.default.take().is_some()
             } else {
                 holds(next.scoped.get(scope)) && next.scoped.remove(scope).is_some()
@@ -298,12 +327,11 @@ impl Inner {
             if removed {
                 next.by_id.remove(&id);
             }
-            next
+            (next, removed)
         });
         if !removed {
             return;
         }
-        self.generation.fetch_add(1, Ordering::Release);
         if deleted {
             self.cache.invalidate(&id);
             tracing::warn!(target: "envelope::keyring", scope = %scope, key_id = %id, "the active data key was deleted from the key table; the next write makes a new one");
@@ -325,7 +353,12 @@ impl Inner {
             self.deactivate(&scope, &active.key, false);
             retired += 1;
         }
-        let pending: Vec<Arc<OpenedKey>> = self.pending_keys().drain().map(|(_, k)| k).collect();
+        let pending: Vec<Arc<OpenedKey>> = self
+            .rotations
+            .pending_keys()
+            .drain()
+            .map(|(_, k)| k)
+            .collect();
         for key in pending {
             self.store.retire(&key.id(), now).await?;
             retired += 1;

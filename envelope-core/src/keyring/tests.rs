@@ -1,8 +1,15 @@
 //! The keyring's unit tests.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
 use super::*;
+use crate::error::{KmsError, StoreError};
+use crate::keys::{KeyKind, KeyMaterial};
+use crate::kms::EncryptionContext;
 use crate::kms::local::LocalKms;
-use crate::store::MemoryKeyStore;
+use crate::store::{KeyFilter, MemoryKeyStore};
 
 fn label() -> Label {
     Label::new("users.ssn").unwrap()
@@ -408,7 +415,7 @@ fn the_outgoing_key_stays_cached_through_an_outage() {
         kms.generate_calls.load(Ordering::SeqCst) == 2
     });
     wait_until("the successor to be stored", || {
-        k.inner.has_pending(&Scope::default())
+        k.inner.rotations.has_pending(&Scope::default())
     });
     kms.set(DOWN);
     clock.advance(Duration::from_secs(20));

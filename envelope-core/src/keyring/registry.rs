@@ -1,7 +1,7 @@
 //! How column types find their keyring: diesel's `FromSql` and sqlx's `Decode` take no context.
 //!
 //! [`current`] resolves, in order:
-//! 1. a task-local override set by [`Keyring::scope`] (async code, per tenant or per test);
+//! 1. a task-local override set by [`Keyring::install_for`] (async code, per tenant or per test);
 //! 2. a thread-local override set by [`Keyring::enter`] (sync diesel, `spawn_blocking`);
 //! 3. the process default set by [`Keyring::install_default`].
 
@@ -10,8 +10,8 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::RwLock;
 
-use crate::error::{Error, Result};
-use crate::keyring::Keyring;
+use super::Keyring;
+use crate::error::{Error, Misuse, Result};
 
 tokio::task_local! {
     static TASK_KEYRING: Keyring;
@@ -28,7 +28,7 @@ static DEFAULT_KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
 /// The keyring that applies here: task-local, then thread-local, then the process default.
 ///
 /// # Errors
-/// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring) when none is installed.
+/// [`Misuse::NoKeyring`] when none is installed.
 pub fn current() -> Result<Keyring> {
     if let Ok(k) = TASK_KEYRING.try_with(Keyring::clone) {
         return Ok(k);
@@ -40,7 +40,7 @@ pub fn current() -> Result<Keyring> {
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .ok_or(Error::Misuse(crate::error::Misuse::NoKeyring))
+        .ok_or(Error::Misuse(Misuse::NoKeyring))
 }
 
 /// Removes its thread-local keyring when dropped, so the one entered before it applies again.
