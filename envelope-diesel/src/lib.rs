@@ -68,6 +68,11 @@
 //! `diesel::result::Error::SerializationError` / `DeserializationError` whose source is an
 //! [`envelope_core::Error`] (see [`envelope_error`]).
 //!
+//! The column types are [`envelope_core::column`]'s, re-exported here with their diesel impls
+//! turned on (envelope-core's feature `diesel`, and with this crate's `postgres`, `mysql` and
+//! `sqlite` their per-backend `ToSql`). envelope-sqlx re-exports the same types, so
+//! `envelope_diesel::Encrypted` and `envelope_sqlx::Encrypted` are one type.
+//!
 //! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `u16`, `u32`, `u64`, `f32`, `f64`,
 //! `bool`, and with the features below `uuid::Uuid`, `chrono::NaiveDate`,
 //! `chrono::NaiveDateTime`, `chrono::DateTime<Utc>` and any serde type as `AsJson<T>`. Any
@@ -158,12 +163,13 @@
 
 mod error;
 pub mod store;
-mod types;
 
 pub use envelope_core;
 #[cfg(feature = "json")]
 pub use envelope_core::column::AsJson;
-pub use envelope_core::column::{Column, IndexColumn, Plaintext};
+pub use envelope_core::column::{
+    BlindIndex, Column, Encrypted, EncryptedText, IndexColumn, Plaintext,
+};
 pub use envelope_core::key_table::MYSQL_STRICT_SESSION;
 pub use envelope_core::{blind_index, column};
 pub use error::{Report, envelope_error, report};
@@ -172,4 +178,3 @@ pub use store::AsyncDieselKeyStore;
 #[cfg(feature = "r2d2")]
 pub use store::DieselKeyStore;
 pub use store::run_ddl_in_turn;
-pub use types::{BlindIndex, Encrypted, EncryptedText};

@@ -55,6 +55,10 @@
 //! `try_bind` returns the encode error; [`envelope_error`] finds the [`envelope_core::Error`]
 //! in either.
 //!
+//! The column types are [`envelope_core::column`]'s, re-exported here with their sqlx impls
+//! turned on (envelope-core's feature `sqlx`). envelope-diesel re-exports the same types, so
+//! `envelope_sqlx::Encrypted` and `envelope_diesel::Encrypted` are one type.
+//!
 //! The wrapped keys live in the key table: [`SqlxKeyStore`] implements
 //! [`envelope_core::KeyStore`] for all three databases.
 //!
@@ -140,16 +144,16 @@
 
 mod store;
 mod turns;
-mod types;
 
 pub use envelope_core;
 #[cfg(feature = "json")]
 pub use envelope_core::column::AsJson;
-pub use envelope_core::column::{Column, IndexColumn, Plaintext};
+pub use envelope_core::column::{
+    BlindIndex, Column, Encrypted, EncryptedText, IndexColumn, Plaintext,
+};
 pub use envelope_core::{blind_index, column};
 pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
 pub use turns::{DdlTurns, run_ddl_in_turn};
-pub use types::{BlindIndex, Encrypted, EncryptedText};
 
 /// The statement [`mysql_strict_session`] runs: adds `STRICT_ALL_TABLES` to the session's
 /// `sql_mode`, keeping the rest of the server's.

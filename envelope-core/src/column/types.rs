@@ -1,21 +1,32 @@
-//! The column types: `Encrypted<T, C>`, `EncryptedText<T, C>` and `BlindIndex<I>`.
+//! The column types, `Encrypted<T, C>`, `EncryptedText<T, C>` and `BlindIndex<I>`, and what they
+//! do whatever the ORM: the ORM traits are in `sqlx_ext.rs` and `diesel_ext.rs`.
 
 use std::marker::PhantomData;
 
-use envelope_core::column::{self, Column, IndexColumn, Plaintext};
-use sqlx::encode::IsNull;
-use sqlx::error::BoxDynError;
-use sqlx::{Database, Decode, Encode, Type};
+use super::{Column, IndexColumn};
+use crate::error::Error;
 
-/// A field stored encrypted in a binary column (`BYTEA` on PostgreSQL, `BLOB`, `MEDIUMBLOB` or
-/// `VARBINARY(n)` on MySQL/MariaDB, `BLOB` on SQLite): sealed when bound, opened when decoded,
-/// under column marker `C`. Use `Option<Encrypted<T, C>>` for a nullable column: SQL `NULL`
+/// A field stored encrypted in a binary column: sealed when bound, opened when read, under
+/// column marker `C`. The column is `BYTEA` on PostgreSQL, `BLOB`, `MEDIUMBLOB` or
+/// `VARBINARY(n)` on MySQL/MariaDB and `BLOB` on SQLite (diesel's `Binary`). Use
+/// `Option<Encrypted<T, C>>` for a nullable column (diesel's `Nullable<Binary>`): SQL `NULL`
 /// stays `NULL`.
+///
+/// It derefs to `T`. Its `Debug` never shows the value (diesel requires `Debug` on bind values
+/// and prints it in `debug_query`).
+///
+/// envelope-sqlx and envelope-diesel re-export it (`envelope_sqlx::Encrypted`,
+/// `envelope_diesel::Encrypted`: one type) and turn on its ORM impls, the cargo features `sqlx`
+/// and `diesel` of this crate.
+///
+/// # With sqlx
+///
+/// Sealed in `Encode`, opened in `Decode`, on any database whose driver stores `Vec<u8>`.
 ///
 /// PostgreSQL accepts it bound into a `TEXT` column (the server stores the bytes' hex text);
 /// the read then fails, with sqlx's type mismatch (`BYTEA` against `TEXT`), or, where that
 /// check does not run (`try_get_unchecked`), with
-/// [`FormatError::HexText`](envelope_core::FormatError::HexText), whose message names the fix.
+/// [`FormatError::HexText`](crate::FormatError::HexText), whose message names the fix.
 /// Use [`EncryptedText`] for a text column.
 ///
 /// With `query!`/`query_as!`, name the type in the column alias (sqlx's output type override;
@@ -39,14 +50,29 @@ use sqlx::{Database, Decode, Encode, Type};
 /// .await?;
 /// ```
 ///
-/// It derefs to `T`. Its `Debug` never shows the value.
+/// # With diesel
+///
+/// Sealed in `ToSql`, opened in `FromSql`, for a `Binary` or `Nullable<Binary>` column of the
+/// `table!` schema. Writing needs the backend's feature of envelope-diesel (`postgres`, `mysql`
+/// or `sqlite`).
+#[cfg_attr(
+    feature = "diesel",
+    derive(diesel::expression::AsExpression, diesel::deserialize::FromSqlRow),
+    diesel(sql_type = diesel::sql_types::Binary)
+)]
 pub struct Encrypted<T, C> {
     value: T,
     column: PhantomData<fn() -> C>,
 }
 
-/// A field stored encrypted in a text column (`TEXT`, `VARCHAR`), as the text form `ev1:...`.
-/// About a third larger than [`Encrypted`]; use it where the column must stay text.
+/// A field stored encrypted in a text column (`TEXT`, `VARCHAR`; diesel's `Text`), as the text
+/// form `ev1:...`. About a third larger than [`Encrypted`]; use it where the column must stay
+/// text. Otherwise it is used as [`Encrypted`] is, with sqlx and with diesel.
+#[cfg_attr(
+    feature = "diesel",
+    derive(diesel::expression::AsExpression, diesel::deserialize::FromSqlRow),
+    diesel(sql_type = diesel::sql_types::Text)
+)]
 pub struct EncryptedText<T, C> {
     value: T,
     column: PhantomData<fn() -> C>,
@@ -121,79 +147,16 @@ macro_rules! value_wrapper {
 value_wrapper!(Encrypted);
 value_wrapper!(EncryptedText);
 
-impl<T, C, DB: Database> Type<DB> for Encrypted<T, C>
-where
-    Vec<u8>: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <Vec<u8> as Type<DB>>::type_info()
-    }
-
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <Vec<u8> as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'q, T: Plaintext, C: Column, DB: Database> Encode<'q, DB> for Encrypted<T, C>
-where
-    Vec<u8>: Encode<'q, DB>,
-{
-    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        let sealed = column::seal::<T, C>(&self.value)?;
-        <Vec<u8> as Encode<'q, DB>>::encode(sealed, buf)
-    }
-}
-
-impl<'r, T: Plaintext, C: Column, DB: Database> Decode<'r, DB> for Encrypted<T, C>
-where
-    &'r [u8]: Decode<'r, DB>,
-{
-    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        let stored = <&'r [u8] as Decode<'r, DB>>::decode(value)?;
-        Ok(Self::new(column::open::<T, C>(stored)?))
-    }
-}
-
-impl<T, C, DB: Database> Type<DB> for EncryptedText<T, C>
-where
-    String: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <String as Type<DB>>::type_info()
-    }
-
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <String as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'q, T: Plaintext, C: Column, DB: Database> Encode<'q, DB> for EncryptedText<T, C>
-where
-    String: Encode<'q, DB>,
-{
-    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        let sealed = column::seal_text::<T, C>(&self.value)?;
-        <String as Encode<'q, DB>>::encode(sealed, buf)
-    }
-}
-
-impl<'r, T: Plaintext, C: Column, DB: Database> Decode<'r, DB> for EncryptedText<T, C>
-where
-    &'r str: Decode<'r, DB>,
-{
-    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        let stored = <&'r str as Decode<'r, DB>>::decode(value)?;
-        Ok(Self::new(column::open_text::<T, C>(stored)?))
-    }
-}
-
-/// An equality-search column beside an encrypted one: a truncated keyed HMAC of the normalized
-/// value (see [`envelope_core::BlindIndexSpec`]). Compute it when writing the row, and compute the probe
-/// the same way for `WHERE email_bidx = $1`:
+/// An equality-search column beside an encrypted one (a binary column; diesel's `Binary`): a
+/// truncated keyed HMAC of the normalized value (see [`BlindIndexSpec`](crate::BlindIndexSpec)).
+/// Compute it when writing the row, and compute the probe the same way for the search: bind it
+/// in `WHERE email_bidx = $1` with sqlx, or filter on `customers::email_bidx.eq(&probe)` with
+/// diesel.
 ///
 /// ```
 /// # use envelope_core::{Keyring, LocalKms, KeyMaterial, MemoryKeyStore};
-/// use envelope_sqlx::{BlindIndex, blind_index};
+/// use envelope_core::blind_index;
+/// use envelope_core::column::BlindIndex;
 ///
 /// blind_index!(pub CustomerEmailIndex = "customers.email", CaseFolded);
 ///
@@ -205,13 +168,18 @@ where
 ///     let probe = BlindIndex::<CustomerEmailIndex>::of("Alice@Example.com")?;
 ///     // CaseFolded: the probe for any spelling matches what was stored for the value.
 ///     assert_eq!(probe, BlindIndex::<CustomerEmailIndex>::of("alice@example.com")?);
-///     let _query = sqlx::query::<sqlx::Postgres>("SELECT name FROM customers WHERE email_bidx = $1")
-///         .bind(&probe);
 ///     Ok::<_, envelope_core::Error>(())
 /// })
 /// .await?;
 /// # Ok(()) }
 /// ```
+///
+/// Its `Debug` never shows the digest: equal digests reveal equal values.
+#[cfg_attr(
+    feature = "diesel",
+    derive(diesel::expression::AsExpression, diesel::deserialize::FromSqlRow),
+    diesel(sql_type = diesel::sql_types::Binary)
+)]
 pub struct BlindIndex<I> {
     digest: Vec<u8>,
     index: PhantomData<fn() -> I>,
@@ -221,13 +189,10 @@ impl<I: IndexColumn> BlindIndex<I> {
     /// The index of `value` under the current keyring's index key for `I`.
     ///
     /// # Errors
-    /// [`Misuse::NoKeyring`](envelope_core::Misuse::NoKeyring), or a KMS or key-store error while the index
-    /// key is first loaded or created.
-    pub fn of(value: impl AsRef<[u8]>) -> Result<Self, envelope_core::Error> {
-        Ok(BlindIndex {
-            digest: envelope_core::column::blind_index::<I>(value.as_ref())?,
-            index: PhantomData,
-        })
+    /// [`Misuse::NoKeyring`](crate::Misuse::NoKeyring), or a KMS or key-store error while the
+    /// index key is first loaded or created.
+    pub fn of(value: impl AsRef<[u8]>) -> Result<Self, Error> {
+        super::blind_index::<I>(value.as_ref()).map(Self::from_digest)
     }
 
     /// The probes that find `value` in the index column, one per index key `I`'s label
@@ -237,30 +202,32 @@ impl<I: IndexColumn> BlindIndex<I> {
     ///
     /// # Errors
     /// As [`Self::of`].
-    pub fn probes(value: impl AsRef<[u8]>) -> Result<Vec<Self>, envelope_core::Error> {
-        Ok(
-            envelope_core::column::blind_index_probes::<I>(value.as_ref())?
-                .into_iter()
-                .map(|digest| BlindIndex {
-                    digest,
-                    index: PhantomData,
-                })
-                .collect(),
-        )
+    pub fn probes(value: impl AsRef<[u8]>) -> Result<Vec<Self>, Error> {
+        Ok(super::blind_index_probes::<I>(value.as_ref())?
+            .into_iter()
+            .map(Self::from_digest)
+            .collect())
     }
+}
 
+impl<I> BlindIndex<I> {
     /// The stored bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.digest
+    }
+
+    /// A digest computed or read back.
+    pub(super) fn from_digest(digest: Vec<u8>) -> Self {
+        BlindIndex {
+            digest,
+            index: PhantomData,
+        }
     }
 }
 
 impl<I> Clone for BlindIndex<I> {
     fn clone(&self) -> Self {
-        BlindIndex {
-            digest: self.digest.clone(),
-            index: PhantomData,
-        }
+        Self::from_digest(self.digest.clone())
     }
 }
 
@@ -280,36 +247,33 @@ impl<I: IndexColumn> std::fmt::Debug for BlindIndex<I> {
     }
 }
 
-impl<I, DB: Database> Type<DB> for BlindIndex<I>
-where
-    Vec<u8>: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <Vec<u8> as Type<DB>>::type_info()
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <Vec<u8> as Type<DB>>::compatible(ty)
-    }
-}
+    crate::column!(Email = "customers.email");
+    crate::blind_index!(EmailIndex = "customers.email", CaseFolded);
 
-impl<'q, I, DB: Database> Encode<'q, DB> for BlindIndex<I>
-where
-    Vec<u8>: Encode<'q, DB>,
-{
-    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        <Vec<u8> as Encode<'q, DB>>::encode(self.digest.clone(), buf)
-    }
-}
+    #[test]
+    fn wrappers_hold_the_value_and_never_show_it() {
+        let mut e = Encrypted::<String, Email>::from(String::from("alice@example.com"));
+        assert_eq!(format!("{e:?}"), "Encrypted<customers.email>(<redacted>)");
+        e.push('!');
+        assert_eq!(
+            e.clone(),
+            Encrypted::new(String::from("alice@example.com!"))
+        );
+        assert_eq!(e.into_inner(), "alice@example.com!");
 
-impl<'r, I, DB: Database> Decode<'r, DB> for BlindIndex<I>
-where
-    Vec<u8>: Decode<'r, DB>,
-{
-    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        Ok(BlindIndex {
-            digest: <Vec<u8> as Decode<'r, DB>>::decode(value)?,
-            index: PhantomData,
-        })
+        let t = EncryptedText::<i64, Email>::new(7);
+        assert_eq!(
+            format!("{t:?}"),
+            "EncryptedText<customers.email>(<redacted>)"
+        );
+        assert_eq!(*t, 7);
+
+        let b = BlindIndex::<EmailIndex>::from_digest(vec![1, 2, 3]);
+        assert_eq!(format!("{b:?}"), "BlindIndex<customers.email>(<redacted>)");
+        assert_eq!(b.clone().as_bytes(), &[1, 2, 3]);
     }
 }

@@ -1,6 +1,12 @@
-//! What the column types of envelope-sqlx and envelope-diesel share: the column markers, the
-//! conversion of field types to plaintext bytes, and sealing and opening through the keyring the
-//! [`crate::current`] resolves.
+//! The column types, [`Encrypted`], [`EncryptedText`] and [`BlindIndex`], and what they build
+//! on: the column markers, the conversion of field types to plaintext bytes, and sealing and
+//! opening through the keyring that [`crate::current`] resolves.
+//!
+//! The column types are defined here once for every ORM. envelope-sqlx and envelope-diesel
+//! re-export them and turn on their ORM impls: sqlx's `Type`, `Encode` and `Decode` (this
+//! crate's feature `sqlx`), diesel's `AsExpression`, `FromSqlRow`, `FromSql` (feature `diesel`)
+//! and `ToSql` (features `diesel-postgres`, `diesel-mysql`, `diesel-sqlite`). Applications use
+//! them through those crates.
 //!
 //! Declare a column once, then use it as the type parameter of `Encrypted<T, C>`:
 //!
@@ -19,6 +25,14 @@ use crate::blind::{BlindIndexSpec, Normalizer};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::keys::{Label, Scope};
+
+#[cfg(feature = "diesel")]
+mod diesel_ext;
+#[cfg(feature = "sqlx")]
+mod sqlx_ext;
+mod types;
+
+pub use types::{BlindIndex, Encrypted, EncryptedText};
 
 /// A column an encrypted value belongs to. Its label is bound into every value, so a value
 /// copied into another column does not open there.
