@@ -262,6 +262,21 @@ pub enum Misuse {
 }
 
 impl Misuse {
+    /// A short, stable name for the case.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Misuse::NoKeyring => "NoKeyring",
+            Misuse::BridgeReentrant => "BridgeReentrant",
+            Misuse::ForkedProcess { .. } => "ForkedProcess",
+            Misuse::InvalidName { .. } => "InvalidName",
+            Misuse::PlaintextTooLarge { .. } => "PlaintextTooLarge",
+            Misuse::Policy { .. } => "Policy",
+            Misuse::Builder(_) => "Builder",
+            Misuse::BlindIndex(_) => "BlindIndex",
+            Misuse::KeyLength { .. } => "KeyLength",
+        }
+    }
+
     /// [`Category::Value`] for the cases that depend on the value ([`Misuse::PlaintextTooLarge`],
     /// [`Misuse::BlindIndex`]), [`Category::Program`] for the rest.
     fn category(&self) -> Category {
@@ -482,7 +497,10 @@ impl Error {
         }
     }
 
-    /// A short, stable name for the error's variant, as used by the test vectors' `expect` field.
+    /// A short, stable name for the error's variant, as used by the test vectors' `expect` field
+    /// and by the `envelope` command's JSON output (scripts match on it). A format error and a
+    /// misuse are named by their own case (`Truncated`, `PlaintextTooLarge`), the rest by the
+    /// variant.
     pub fn name(&self) -> &'static str {
         match self {
             Error::Format(f) => f.name(),
@@ -497,7 +515,7 @@ impl Error {
             Error::Unavailable(_) => "Unavailable",
             Error::MasterKeyMissing(_) => "MasterKeyMissing",
             Error::Config(_) => "Config",
-            Error::Misuse(_) => "Misuse",
+            Error::Misuse(m) => m.name(),
             Error::System(_) => "System",
         }
     }
@@ -1229,5 +1247,17 @@ mod tests {
         .map(|c| c.to_string())
         .collect();
         assert_eq!(names, ["value", "service", "deployment", "program"]);
+    }
+
+    #[test]
+    fn a_misuse_is_named_by_its_case_so_scripts_can_tell_them_apart() {
+        let names: Vec<&str> = every_error()
+            .iter()
+            .filter(|(e, _, _)| matches!(e, Error::Misuse(_)))
+            .map(|(e, _, _)| e.name())
+            .collect();
+        assert!(names.contains(&"PlaintextTooLarge"), "{names:?}");
+        assert!(names.contains(&"BlindIndex"), "{names:?}");
+        assert!(!names.contains(&"Misuse"), "{names:?}");
     }
 }

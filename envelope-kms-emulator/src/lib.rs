@@ -160,7 +160,7 @@ struct Shared {
 
 impl Shared {
     /// The emulator's state, with the keys of the state file if there is one.
-    fn new(config: EmulatorConfig) -> Result<Shared, String> {
+    fn new(config: EmulatorConfig) -> Result<Shared, StartError> {
         let keys = match &config.state_file {
             Some(path) => load_state(path)?,
             None => BTreeMap::new(),
@@ -180,6 +180,54 @@ impl Shared {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the data consistent, so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the emulator did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// `listen` is not a loopback address, and [`EmulatorConfig::allow_remote`] is off.
+    #[error(
+        "refusing to listen on {0}, which other machines can reach: the emulator is not a KMS \
+         (its master keys are in memory, and in the clear in a state file). Listen on \
+         127.0.0.1, or allow it explicitly (--allow-remote)"
+    )]
+    Remote(SocketAddr),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file cannot be read.
+    #[error("{}: cannot read the state file: {source}", path.display())]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file is not one the emulator wrote (its message names no key material).
+    #[error("{}: not an emulator state file: {detail}", path.display())]
+    BadState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong: the parser's position, or the key whose material is bad.
+        detail: String,
+    },
+    /// The operating system refused a thread, a runtime or a socket setting.
+    #[error("cannot start the emulator ({doing}): {source}")]
+    Io {
+        /// What the emulator was doing.
+        doing: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server thread ended before it was ready.
+    #[error("the emulator thread died while starting")]
+    Died,
 }
 
 /// A running emulator. Dropping it stops the server.
@@ -204,27 +252,30 @@ impl Emulator {
     /// # Errors
     /// When `listen` is not a loopback address and [`EmulatorConfig::allow_remote`] is off,
     /// when the address cannot be bound, or when the state file cannot be read.
-    pub fn start(config: EmulatorConfig) -> Result<Emulator, String> {
+    pub fn start(config: EmulatorConfig) -> Result<Emulator, StartError> {
         if !config.allow_remote && !config.listen.ip().is_loopback() {
-            return Err(format!(
-                "refusing to listen on {}, which other machines can reach: the emulator is not a \
-                 KMS (its master keys are in memory, and in the clear in a state file). Listen \
-                 on 127.0.0.1, or allow it explicitly (--allow-remote)",
-                config.listen
-            ));
+            return Err(StartError::Remote(config.listen));
         }
         let shared = Arc::new(Shared::new(config)?);
-        let std_listener = std::net::TcpListener::bind(shared.config.listen)
-            .map_err(|e| format!("cannot listen on {}: {e}", shared.config.listen))?;
+        let std_listener = std::net::TcpListener::bind(shared.config.listen).map_err(|source| {
+            StartError::Listen {
+                addr: shared.config.listen,
+                source,
+            }
+        })?;
         std_listener
             .set_nonblocking(true)
-            .map_err(|e| format!("cannot configure the listener: {e}"))?;
-        let addr = std_listener
-            .local_addr()
-            .map_err(|e| format!("cannot read the listening address: {e}"))?;
+            .map_err(|source| StartError::Io {
+                doing: "configuring the listener",
+                source,
+            })?;
+        let addr = std_listener.local_addr().map_err(|source| StartError::Io {
+            doing: "reading the listening address",
+            source,
+        })?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server_shared = shared.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
         let thread = std::thread::Builder::new()
             .name("kms-emulator".into())
             .spawn(move || {
@@ -236,7 +287,10 @@ impl Emulator {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start a runtime: {e}")));
+                        let _ = ready_tx.send(Err(StartError::Io {
+                            doing: "starting its runtime",
+                            source: e,
+                        }));
                         return;
                     }
                 };
@@ -244,7 +298,10 @@ impl Emulator {
                     let listener = match tokio::net::TcpListener::from_std(std_listener) {
                         Ok(l) => l,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(format!("cannot listen: {e}")));
+                            let _ = ready_tx.send(Err(StartError::Io {
+                                doing: "listening",
+                                source: e,
+                            }));
                             return;
                         }
                     };
@@ -266,10 +323,11 @@ impl Emulator {
                         .await;
                 });
             })
-            .map_err(|e| format!("cannot start the emulator thread: {e}"))?;
-        ready_rx
-            .recv()
-            .map_err(|_| "the emulator thread died while starting".to_owned())??;
+            .map_err(|source| StartError::Io {
+                doing: "starting its thread",
+                source,
+            })?;
+        ready_rx.recv().map_err(|_| StartError::Died)??;
         Ok(Emulator {
             addr,
             shared,
@@ -377,7 +435,7 @@ mod tests {
         let mut c = EmulatorConfig::local("AKIDtest", "test-secret-key");
         c.listen = SocketAddr::from(([0, 0, 0, 0], 0));
         let refused = Emulator::start(c.clone()).unwrap_err();
-        assert!(refused.contains("--allow-remote"), "{refused}");
+        assert!(refused.to_string().contains("--allow-remote"), "{refused}");
         c.allow_remote = true;
         let e = Emulator::start(c).unwrap();
         assert!(e.addr().ip().is_unspecified());
@@ -385,7 +443,7 @@ mod tests {
         v6.listen = "[::1]:0".parse().unwrap();
         // Loopback over IPv6 is fine without the flag (when the machine has it).
         if let Err(e) = Emulator::start(v6) {
-            assert!(!e.contains("--allow-remote"), "{e}");
+            assert!(!e.to_string().contains("--allow-remote"), "{e}");
         }
     }
 

@@ -10,9 +10,9 @@ use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::Shared;
 use crate::blob::cmk_cipher;
 use crate::http::{ApiError, api_error};
+use crate::{Shared, StartError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum KeyState {
@@ -56,27 +56,40 @@ struct StateFile {
     keys: Vec<StoredKey>,
 }
 
-pub(crate) fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, String> {
+pub(crate) fn load_state(path: &Path) -> Result<BTreeMap<String, CmkEntry>, StartError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => Zeroizing::new(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => {
-            return Err(format!(
-                "{}: cannot read the state file: {e}",
-                path.display()
-            ));
+        Err(source) => {
+            return Err(StartError::ReadState {
+                path: path.to_owned(),
+                source,
+            });
         }
     };
-    let state: StateFile = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not an emulator state file: {e}", path.display()))?;
+    let bad = |detail: String| StartError::BadState {
+        path: path.to_owned(),
+        detail,
+    };
+    // Only where and what kind: serde_json's own message can quote the file, key material
+    // included.
+    let state: StateFile = serde_json::from_str(&text).map_err(|e| {
+        bad(format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     let mut keys = BTreeMap::new();
     for meta in state.keys {
-        let material =
-            Zeroizing::new(STANDARD.decode(&meta.material).map_err(|_| {
-                format!("{}: key {} has bad material", path.display(), meta.key_id)
-            })?);
+        let material = Zeroizing::new(
+            STANDARD
+                .decode(&meta.material)
+                .map_err(|_| bad(format!("key {} has bad material", meta.key_id)))?,
+        );
         let cipher = cmk_cipher(&material)
-            .ok_or_else(|| format!("{}: key {} has bad material", path.display(), meta.key_id))?;
+            .ok_or_else(|| bad(format!("key {} has bad material", meta.key_id)))?;
         keys.insert(meta.key_id.clone(), CmkEntry { meta, cipher });
     }
     Ok(keys)

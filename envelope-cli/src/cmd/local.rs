@@ -52,7 +52,7 @@ pub(crate) fn kms_emulator(args: EmulatorArgs) -> Result<(), Failure> {
         }),
         allow_remote,
     })
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     // Whoever started it may stop reading after the first line: a closed stdout must
     // not stop the emulator, so nothing here may panic on a write.
     let mut out = std::io::stdout();
