@@ -1,6 +1,6 @@
-//! The key table's SQL, shared by every database [`KeyStore`](crate::KeyStore): its DDL on
-//! PostgreSQL, MySQL/MariaDB and SQLite, the statements that let several processes create it at
-//! once, and the row as the databases hold it ([`KeyRow`]).
+//! The key table as every database [`KeyStore`](crate::KeyStore) holds it: its name, its columns
+//! and its row ([`KeyRow`]). What differs per database (the DDL, taking turns to create it,
+//! telling that it is missing) is in [`crate::dialect`].
 //!
 //! envelope-sqlx and envelope-diesel both build on this module, so either crate reads the keys
 //! the other wrote. The layout is specified in `docs/FORMAT.md`, section 7.
@@ -13,28 +13,9 @@ use crate::keys::{KeyId, KeyKind, KeyRecord};
 /// The default key table name.
 pub const DEFAULT_TABLE: &str = "envelope_keys";
 
-/// Adds `STRICT_ALL_TABLES` to a MySQL/MariaDB session's `sql_mode`, keeping the rest of the
-/// server's: a value too long for its column then fails instead of being cut short with a
-/// warning (a sealed value cut short can never be opened). The key stores run it on each of
-/// their MySQL connections; applications run it on theirs (envelope-sqlx's
-/// `mysql_strict_session`, envelope-diesel's `MYSQL_STRICT_SESSION`).
-pub const MYSQL_STRICT_SESSION: &str =
-    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'STRICT_ALL_TABLES')";
-
 /// The key table's columns, in the order every store selects and inserts them.
 pub const COLUMNS: &str =
     "id, kind, scope, provider, cmk_id, wrapped, kms_context, created_at, retired_at";
-
-/// The DDL for the default table name, one script per database. Idempotent (`IF NOT EXISTS`).
-/// [`statements`] splits a script and renames its table.
-pub mod ddl {
-    /// PostgreSQL.
-    pub const POSTGRES: &str = include_str!("../sql/postgres.sql");
-    /// MySQL 8 and MariaDB 10.5+.
-    pub const MYSQL: &str = include_str!("../sql/mysql.sql");
-    /// SQLite.
-    pub const SQLITE: &str = include_str!("../sql/sqlite.sql");
-}
 
 /// Check a key table name: letters, digits and `_`, up to 63 bytes, not starting with a digit
 /// (so it can be spliced into SQL unquoted on every database).
@@ -57,77 +38,6 @@ pub fn check_table_name(table: &str) -> Result<(), Error> {
             reason: "use letters, digits and `_`, up to 63, not starting with a digit",
         }))
     }
-}
-
-/// The statements of a [`ddl`] script, comments dropped, for the table `table` (checked with
-/// [`check_table_name`]); its index is renamed with it.
-pub fn statements(ddl: &str, table: &str) -> Vec<String> {
-    ddl.lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .split(';')
-        .map(|s| s.trim().replace(DEFAULT_TABLE, table))
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-/// Statements run on one connection around the key table's DDL, so that several processes
-/// creating it at the same moment (replicas of a new deployment) take turns.
-///
-/// PostgreSQL needs it: concurrent `CREATE TABLE IF NOT EXISTS` can fail there with a unique
-/// violation on `pg_type_typname_nsp_index`. Its DDL is transactional, so a transaction-scoped
-/// advisory lock serializes it. MySQL/MariaDB commit DDL implicitly: a named lock held by the
-/// connection does it there. SQLite serializes writers itself (wait on a busy database).
-#[derive(Clone, Copy, Debug)]
-pub struct DdlGuard {
-    /// Run first.
-    pub before: &'static [&'static str],
-    /// Run after the DDL succeeded.
-    pub after: &'static [&'static str],
-    /// Run after a statement failed (the first error is the one to report).
-    pub on_error: &'static [&'static str],
-}
-
-impl DdlGuard {
-    /// PostgreSQL: a transaction-scoped advisory lock with an arbitrary, fixed key shared by
-    /// every envelope process (`envelope-keys-ddl`).
-    pub const POSTGRES: DdlGuard = DdlGuard {
-        before: &["BEGIN", "SELECT pg_advisory_xact_lock(6573006219848410995)"],
-        after: &["COMMIT"],
-        on_error: &["ROLLBACK"],
-    };
-    /// MySQL/MariaDB: a named lock held by the connection, waited for up to 60 s.
-    pub const MYSQL: DdlGuard = DdlGuard {
-        before: &["SELECT GET_LOCK('envelope-keys-ddl', 60)"],
-        after: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
-        on_error: &["SELECT RELEASE_LOCK('envelope-keys-ddl')"],
-    };
-    /// SQLite: nothing (it serializes writers).
-    pub const SQLITE: DdlGuard = DdlGuard {
-        before: &[],
-        after: &[],
-        on_error: &[],
-    };
-}
-
-/// `e`, or [`StoreError::MissingTable`] when it is a database's "no such table" about `table`
-/// (PostgreSQL `relation "…" does not exist`, MySQL/MariaDB `Table '…' doesn't exist`, SQLite
-/// `no such table: …`). Stores pass their backend errors through it.
-pub fn missing_table(e: StoreError, table: &str) -> StoreError {
-    if let StoreError::Backend(source) = &e {
-        let text = source.to_string();
-        let names_it = text.contains(table);
-        let missing = text.contains("does not exist")
-            || text.contains("doesn't exist")
-            || text.contains("no such table");
-        if names_it && missing {
-            return StoreError::MissingTable {
-                table: table.to_owned(),
-            };
-        }
-    }
-    e
 }
 
 /// A time as the key table holds it: Unix milliseconds.
@@ -231,38 +141,6 @@ impl KeyRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn statements_rename_the_table_and_its_index() {
-        for ddl in [ddl::POSTGRES, ddl::MYSQL, ddl::SQLITE] {
-            let out = statements(ddl, "tenant_keys");
-            assert!(!out.is_empty());
-            assert!(
-                out.iter()
-                    .all(|s| !s.contains(DEFAULT_TABLE) && !s.contains("--"))
-            );
-            assert!(out[0].starts_with("CREATE TABLE IF NOT EXISTS tenant_keys"));
-            assert!(out.iter().any(|s| s.contains("tenant_keys_live_index")));
-        }
-    }
-
-    #[test]
-    fn no_such_table_is_recognised_on_every_database() {
-        for text in [
-            r#"error returned from database: relation "keys_1" does not exist"#,
-            "Table 'test.keys_1' doesn't exist",
-            "no such table: keys_1",
-        ] {
-            let e = missing_table(StoreError::backend(std::io::Error::other(text)), "keys_1");
-            assert!(matches!(e, StoreError::MissingTable { .. }), "{text}");
-            assert!(e.to_string().contains("create_table()"), "{e}");
-        }
-        let other = missing_table(
-            StoreError::backend(std::io::Error::other("no such table: other")),
-            "keys_1",
-        );
-        assert!(matches!(other, StoreError::Backend(_)));
-    }
 
     #[test]
     fn table_names_are_checked() {

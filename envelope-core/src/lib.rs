@@ -80,6 +80,7 @@ mod bridge;
 mod cipher;
 mod coarse_clock;
 pub mod column;
+pub mod dialect;
 mod error;
 pub mod format;
 pub mod key_table;

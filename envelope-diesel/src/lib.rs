@@ -170,7 +170,7 @@ pub use envelope_core::column::AsJson;
 pub use envelope_core::column::{
     BlindIndex, Column, Encrypted, EncryptedText, IndexColumn, Plaintext,
 };
-pub use envelope_core::key_table::MYSQL_STRICT_SESSION;
+pub use envelope_core::dialect::MYSQL_STRICT_SESSION;
 pub use envelope_core::{blind_index, column};
 pub use error::{Report, envelope_error, report};
 #[cfg(feature = "async")]

@@ -152,12 +152,12 @@ pub use envelope_core::column::{
     BlindIndex, Column, Encrypted, EncryptedText, IndexColumn, Plaintext,
 };
 pub use envelope_core::{blind_index, column};
-pub use store::{CreateTable, DEFAULT_TABLE, SqlxKeyStore, ddl, key_store_for_url};
+pub use store::{DEFAULT_TABLE, KeyTableDatabase, SqlxKeyStore, ddl, key_store_for_url};
 pub use turns::{DdlTurns, run_ddl_in_turn};
 
 /// The statement [`mysql_strict_session`] runs: adds `STRICT_ALL_TABLES` to the session's
 /// `sql_mode`, keeping the rest of the server's.
-pub use envelope_core::key_table::MYSQL_STRICT_SESSION;
+pub use envelope_core::dialect::MYSQL_STRICT_SESSION;
 
 /// Make a MySQL/MariaDB session strict, so that a value too long for its column fails instead
 /// of being cut short (a sealed value cut short can never be opened): for the pool's

@@ -1,25 +1,61 @@
-//! The key table on PostgreSQL, MySQL/MariaDB and SQLite, through sqlx.
+//! The key table on PostgreSQL, MySQL/MariaDB and SQLite, through sqlx: one generic store whose
+//! SQL decisions are the database's [`Dialect`]'s.
 
 use std::marker::PhantomData;
 use std::time::SystemTime;
 
 use envelope_core::__private::IoRuntime;
+use envelope_core::dialect::{self, Dialect, Kind};
 use envelope_core::key_table::{self, COLUMNS, KeyRow, millis};
 use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use sqlx::pool::PoolOptions;
-use sqlx::{Database, Pool, QueryBuilder, Row};
+use sqlx::{Database, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Row, Type};
 
-use crate::turns::run_ddl_in_turn;
+use crate::turns::{DdlTurns, run_ddl_in_turn};
 
 /// The DDL for the default table name, one script per database (the same as
-/// [`envelope_core::key_table::ddl`]), also shipped as files to copy into an application's own
+/// [`envelope_core::dialect::ddl`]), also shipped as files to copy into an application's own
 /// migrations: `envelope-sqlx/key-table/{postgres,mysql,sqlite}.sql`.
 pub mod ddl {
-    pub use envelope_core::key_table::ddl::{MYSQL, POSTGRES, SQLITE};
+    pub use envelope_core::dialect::ddl::{MYSQL, POSTGRES, SQLITE};
 }
 
 /// The default key table name.
 pub use envelope_core::key_table::DEFAULT_TABLE;
+
+/// A sqlx database the key table can live on: `Postgres`, `MySql` and `Sqlite` (with the crate
+/// features of the same names). Sealed.
+pub trait KeyTableDatabase: DdlTurns + Sync {
+    /// This database's SQL.
+    const DIALECT: &'static dyn Dialect;
+    /// The rows a statement changed (sqlx has no trait for it).
+    #[doc(hidden)]
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+}
+
+#[cfg(feature = "postgres")]
+impl KeyTableDatabase for sqlx::Postgres {
+    const DIALECT: &'static dyn Dialect = &dialect::Postgres;
+    fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl KeyTableDatabase for sqlx::MySql {
+    const DIALECT: &'static dyn Dialect = &dialect::MySql;
+    fn rows_affected(done: &sqlx::mysql::MySqlQueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl KeyTableDatabase for sqlx::Sqlite {
+    const DIALECT: &'static dyn Dialect = &dialect::Sqlite;
+    fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
 
 /// A [`KeyStore`] over a sqlx database: `SqlxKeyStore<Postgres>`, `SqlxKeyStore<MySql>` or
 /// `SqlxKeyStore<Sqlite>`.
@@ -47,7 +83,18 @@ impl<DB: Database> std::fmt::Debug for SqlxKeyStore<DB> {
     }
 }
 
-impl<DB: Database> SqlxKeyStore<DB> {
+impl<DB> SqlxKeyStore<DB>
+where
+    DB: KeyTableDatabase,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    &'static str: sqlx::ColumnIndex<DB::Row>,
+    DB::Arguments: IntoArguments<DB>,
+{
     /// A store for the same database as `pool`, using the table `envelope_keys`. It takes
     /// only the pool's connect options: its queries go through connections of its own (see
     /// the type's docs), made on first use.
@@ -65,7 +112,8 @@ impl<DB: Database> SqlxKeyStore<DB> {
     /// [`envelope_core::ConfigError`] for a URL this database cannot use.
     pub fn connect_lazy(url: &str) -> Result<Self, envelope_core::Error> {
         use std::str::FromStr;
-        let options = <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(url)
+        let url = DB::DIALECT.driver_url(url);
+        let options = <<DB::Connection as sqlx::Connection>::Options as FromStr>::from_str(&url)
             .map_err(|e| {
                 envelope_core::ConfigError::new(format!("the {} URL", DB::NAME), e.to_string())
             })?;
@@ -81,17 +129,15 @@ impl<DB: Database> SqlxKeyStore<DB> {
             PoolOptions::<DB>::new()
                 .max_connections(2)
                 .min_connections(0)
-                // MySQL/MariaDB: strict, so that nothing the store writes is cut short.
+                // MySQL/MariaDB: strict, so that nothing the store writes is cut short. (SQLite's
+                // busy timeout is in sqlx's connect options: 5 s, or the application's.)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        #[cfg(feature = "mysql")]
-                        if let Some(my) =
-                            (conn as &mut dyn std::any::Any).downcast_mut::<sqlx::MySqlConnection>()
-                        {
-                            crate::mysql_strict_session(my).await?;
+                        for sql in DB::DIALECT.strict_session() {
+                            sqlx::query(sqlx::AssertSqlSafe(*sql))
+                                .execute(&mut *conn)
+                                .await?;
                         }
-                        #[cfg(not(feature = "mysql"))]
-                        let _ = conn;
                         Ok(())
                     })
                 })
@@ -115,6 +161,17 @@ impl<DB: Database> SqlxKeyStore<DB> {
         Ok(self)
     }
 
+    /// Create the key table and its index if they do not exist. Safe when several
+    /// processes do it at the same moment: they take turns.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn create_table(&self) -> Result<(), StoreError> {
+        let statements = DB::DIALECT.key_table_statements(&self.table);
+        self.on_runtime(move |pool, _| async move { run_ddl_in_turn(&pool, &statements).await })
+            .await
+    }
+
     /// Run `work` with the store's pool on the store's runtime.
     async fn on_runtime<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
     where
@@ -126,13 +183,27 @@ impl<DB: Database> SqlxKeyStore<DB> {
         self.runtime
             .run(fut)
             .await
-            .map_err(|e| StoreError::Conflict(e.to_string()))?
-            .map_err(|e| key_table::missing_table(e, &self.table))
+            .map_err(shut_down)?
+            .map_err(|e| DB::DIALECT.missing_table(e, &self.table))
     }
 
-    fn ddl_for(&self, ddl: &str) -> Vec<String> {
-        key_table::statements(ddl, &self.table)
+    async fn fetch_one_id(
+        pool: &Pool<DB>,
+        table: &str,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM {table} WHERE id = "));
+        q.push_bind(id.as_bytes().to_vec());
+        let row = q.build().fetch_optional(pool).await.map_err(backend)?;
+        row.as_ref().map(record).transpose()
     }
+}
+
+/// The store's runtime gone (the store is being dropped, or its query panicked): the key store
+/// is unavailable, which is not a conflict (the index-key code reads a conflict as "another
+/// process won the race").
+fn shut_down(e: envelope_core::Error) -> StoreError {
+    StoreError::backend(e)
 }
 
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
@@ -146,10 +217,10 @@ pub(crate) fn backend(e: sqlx::Error) -> StoreError {
 
 fn record<R: Row>(row: &R) -> Result<KeyRecord, StoreError>
 where
-    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> Option<i64>: sqlx::Decode<'r, R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database>,
     &'static str: sqlx::ColumnIndex<R>,
 {
     KeyRow {
@@ -166,25 +237,6 @@ where
     .into_record()
 }
 
-/// The per-database part of a store that the generic helpers need.
-#[async_trait]
-pub trait CreateTable {
-    /// Create the key table and its index if they do not exist.
-    async fn ensure_table(&self) -> Result<(), StoreError>;
-}
-
-async fn open_store<DB: Database>(
-    url: &str,
-    table: &str,
-) -> Result<std::sync::Arc<dyn KeyStore>, envelope_core::Error>
-where
-    SqlxKeyStore<DB>: KeyStore + CreateTable,
-{
-    let store = SqlxKeyStore::<DB>::connect_lazy(url)?.with_table(table)?;
-    store.ensure_table().await?;
-    Ok(std::sync::Arc::new(store))
-}
-
 /// A key store for the database at `url`, chosen by its scheme (`sqlite:`, `postgres:` /
 /// `postgresql:`, `mysql:` / `mariadb:`), with its table created if needed. For applications
 /// that pick the database at run time (for example through `sqlx::Any`).
@@ -196,32 +248,53 @@ pub async fn key_store_for_url(
     url: &str,
     table: &str,
 ) -> Result<std::sync::Arc<dyn KeyStore>, envelope_core::Error> {
-    match url.split(':').next().unwrap_or("") {
+    let Some(d) = dialect::for_url(url) else {
+        return Err(envelope_core::ConfigError::new(
+            "the key store URL",
+            format!(
+                "starts with sqlite:, postgres: or mysql:, not {:?}:",
+                dialect::scheme(url)
+            ),
+        )
+        .into());
+    };
+    match d.kind() {
         #[cfg(feature = "sqlite")]
-        "sqlite" => open_store::<sqlx::Sqlite>(url, table).await,
+        Kind::Sqlite => {
+            let store = SqlxKeyStore::<sqlx::Sqlite>::connect_lazy(url)?.with_table(table)?;
+            store.create_table().await?;
+            Ok(std::sync::Arc::new(store))
+        }
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => open_store::<sqlx::Postgres>(url, table).await,
+        Kind::Postgres => {
+            let store = SqlxKeyStore::<sqlx::Postgres>::connect_lazy(url)?.with_table(table)?;
+            store.create_table().await?;
+            Ok(std::sync::Arc::new(store))
+        }
         #[cfg(feature = "mysql")]
-        "mysql" | "mariadb" => open_store::<sqlx::MySql>(url, table).await,
-        other => {
+        Kind::MySql => {
+            let store = SqlxKeyStore::<sqlx::MySql>::connect_lazy(url)?.with_table(table)?;
+            store.create_table().await?;
+            Ok(std::sync::Arc::new(store))
+        }
+        #[allow(unreachable_patterns)]
+        _ => {
             let _ = table;
-            Err(unsupported_scheme(other))
+            Err(not_built(d, dialect::scheme(url)))
         }
     }
 }
 
-fn unsupported_scheme(scheme: &str) -> envelope_core::Error {
-    let feature = match scheme {
-        "sqlite" => "sqlite",
-        "postgres" | "postgresql" => "postgres",
-        "mysql" | "mariadb" => "mysql",
-        other => {
-            return envelope_core::ConfigError::new(
-                "the key store URL",
-                format!("starts with sqlite:, postgres: or mysql:, not {other:?}:"),
-            )
-            .into();
-        }
+/// A known database whose cargo feature this build lacks.
+#[cfg_attr(
+    all(feature = "postgres", feature = "mysql", feature = "sqlite"),
+    allow(dead_code)
+)]
+fn not_built(d: &dyn Dialect, scheme: &str) -> envelope_core::Error {
+    let feature = match d.kind() {
+        Kind::Postgres => "postgres",
+        Kind::MySql => "mysql",
+        Kind::Sqlite => "sqlite",
     };
     envelope_core::ConfigError::new(
         format!("the {scheme}: key store URL"),
@@ -230,183 +303,146 @@ fn unsupported_scheme(scheme: &str) -> envelope_core::Error {
     .into()
 }
 
-macro_rules! sqlx_key_store {
-    ($db:ty, $ddl:expr) => {
-        #[async_trait]
-        impl CreateTable for SqlxKeyStore<$db> {
-            async fn ensure_table(&self) -> Result<(), StoreError> {
-                self.create_table().await
-            }
-        }
+#[async_trait]
+impl<DB> KeyStore for SqlxKeyStore<DB>
+where
+    DB: KeyTableDatabase,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    &'static str: sqlx::ColumnIndex<DB::Row>,
+    DB::Arguments: IntoArguments<DB>,
+{
+    async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
+        let r = r.clone();
+        self.on_runtime(move |pool, table| async move {
+            let mut q =
+                QueryBuilder::<DB>::new(format!("INSERT INTO {table} ({COLUMNS}) VALUES ("));
+            let mut s = q.separated(", ");
+            s.push_bind(r.id.as_bytes().to_vec())
+                .push_bind(r.kind.as_str())
+                .push_bind(r.scope.clone())
+                .push_bind(r.provider.clone())
+                .push_bind(r.cmk_id.clone())
+                .push_bind(r.wrapped.clone())
+                .push_bind(r.kms_context.clone())
+                .push_bind(millis(r.created_at))
+                .push_bind(r.retired_at.map(millis));
+            q.push(")");
+            q.build().execute(&pool).await.map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
 
-        impl SqlxKeyStore<$db> {
-            /// Create the key table and its index if they do not exist. Safe when several
-            /// processes do it at the same moment: they take turns.
-            ///
-            /// # Errors
-            /// The database's error.
-            pub async fn create_table(&self) -> Result<(), StoreError> {
-                let statements = self.ddl_for($ddl);
-                self.on_runtime(
-                    move |pool, _| async move { run_ddl_in_turn(&pool, &statements).await },
-                )
-                .await
-            }
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let id = *id;
+        self.on_runtime(
+            move |pool, table| async move { Self::fetch_one_id(&pool, &table, &id).await },
+        )
+        .await
+    }
 
-            async fn fetch_one_id(
-                pool: &Pool<$db>,
-                table: &str,
-                id: &KeyId,
-            ) -> Result<Option<KeyRecord>, StoreError> {
-                let mut q =
-                    QueryBuilder::<$db>::new(format!("SELECT {COLUMNS} FROM {table} WHERE id = "));
-                q.push_bind(id.as_bytes().to_vec());
-                let row = q.build().fetch_optional(pool).await.map_err(backend)?;
-                row.as_ref().map(record).transpose()
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let filter = filter.clone();
+        self.on_runtime(move |pool, table| async move {
+            let mut q =
+                QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM {table} WHERE 1 = 1"));
+            if let Some(kind) = filter.kind {
+                q.push(" AND kind = ").push_bind(kind.as_str());
             }
-        }
+            if let Some(scope) = &filter.scope {
+                q.push(" AND scope = ").push_bind(scope.clone());
+            }
+            if let Some(cmk) = &filter.cmk_id {
+                q.push(" AND cmk_id = ").push_bind(cmk.clone());
+            }
+            if !filter.include_retired {
+                q.push(" AND retired_at IS NULL");
+            }
+            q.push(" ORDER BY created_at, id");
+            let rows = q.build().fetch_all(&pool).await.map_err(backend)?;
+            rows.iter().map(record).collect()
+        })
+        .await
+    }
 
-        #[async_trait]
-        impl KeyStore for SqlxKeyStore<$db> {
-            async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
-                let r = r.clone();
-                self.on_runtime(move |pool, table| async move {
-                    let mut q = QueryBuilder::<$db>::new(format!(
-                        "INSERT INTO {table} ({COLUMNS}) VALUES ("
-                    ));
-                    let mut s = q.separated(", ");
-                    s.push_bind(r.id.as_bytes().to_vec())
-                        .push_bind(r.kind.as_str())
-                        .push_bind(r.scope.clone())
-                        .push_bind(r.provider.clone())
-                        .push_bind(r.cmk_id.clone())
-                        .push_bind(r.wrapped.clone())
-                        .push_bind(r.kms_context.clone())
-                        .push_bind(millis(r.created_at))
-                        .push_bind(r.retired_at.map(millis));
-                    q.push(")");
-                    q.build().execute(&pool).await.map_err(backend)?;
-                    Ok(())
-                })
-                .await
+    async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError> {
+        let id = *id;
+        self.on_runtime(move |pool, table| async move {
+            let mut q = QueryBuilder::<DB>::new(format!(
+                "UPDATE {table} SET retired_at = COALESCE(retired_at, "
+            ));
+            q.push_bind(millis(at))
+                .push(") WHERE id = ")
+                .push_bind(id.as_bytes().to_vec());
+            let done = q.build().execute(&pool).await.map_err(backend)?;
+            if DB::rows_affected(&done) == 0
+                && Self::fetch_one_id(&pool, &table, &id).await?.is_none()
+            {
+                return Err(StoreError::NotFound(id));
             }
+            Ok(())
+        })
+        .await
+    }
 
-            async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-                let id = *id;
-                self.on_runtime(move |pool, table| async move {
-                    Self::fetch_one_id(&pool, &table, &id).await
-                })
-                .await
+    async fn rewrap(
+        &self,
+        id: &KeyId,
+        expected_wrapped: &[u8],
+        provider: &str,
+        cmk_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        let (id, expected, provider, cmk_id, wrapped) = (
+            *id,
+            expected_wrapped.to_vec(),
+            provider.to_owned(),
+            cmk_id.to_owned(),
+            wrapped.to_vec(),
+        );
+        self.on_runtime(move |pool, table| async move {
+            let mut q = QueryBuilder::<DB>::new(format!("UPDATE {table} SET provider = "));
+            q.push_bind(provider)
+                .push(", cmk_id = ")
+                .push_bind(cmk_id.clone())
+                .push(", wrapped = ")
+                .push_bind(wrapped.clone())
+                .push(" WHERE id = ")
+                .push_bind(id.as_bytes().to_vec())
+                .push(" AND wrapped = ")
+                .push_bind(expected);
+            let done = q.build().execute(&pool).await.map_err(backend)?;
+            if DB::rows_affected(&done) == 1 {
+                return Ok(());
             }
+            match Self::fetch_one_id(&pool, &table, &id).await? {
+                None => Err(StoreError::NotFound(id)),
+                // MySQL counts a row whose values did not change as unaffected.
+                Some(r) if r.wrapped == wrapped && r.cmk_id == cmk_id => Ok(()),
+                Some(_) => Err(StoreError::Conflict(format!(
+                    "key {id} was rewrapped concurrently"
+                ))),
+            }
+        })
+        .await
+    }
 
-            async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
-                let filter = filter.clone();
-                self.on_runtime(move |pool, table| async move {
-                    let mut q = QueryBuilder::<$db>::new(format!(
-                        "SELECT {COLUMNS} FROM {table} WHERE 1 = 1"
-                    ));
-                    if let Some(kind) = filter.kind {
-                        q.push(" AND kind = ").push_bind(kind.as_str());
-                    }
-                    if let Some(scope) = &filter.scope {
-                        q.push(" AND scope = ").push_bind(scope.clone());
-                    }
-                    if let Some(cmk) = &filter.cmk_id {
-                        q.push(" AND cmk_id = ").push_bind(cmk.clone());
-                    }
-                    if !filter.include_retired {
-                        q.push(" AND retired_at IS NULL");
-                    }
-                    q.push(" ORDER BY created_at, id");
-                    let rows = q.build().fetch_all(&pool).await.map_err(backend)?;
-                    rows.iter().map(record).collect()
-                })
-                .await
-            }
-
-            async fn retire(&self, id: &KeyId, at: SystemTime) -> Result<(), StoreError> {
-                let id = *id;
-                self.on_runtime(move |pool, table| async move {
-                    let mut q = QueryBuilder::<$db>::new(format!(
-                        "UPDATE {table} SET retired_at = COALESCE(retired_at, "
-                    ));
-                    q.push_bind(millis(at))
-                        .push(") WHERE id = ")
-                        .push_bind(id.as_bytes().to_vec());
-                    let done = q.build().execute(&pool).await.map_err(backend)?;
-                    if done.rows_affected() == 0
-                        && Self::fetch_one_id(&pool, &table, &id).await?.is_none()
-                    {
-                        return Err(StoreError::NotFound(id));
-                    }
-                    Ok(())
-                })
-                .await
-            }
-
-            async fn rewrap(
-                &self,
-                id: &KeyId,
-                expected_wrapped: &[u8],
-                provider: &str,
-                cmk_id: &str,
-                wrapped: &[u8],
-            ) -> Result<(), StoreError> {
-                let (id, expected, provider, cmk_id, wrapped) = (
-                    *id,
-                    expected_wrapped.to_vec(),
-                    provider.to_owned(),
-                    cmk_id.to_owned(),
-                    wrapped.to_vec(),
-                );
-                self.on_runtime(move |pool, table| async move {
-                    let mut q = QueryBuilder::<$db>::new(format!("UPDATE {table} SET provider = "));
-                    q.push_bind(provider)
-                        .push(", cmk_id = ")
-                        .push_bind(cmk_id.clone())
-                        .push(", wrapped = ")
-                        .push_bind(wrapped.clone())
-                        .push(" WHERE id = ")
-                        .push_bind(id.as_bytes().to_vec())
-                        .push(" AND wrapped = ")
-                        .push_bind(expected);
-                    let done = q.build().execute(&pool).await.map_err(backend)?;
-                    if done.rows_affected() == 1 {
-                        return Ok(());
-                    }
-                    match Self::fetch_one_id(&pool, &table, &id).await? {
-                        None => Err(StoreError::NotFound(id)),
-                        // MySQL counts a row whose values did not change as unaffected.
-                        Some(r) if r.wrapped == wrapped && r.cmk_id == cmk_id => Ok(()),
-                        Some(_) => Err(StoreError::Conflict(format!(
-                            "key {id} was rewrapped concurrently"
-                        ))),
-                    }
-                })
-                .await
-            }
-
-            async fn delete(&self, id: &KeyId) -> Result<bool, StoreError> {
-                let id = *id;
-                self.on_runtime(move |pool, table| async move {
-                    let mut q =
-                        QueryBuilder::<$db>::new(format!("DELETE FROM {table} WHERE id = "));
-                    q.push_bind(id.as_bytes().to_vec());
-                    let done = q.build().execute(&pool).await.map_err(backend)?;
-                    Ok(done.rows_affected() > 0)
-                })
-                .await
-            }
-        }
-    };
+    async fn delete(&self, id: &KeyId) -> Result<bool, StoreError> {
+        let id = *id;
+        self.on_runtime(move |pool, table| async move {
+            let mut q = QueryBuilder::<DB>::new(format!("DELETE FROM {table} WHERE id = "));
+            q.push_bind(id.as_bytes().to_vec());
+            let done = q.build().execute(&pool).await.map_err(backend)?;
+            Ok(DB::rows_affected(&done) > 0)
+        })
+        .await
+    }
 }
-
-#[cfg(feature = "postgres")]
-sqlx_key_store!(sqlx::Postgres, ddl::POSTGRES);
-#[cfg(feature = "mysql")]
-sqlx_key_store!(sqlx::MySql, ddl::MYSQL);
-#[cfg(feature = "sqlite")]
-sqlx_key_store!(sqlx::Sqlite, ddl::SQLITE);
 
 #[cfg(test)]
 mod tests {

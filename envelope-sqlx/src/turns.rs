@@ -3,7 +3,7 @@
 //! EXISTS` go through [`run_ddl_in_turn`].
 
 use envelope_core::StoreError;
-use envelope_core::key_table::DdlGuard;
+use envelope_core::dialect::{self, Dialect};
 use sqlx::{Database, Executor, Pool};
 
 use crate::store::backend;
@@ -16,17 +16,17 @@ mod sealed {
 /// features of the same names) and `Any` (feature `any`), which looks at the connection's
 /// backend. Sealed.
 pub trait DdlTurns: Database + sealed::Sealed {
-    /// How processes take turns on this connection's database.
+    /// The dialect of this connection's database, which says how processes take turns there.
     #[doc(hidden)]
-    fn guard(conn: &Self::Connection) -> Result<DdlGuard, StoreError>;
+    fn dialect(conn: &Self::Connection) -> Result<&'static dyn Dialect, StoreError>;
 }
 
 #[cfg(feature = "postgres")]
 impl sealed::Sealed for sqlx::Postgres {}
 #[cfg(feature = "postgres")]
 impl DdlTurns for sqlx::Postgres {
-    fn guard(_: &sqlx::PgConnection) -> Result<DdlGuard, StoreError> {
-        Ok(DdlGuard::POSTGRES)
+    fn dialect(_: &sqlx::PgConnection) -> Result<&'static dyn Dialect, StoreError> {
+        Ok(&dialect::Postgres)
     }
 }
 
@@ -34,8 +34,8 @@ impl DdlTurns for sqlx::Postgres {
 impl sealed::Sealed for sqlx::MySql {}
 #[cfg(feature = "mysql")]
 impl DdlTurns for sqlx::MySql {
-    fn guard(_: &sqlx::MySqlConnection) -> Result<DdlGuard, StoreError> {
-        Ok(DdlGuard::MYSQL)
+    fn dialect(_: &sqlx::MySqlConnection) -> Result<&'static dyn Dialect, StoreError> {
+        Ok(&dialect::MySql)
     }
 }
 
@@ -43,8 +43,8 @@ impl DdlTurns for sqlx::MySql {
 impl sealed::Sealed for sqlx::Sqlite {}
 #[cfg(feature = "sqlite")]
 impl DdlTurns for sqlx::Sqlite {
-    fn guard(_: &sqlx::SqliteConnection) -> Result<DdlGuard, StoreError> {
-        Ok(DdlGuard::SQLITE)
+    fn dialect(_: &sqlx::SqliteConnection) -> Result<&'static dyn Dialect, StoreError> {
+        Ok(&dialect::Sqlite)
     }
 }
 
@@ -52,12 +52,12 @@ impl DdlTurns for sqlx::Sqlite {
 impl sealed::Sealed for sqlx::Any {}
 #[cfg(feature = "any")]
 impl DdlTurns for sqlx::Any {
-    fn guard(conn: &sqlx::AnyConnection) -> Result<DdlGuard, StoreError> {
+    fn dialect(conn: &sqlx::AnyConnection) -> Result<&'static dyn Dialect, StoreError> {
         // The names are sqlx's `Database::NAME` of each driver.
         match conn.backend_name() {
-            "PostgreSQL" => Ok(DdlGuard::POSTGRES),
-            "MySQL" => Ok(DdlGuard::MYSQL),
-            "SQLite" => Ok(DdlGuard::SQLITE),
+            "PostgreSQL" => Ok(&dialect::Postgres),
+            "MySQL" => Ok(&dialect::MySql),
+            "SQLite" => Ok(&dialect::Sqlite),
             other => Err(StoreError::backend(UnknownBackend(other.to_owned()))),
         }
     }
@@ -129,18 +129,18 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
     let mut conn = pool.acquire().await.map_err(backend)?;
-    let guard = DB::guard(&conn)?;
-    let result = run_guarded::<DB, S>(&mut conn, guard, statements).await;
+    let dialect = DB::dialect(&conn)?;
+    let result = run_in_turn::<DB, S>(&mut conn, dialect, statements).await;
     if result.is_err() {
         conn.close_on_drop();
     }
     result
 }
 
-/// `statements` between `guard`'s statements, on `conn`.
-async fn run_guarded<DB, S>(
+/// `statements` taking their turn as `dialect` says, on `conn`.
+async fn run_in_turn<DB, S>(
     conn: &mut DB::Connection,
-    guard: DdlGuard,
+    dialect: &dyn Dialect,
     statements: &[S],
 ) -> Result<(), StoreError>
 where
@@ -148,40 +148,15 @@ where
     S: AsRef<str> + Sync,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    async fn run<DB>(conn: &mut DB::Connection, sql: &str) -> Result<(), StoreError>
-    where
-        DB: Database,
-        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+    let statements: Vec<String> = statements.iter().map(|s| s.as_ref().to_owned()).collect();
+    let mut turn = dialect.ddl_in_turn(&statements);
+    while let Some(sql) = turn.next_statement() {
+        let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
             .execute(&mut *conn)
             .await
             .map(|_| ())
-            .map_err(backend)
+            .map_err(backend);
+        turn.record(done);
     }
-    let mut result = Ok(());
-    for sql in guard
-        .before
-        .iter()
-        .copied()
-        .chain(statements.iter().map(AsRef::as_ref))
-    {
-        result = run::<DB>(conn, sql).await;
-        if result.is_err() {
-            break;
-        }
-    }
-    let finish = if result.is_ok() {
-        guard.after
-    } else {
-        guard.on_error
-    };
-    for sql in finish {
-        let done = run::<DB>(conn, sql).await;
-        // The first error is the one worth reporting.
-        if result.is_ok() {
-            result = done;
-        }
-    }
-    result
+    turn.finish()
 }

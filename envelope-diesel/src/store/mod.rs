@@ -15,7 +15,8 @@
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::result::DatabaseErrorKind;
 use diesel::sql_types::{BigInt, Binary, Nullable, Text};
-use envelope_core::key_table::{self, COLUMNS, DdlGuard, KeyRow, millis};
+use envelope_core::dialect::{self, Dialect};
+use envelope_core::key_table::{self, COLUMNS, KeyRow, millis};
 use envelope_core::{KeyFilter, KeyId, KeyRecord, StoreError};
 
 #[cfg(feature = "async")]
@@ -28,7 +29,8 @@ pub use nonblocking::{AsyncDieselKeyStore, AsyncKeyTableConnection};
 #[cfg(feature = "r2d2")]
 pub use sync::{DieselKeyStore, KeyTableConnection};
 
-pub use envelope_core::key_table::{DEFAULT_TABLE, ddl};
+pub use envelope_core::dialect::ddl;
+pub use envelope_core::key_table::DEFAULT_TABLE;
 
 /// The key table (named `envelope_keys`) as diesel migrations, one set per database, embedded
 /// from this crate's `migrations/<database>/` (the same files work with the diesel CLI:
@@ -62,29 +64,22 @@ mod private {
 }
 
 /// A diesel backend the key table is defined for: `Pg`, `Mysql` and `Sqlite` (with the crate
-/// features `postgres`, `mysql`, `sqlite`). Sealed.
+/// features `postgres`, `mysql`, `sqlite`). Sealed. Every SQL decision (the DDL, taking turns at
+/// it, the statements run on each new connection, placeholders, a missing table) is its
+/// [`DIALECT`](KeyTableBackend::DIALECT)'s.
 pub trait KeyTableBackend: diesel::backend::Backend + private::Sealed {
-    /// The table's DDL for this database.
-    const DDL: &'static str;
-    /// The statements around the DDL that let processes create the table at the same time.
-    const GUARD: DdlGuard;
-    /// Statements run on each new connection of the store.
-    const ON_CONNECT: &'static str;
-    #[doc(hidden)]
-    const NUMBERED_PLACEHOLDERS: bool;
+    /// This database's SQL.
+    const DIALECT: &'static dyn Dialect;
     #[doc(hidden)]
     fn query(statement: Statement) -> BoxedSqlQuery<'static, Self, SqlQuery>;
 }
 
 macro_rules! key_table_backend {
-    ($db:ty, $ddl:expr, $guard:expr, $on_connect:expr, $numbered:expr) => {
+    ($db:ty, $dialect:expr) => {
         impl private::Sealed for $db {}
 
         impl KeyTableBackend for $db {
-            const DDL: &'static str = $ddl;
-            const GUARD: DdlGuard = $guard;
-            const ON_CONNECT: &'static str = $on_connect;
-            const NUMBERED_PLACEHOLDERS: bool = $numbered;
+            const DIALECT: &'static dyn Dialect = &$dialect;
 
             fn query(statement: Statement) -> BoxedSqlQuery<'static, Self, SqlQuery> {
                 let mut q = diesel::sql_query(statement.sql).into_boxed::<$db>();
@@ -103,24 +98,11 @@ macro_rules! key_table_backend {
 }
 
 #[cfg(feature = "postgres")]
-key_table_backend!(diesel::pg::Pg, ddl::POSTGRES, DdlGuard::POSTGRES, "", true);
+key_table_backend!(diesel::pg::Pg, dialect::Postgres);
 #[cfg(feature = "mysql")]
-key_table_backend!(
-    diesel::mysql::Mysql,
-    ddl::MYSQL,
-    DdlGuard::MYSQL,
-    key_table::MYSQL_STRICT_SESSION,
-    false
-);
-// Writers wait for each other (up to 5 s) instead of failing at once with "database is locked".
+key_table_backend!(diesel::mysql::Mysql, dialect::MySql);
 #[cfg(feature = "sqlite")]
-key_table_backend!(
-    diesel::sqlite::Sqlite,
-    ddl::SQLITE,
-    DdlGuard::SQLITE,
-    "PRAGMA busy_timeout = 5000",
-    false
-);
+key_table_backend!(diesel::sqlite::Sqlite, dialect::Sqlite);
 
 /// Run `statements` (an application's own `CREATE TABLE IF NOT EXISTS …`, `CREATE INDEX IF
 /// NOT EXISTS …`, or any other DDL) on `conn`, taking turns with every other process doing the
@@ -166,32 +148,12 @@ where
     C::Backend: KeyTableBackend,
     S: AsRef<str>,
 {
-    let guard = <C::Backend as KeyTableBackend>::GUARD;
-    let mut result = Ok(());
-    for sql in guard
-        .before
-        .iter()
-        .copied()
-        .chain(statements.iter().map(AsRef::as_ref))
-    {
-        result = conn.batch_execute(sql).map_err(backend);
-        if result.is_err() {
-            break;
-        }
+    let statements: Vec<String> = statements.iter().map(|s| s.as_ref().to_owned()).collect();
+    let mut turn = <C::Backend as KeyTableBackend>::DIALECT.ddl_in_turn(&statements);
+    while let Some(sql) = turn.next_statement() {
+        turn.record(conn.batch_execute(sql).map_err(backend));
     }
-    let finish = if result.is_ok() {
-        guard.after
-    } else {
-        guard.on_error
-    };
-    for sql in finish {
-        let done = conn.batch_execute(sql).map_err(backend);
-        // The first error is the one worth reporting.
-        if result.is_ok() {
-            result = done;
-        }
-    }
-    result
+    turn.finish()
 }
 
 /// A bind value of a key-table statement.
@@ -210,15 +172,15 @@ pub enum Bind {
 pub struct Statement {
     sql: String,
     binds: Vec<Bind>,
-    numbered: bool,
+    dialect: &'static dyn Dialect,
 }
 
 impl Statement {
-    fn new(numbered: bool, sql: impl Into<String>) -> Self {
+    fn new(dialect: &'static dyn Dialect, sql: impl Into<String>) -> Self {
         Statement {
             sql: sql.into(),
             binds: Vec::new(),
-            numbered,
+            dialect,
         }
     }
 
@@ -229,11 +191,8 @@ impl Statement {
 
     fn bind(mut self, value: Bind) -> Self {
         self.binds.push(value);
-        if self.numbered {
-            self.sql.push_str(&format!("${}", self.binds.len()));
-        } else {
-            self.sql.push('?');
-        }
+        self.sql
+            .push_str(&self.dialect.placeholder(self.binds.len()));
         self
     }
 }
@@ -287,7 +246,7 @@ fn records(rows: Vec<KeyRowSql>) -> Result<Vec<KeyRecord>, StoreError> {
 #[derive(Clone, Debug)]
 struct Queries {
     table: String,
-    numbered: bool,
+    dialect: &'static dyn Dialect,
 }
 
 impl Queries {
@@ -295,12 +254,12 @@ impl Queries {
         key_table::check_table_name(table)?;
         Ok(Queries {
             table: table.to_owned(),
-            numbered: DB::NUMBERED_PLACEHOLDERS,
+            dialect: DB::DIALECT,
         })
     }
 
     fn start(&self, sql: String) -> Statement {
-        Statement::new(self.numbered, sql)
+        Statement::new(self.dialect, sql)
     }
 
     fn insert(&self, r: &KeyRecord) -> Statement {
@@ -378,9 +337,14 @@ impl Queries {
             .bind(Bind::Bytes(id.as_bytes().to_vec()))
     }
 
-    /// The DDL statements for this table, with the guard's statements around them.
-    fn ddl<DB: KeyTableBackend>(&self) -> Vec<String> {
-        key_table::statements(DB::DDL, &self.table)
+    /// The DDL statements for this table.
+    fn ddl(&self) -> Vec<String> {
+        self.dialect.key_table_statements(&self.table)
+    }
+
+    /// `e`, or [`StoreError::MissingTable`] when it says that this table does not exist.
+    fn missing_table(&self, e: StoreError) -> StoreError {
+        self.dialect.missing_table(e, &self.table)
     }
 }
 

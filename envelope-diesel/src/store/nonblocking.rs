@@ -10,7 +10,6 @@ use diesel::result::QueryResult;
 use diesel_async::methods::{ExecuteDsl, LoadQuery};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use envelope_core::__private::IoRuntime;
-use envelope_core::key_table;
 use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -109,9 +108,8 @@ where
             Some(conn) => conn,
             None => {
                 let mut conn = C::establish(&from.url).await.map_err(StoreError::backend)?;
-                let sql = <C::Backend as KeyTableBackend>::ON_CONNECT;
-                if !sql.is_empty() {
-                    conn.batch_execute(sql).await.map_err(backend)?;
+                for sql in <C::Backend as KeyTableBackend>::DIALECT.key_store_session() {
+                    conn.batch_execute(&sql).await.map_err(backend)?;
                 }
                 conn
             }
@@ -198,37 +196,21 @@ where
     /// # Errors
     /// The database's error.
     pub async fn create_table(&self) -> Result<(), StoreError> {
-        let statements = self.queries.ddl::<C::Backend>();
-        self.on_runtime(move |mut lease, _| async move {
-            let guard = <C::Backend as KeyTableBackend>::GUARD;
-            let mut result = Ok(());
-            for sql in guard
-                .before
-                .iter()
-                .map(|s| (*s).to_owned())
-                .chain(statements)
-            {
-                let done = lease.conn()?.batch_execute(&sql).await;
-                result = lease.check(done);
-                if result.is_err() {
-                    break;
-                }
+        let statements = self.queries.ddl();
+        self.on_runtime(move |mut lease, q| async move {
+            let mut turn = q.dialect.ddl_in_turn(&statements);
+            while let Some(sql) = turn.next_statement() {
+                let done = match lease.conn() {
+                    Ok(conn) => {
+                        let done = conn.batch_execute(sql).await;
+                        lease.check(done)
+                    }
+                    // Dropped after a failure: the first error is the one reported.
+                    Err(e) => Err(e),
+                };
+                turn.record(done);
             }
-            let finish = if result.is_ok() {
-                guard.after
-            } else {
-                guard.on_error
-            };
-            for sql in finish {
-                let Ok(conn) = lease.conn() else { break };
-                let done = conn.batch_execute(sql).await;
-                let done = lease.check(done);
-                // The first error is the one worth reporting.
-                if result.is_ok() {
-                    result = done;
-                }
-            }
-            result
+            turn.finish()
         })
         .await
     }
@@ -246,7 +228,7 @@ where
             .run(async move { work(Lease::take(&connections).await?, queries).await })
             .await
             .map_err(|e| StoreError::backend(std::io::Error::other(e.to_string())))?
-            .map_err(|e| key_table::missing_table(e, &self.queries.table))
+            .map_err(|e| self.queries.missing_table(e))
     }
 }
 

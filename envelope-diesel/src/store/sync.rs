@@ -10,7 +10,6 @@ use diesel::r2d2::{
 };
 use diesel::result::QueryResult;
 use envelope_core::__private::IoRuntime;
-use envelope_core::key_table;
 use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_trait};
 
 use super::{
@@ -85,7 +84,8 @@ impl<C: KeyTableConnection> std::fmt::Debug for DieselKeyStore<C> {
     }
 }
 
-/// Runs the backend's per-connection statements (SQLite's busy timeout) on every new
+/// Runs the dialect's key-store session statements (MySQL's strict mode, SQLite's busy
+/// timeout) on every new
 /// connection of the store's pool.
 #[derive(Debug)]
 struct OnConnect;
@@ -95,9 +95,8 @@ where
     C::Backend: KeyTableBackend,
 {
     fn on_acquire(&self, conn: &mut C) -> Result<(), diesel::r2d2::Error> {
-        let sql = <C::Backend as KeyTableBackend>::ON_CONNECT;
-        if !sql.is_empty() {
-            conn.batch_execute(sql)
+        for sql in <C::Backend as KeyTableBackend>::DIALECT.key_store_session() {
+            conn.batch_execute(&sql)
                 .map_err(diesel::r2d2::Error::QueryError)?;
         }
         Ok(())
@@ -158,7 +157,7 @@ where
     /// The pool's or the database's error.
     pub fn create_table(&self) -> Result<(), StoreError> {
         let mut conn = checkout(&self.pool)?;
-        run_ddl_in_turn(&mut *conn, &self.queries.ddl::<C::Backend>())
+        run_ddl_in_turn(&mut *conn, &self.queries.ddl())
     }
 
     /// Run `work` with a connection of the pool on the store's blocking threads.
@@ -178,7 +177,7 @@ where
                     "the key store's query did not finish: {e}"
                 )))
             })?
-            .map_err(|e| key_table::missing_table(e, &self.queries.table))
+            .map_err(|e| self.queries.missing_table(e))
     }
 }
 
