@@ -68,10 +68,11 @@
 //! `diesel::result::Error::SerializationError` / `DeserializationError` whose source is an
 //! [`envelope_core::Error`] (see [`envelope_error`]).
 //!
-//! The column types are [`envelope_core::column`]'s, re-exported here with their diesel impls
-//! turned on (envelope-core's feature `diesel`, and with this crate's `postgres`, `mysql` and
-//! `sqlite` their per-backend `ToSql`). envelope-sqlx re-exports the same types, so
-//! `envelope_diesel::Encrypted` and `envelope_sqlx::Encrypted` are one type.
+//! The column types are [`envelope_core::column`](mod@envelope_core::column)'s, re-exported
+//! here with their diesel impls turned on (envelope-core's feature `diesel`, and with this
+//! crate's `postgres`, `mysql` and `sqlite` their per-backend `ToSql`). envelope-sqlx
+//! re-exports the same types, so `envelope_diesel::Encrypted` and `envelope_sqlx::Encrypted`
+//! are one type.
 //!
 //! Field types: `String`, `Vec<u8>`, `i16`, `i32`, `i64`, `u16`, `u32`, `u64`, `f32`, `f64`,
 //! `bool`, and with the features below `uuid::Uuid`, `chrono::NaiveDate`,

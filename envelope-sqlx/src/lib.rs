@@ -55,9 +55,10 @@
 //! `try_bind` returns the encode error; [`envelope_error`] finds the [`envelope_core::Error`]
 //! in either.
 //!
-//! The column types are [`envelope_core::column`]'s, re-exported here with their sqlx impls
-//! turned on (envelope-core's feature `sqlx`). envelope-diesel re-exports the same types, so
-//! `envelope_sqlx::Encrypted` and `envelope_diesel::Encrypted` are one type.
+//! The column types are [`envelope_core::column`](mod@envelope_core::column)'s, re-exported
+//! here with their sqlx impls turned on (envelope-core's feature `sqlx`). envelope-diesel
+//! re-exports the same types, so `envelope_sqlx::Encrypted` and `envelope_diesel::Encrypted`
+//! are one type.
 //!
 //! The wrapped keys live in the key table: [`SqlxKeyStore`] implements
 //! [`envelope_core::KeyStore`] for all three databases.
