@@ -341,7 +341,7 @@ pub(crate) fn parse(text: &str, origin: &str, overrides: Overrides) -> Result<Co
     // names case-insensitively (ASCII), so `Email` and `email` are one column there; PostgreSQL
     // gets them quoted, and quoted names are exact.
     let names = Names {
-        fold: Dialect::of_url(&database_url) != Some(Dialect::Postgres),
+        fold: Dialect::of_url(&database_url).is_none_or(Dialect::names_fold_case),
     };
     let mut tables = Vec::new();
     let mut labels = std::collections::HashSet::new();

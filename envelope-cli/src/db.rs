@@ -167,7 +167,7 @@ impl Db {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     for sql in dialect.session_setup() {
-                        sqlx::query(sqlx::AssertSqlSafe(*sql))
+                        sqlx::query(sqlx::AssertSqlSafe(sql))
                             .execute(&mut *conn)
                             .await?;
                     }

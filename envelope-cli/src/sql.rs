@@ -1,5 +1,14 @@
-//! The SQL dialects the CLI speaks: quoting, placeholders, NULL-safe and byte-exact
-//! comparison, and the few expressions that differ between PostgreSQL, MySQL/MariaDB and SQLite.
+//! The SQL dialects the CLI speaks: envelope-core's shared dialect layer (URLs, quoting,
+//! placeholders, sessions, transactions, locks), plus the migration's own SQL: NULL-safe and
+//! byte-exact comparison, and the few expressions that differ between PostgreSQL, MySQL/MariaDB
+//! and SQLite.
+
+use std::time::Duration;
+
+use envelope_core::dialect::{self as shared, Kind};
+
+/// How long a CLI session on SQLite waits for another writer (the application) before failing.
+const WAIT_FOR_WRITERS: Duration = Duration::from_secs(10);
 
 /// Which rows a locking read passes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,58 +31,72 @@ pub(crate) enum Dialect {
 }
 
 impl Dialect {
-    /// The dialect of a database URL, by scheme.
-    pub(crate) fn of_url(url: &str) -> Option<Dialect> {
-        match url.split(':').next().unwrap_or("") {
-            "postgres" | "postgresql" => Some(Dialect::Postgres),
-            "mysql" | "mariadb" => Some(Dialect::MySql),
-            "sqlite" => Some(Dialect::Sqlite),
-            _ => None,
+    /// The dialect every crate shares (envelope-core's): URLs, quoting, placeholders,
+    /// sessions, transactions and locks. What is here besides is the migration's own SQL.
+    fn shared(self) -> &'static dyn shared::Dialect {
+        match self {
+            Dialect::Postgres => Kind::Postgres.dialect(),
+            Dialect::MySql => Kind::MySql.dialect(),
+            Dialect::Sqlite => Kind::Sqlite.dialect(),
         }
     }
 
-    /// The URL sqlx's drivers take: MariaDB speaks the MySQL protocol, and sqlx knows the
-    /// scheme `mysql`.
+    /// The dialect of a database URL, by scheme.
+    pub(crate) fn of_url(url: &str) -> Option<Dialect> {
+        shared::for_url(url).map(|d| match d.kind() {
+            Kind::Postgres => Dialect::Postgres,
+            Kind::MySql => Dialect::MySql,
+            Kind::Sqlite => Dialect::Sqlite,
+        })
+    }
+
+    /// The URL sqlx's drivers take (`mariadb:` becomes `mysql:`).
     pub(crate) fn driver_url(self, url: &str) -> String {
-        match url.strip_prefix("mariadb:") {
-            Some(rest) if self == Dialect::MySql => format!("mysql:{rest}"),
-            _ => url.to_owned(),
-        }
+        self.shared().driver_url(url).into_owned()
     }
 
     /// What every session of the CLI runs first: UTC (so timestamps read and write unshifted),
     /// MySQL/MariaDB strict (a value too long for its column is an error, never silently cut: a
-    /// sealed value cut short can never be opened), and a SQLite writer that waits for another
-    /// instead of failing at once.
-    pub(crate) fn session_setup(self) -> &'static [&'static str] {
-        match self {
-            Dialect::Postgres => &["SET TIME ZONE 'UTC'", "SET DateStyle = 'ISO, YMD'"],
-            Dialect::MySql => &[
-                "SET time_zone = '+00:00'",
-                envelope_sqlx::MYSQL_STRICT_SESSION,
-            ],
-            Dialect::Sqlite => &["PRAGMA busy_timeout = 10000"],
-        }
+    /// sealed value cut short can never be opened), and a SQLite writer that waits up to 10 s
+    /// for another instead of failing at once.
+    pub(crate) fn session_setup(self) -> Vec<String> {
+        let d = self.shared();
+        d.utc_session()
+            .iter()
+            .chain(d.strict_session())
+            .map(|s| (*s).to_owned())
+            .chain(d.wait_for_writers(WAIT_FOR_WRITERS))
+            .collect()
     }
 
-    /// How a transaction that writes begins: SQLite takes its write lock at once (`IMMEDIATE`),
-    /// so two writers wait for each other at the start instead of one failing at its first
-    /// write.
+    /// How a transaction that writes begins (`BEGIN IMMEDIATE` on SQLite).
     pub(crate) fn begin_write(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres | Dialect::MySql => "BEGIN",
-        }
+        self.shared().begin_write()
     }
 
     /// The clause that locks the rows a `SELECT` reads until the transaction ends (nothing on
     /// SQLite, whose write transaction already holds the whole file).
     pub(crate) fn lock_rows(self, skip: Skip) -> &'static str {
-        match (self, skip) {
-            (Dialect::Sqlite, _) => "",
-            (_, Skip::None) => " FOR UPDATE",
-            (_, Skip::Locked) => " FOR UPDATE SKIP LOCKED",
+        match skip {
+            Skip::None => self.shared().lock_rows(),
+            Skip::Locked => self.shared().lock_rows_skip_locked(),
         }
+    }
+
+    /// Whether two names are one column or table here (ASCII case-insensitively on MySQL/MariaDB
+    /// and SQLite; exactly on PostgreSQL, where the CLI quotes every name).
+    pub(crate) fn names_fold_case(self) -> bool {
+        self.shared().names_fold_case()
+    }
+
+    /// A quoted identifier (`schema.name` quotes each part).
+    pub(crate) fn quote(self, ident: &str) -> String {
+        self.shared().quote(ident)
+    }
+
+    /// The `n`th (1-based) bind parameter.
+    pub(crate) fn param(self, n: usize) -> String {
+        self.shared().placeholder(n)
     }
 
     /// Whether the binary value in `column` starts like an envelope (format version 1, and at
@@ -87,24 +110,6 @@ impl Dialect {
             Dialect::Sqlite => {
                 format!("substr({column}, 1, 1) = x'01' AND length({column}) >= 47")
             }
-        }
-    }
-
-    /// A quoted identifier (`schema.name` quotes each part).
-    pub(crate) fn quote(self, ident: &str) -> String {
-        let q = if self == Dialect::MySql { '`' } else { '"' };
-        ident
-            .split('.')
-            .map(|p| format!("{q}{p}{q}"))
-            .collect::<Vec<_>>()
-            .join(".")
-    }
-
-    /// The `n`th (1-based) bind parameter.
-    pub(crate) fn param(self, n: usize) -> String {
-        match self {
-            Dialect::Postgres => format!("${n}"),
-            _ => "?".to_owned(),
         }
     }
 
