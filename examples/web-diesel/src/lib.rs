@@ -46,6 +46,7 @@ use axum::{Json, Router};
 use chrono::NaiveDate;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
+use envelope_core::dialect::{self, Kind};
 use envelope_core::kms::KeyUri;
 use envelope_core::{KeyStore, Keyring, KmsProvider, LocalKms, Normalizer};
 use envelope_diesel::{BlindIndex, DieselKeyStore, Encrypted, blind_index, column};
@@ -213,10 +214,15 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
     }
     // Replicas started together on a fresh database take turns, as for the key table.
     let ddl_error = |e: envelope_core::StoreError| format!("cannot create the patients table: {e}");
-    let scheme = url.split_once("://").map(|(s, _)| s);
-    match scheme {
+    // A plain path is a SQLite file.
+    let d = match dialect::for_url(url) {
+        Some(d) => d,
+        None if !url.contains("://") => &dialect::Sqlite,
+        None => return Err(unsupported(dialect::scheme(url))),
+    };
+    match d.kind() {
         #[cfg(feature = "postgres")]
-        Some("postgres" | "postgresql") => {
+        Kind::Postgres => {
             let db = pool::<PgConnection>(url)?;
             envelope_diesel::run_ddl_in_turn(
                 &mut *db.get().map_err(pool_error_text)?,
@@ -231,12 +237,13 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
             Ok((
                 Db::Postgres(db),
                 store::<PgConnection>(url, keys_table)?,
-                "PostgreSQL",
+                d.name(),
             ))
         }
         #[cfg(feature = "mysql")]
-        Some("mysql" | "mariadb") => {
-            let url = url.replacen("mariadb://", "mysql://", 1);
+        Kind::MySql => {
+            // diesel knows `mysql://` only.
+            let url = d.driver_url(url);
             let db = pool::<MysqlConnection>(&url)?;
             envelope_diesel::run_ddl_in_turn(
                 &mut *db.get().map_err(pool_error_text)?,
@@ -251,10 +258,10 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
             Ok((
                 Db::Mysql(db),
                 store::<MysqlConnection>(&url, keys_table)?,
-                "MySQL/MariaDB",
+                d.name(),
             ))
         }
-        Some("sqlite") | None => {
+        Kind::Sqlite => {
             let path = url
                 .trim_start_matches("sqlite://")
                 .trim_start_matches("sqlite:");
@@ -267,14 +274,20 @@ fn open(url: &str, keys_table: &str) -> Result<(Db, Arc<dyn KeyStore>, &'static 
             Ok((
                 Db::Sqlite(db),
                 store::<SqliteConnection>(path, keys_table)?,
-                "SQLite",
+                d.name(),
             ))
         }
-        Some(other) => Err(format!(
-            "DATABASE_URL {other}:// is not supported by this build: use a SQLite file path, \
-             or build with `--features postgres` / `--features mysql` for postgres:// or mysql://"
-        )),
+        #[allow(unreachable_patterns)]
+        _ => Err(unsupported(dialect::scheme(url))),
     }
+}
+
+/// A database URL this build cannot use.
+fn unsupported(scheme: &str) -> String {
+    format!(
+        "DATABASE_URL {scheme}:// is not supported by this build: use a SQLite file path, \
+         or build with `--features postgres` / `--features mysql` for postgres:// or mysql://"
+    )
 }
 
 fn pool_error_text(e: diesel::r2d2::PoolError) -> String {

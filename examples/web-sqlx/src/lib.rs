@@ -35,6 +35,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use envelope_core::dialect::{self, Dialect, Kind};
 use envelope_core::kms::KeyUri;
 use envelope_core::kms::tencent::{TencentConfig, TencentKms};
 use envelope_core::{Keyring, KmsProvider, LocalKms, Normalizer};
@@ -159,74 +160,45 @@ impl Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-    MySql,
+/// The database of `url`, by its scheme.
+fn dialect_of(url: &str) -> Result<&'static dyn Dialect, String> {
+    dialect::for_url(url).ok_or_else(|| {
+        format!(
+            "DATABASE_URL must start with sqlite:, postgres: or mysql:, got {:?}",
+            dialect::scheme(url)
+        )
+    })
 }
 
-impl Backend {
-    fn of(url: &str) -> Result<Backend, String> {
-        let scheme = url.split(':').next().unwrap_or("");
-        match scheme {
-            "sqlite" => Ok(Backend::Sqlite),
-            "postgres" | "postgresql" => Ok(Backend::Postgres),
-            "mysql" | "mariadb" => Ok(Backend::MySql),
-            _ => Err(format!(
-                "DATABASE_URL must start with sqlite:, postgres: or mysql:, got {scheme:?}"
-            )),
-        }
-    }
-
-    /// The SQL with `?` placeholders, as this database wants them.
-    fn sql(self, s: &str) -> String {
-        if self != Backend::Postgres {
-            return s.to_owned();
-        }
-        let mut out = String::with_capacity(s.len() + 8);
-        let mut n = 0;
-        for c in s.chars() {
-            if c == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
+/// The customers table, as this database spells its types.
+fn customers_ddl(d: &dyn Dialect, t: &str) -> Vec<String> {
+    match d.kind() {
+        Kind::Sqlite | Kind::Postgres => {
+            let blob = if d.kind() == Kind::Sqlite {
+                "BLOB"
             } else {
-                out.push(c);
-            }
+                "BYTEA"
+            };
+            vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+                     email {blob} NOT NULL, email_bidx {blob} NOT NULL, phone {blob}, \
+                     national_id {blob}, notes {blob})"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {t}_email_bidx ON {t} (email_bidx)"),
+            ]
         }
-        out
-    }
-
-    fn ddl(self, t: &str) -> Vec<String> {
-        match self {
-            Backend::Sqlite | Backend::Postgres => {
-                let blob = if self == Backend::Sqlite {
-                    "BLOB"
-                } else {
-                    "BYTEA"
-                };
-                vec![
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
-                         email {blob} NOT NULL, email_bidx {blob} NOT NULL, phone {blob}, \
-                         national_id {blob}, notes {blob})"
-                    ),
-                    format!("CREATE INDEX IF NOT EXISTS {t}_email_bidx ON {t} (email_bidx)"),
-                ]
-            }
-            Backend::MySql => vec![format!(
-                "CREATE TABLE IF NOT EXISTS {t} (id VARCHAR(36) PRIMARY KEY, name VARCHAR(200) NOT NULL, \
-                 email VARBINARY(1024) NOT NULL, email_bidx VARBINARY(32) NOT NULL, phone VARBINARY(512), \
-                 national_id VARBINARY(512), notes MEDIUMBLOB, INDEX {t}_email_bidx (email_bidx))"
-            )],
-        }
+        Kind::MySql => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (id VARCHAR(36) PRIMARY KEY, name VARCHAR(200) NOT NULL, \
+             email VARBINARY(1024) NOT NULL, email_bidx VARBINARY(32) NOT NULL, phone VARBINARY(512), \
+             national_id VARBINARY(512), notes MEDIUMBLOB, INDEX {t}_email_bidx (email_bidx))"
+        )],
     }
 }
 
 struct Inner {
     pool: AnyPool,
-    backend: Backend,
+    dialect: &'static dyn Dialect,
     keyring: Keyring,
     table: String,
 }
@@ -246,10 +218,10 @@ impl App {
     pub async fn start(config: Config) -> Result<App, String> {
         // Before the keyring: it registers its hot-path counters with the recorder it finds.
         prometheus();
-        let backend = Backend::of(&config.database_url)?;
+        let dialect = dialect_of(&config.database_url)?;
         let (kms, cmk): (Arc<dyn KmsProvider>, String) = match &config.kms {
             KmsChoice::LocalFile(path) => {
-                let kms = if backend == Backend::Sqlite {
+                let kms = if dialect.kind() == Kind::Sqlite {
                     LocalKms::open_or_create_for_development(path)
                 } else {
                     LocalKms::open(path)
@@ -290,11 +262,11 @@ impl App {
         sqlx::any::install_default_drivers();
         let pool = sqlx::any::AnyPoolOptions::new()
             .max_connections(8)
-            .connect(url)
+            .connect(&dialect.driver_url(url))
             .await
             .map_err(|e| format!("cannot connect to the database: {e}"))?;
         // Replicas started together on a fresh database take turns, as for the key table.
-        envelope_sqlx::run_ddl_in_turn(&pool, &backend.ddl(&config.customers_table))
+        envelope_sqlx::run_ddl_in_turn(&pool, &customers_ddl(dialect, &config.customers_table))
             .await
             .map_err(|e| format!("cannot create the customers table: {e}"))?;
         let builder = trusted
@@ -313,7 +285,7 @@ impl App {
         Ok(App {
             inner: Arc::new(Inner {
                 pool,
-                backend,
+                dialect,
                 keyring,
                 table: config.customers_table,
             }),
@@ -327,11 +299,7 @@ impl App {
 
     /// Which database, for the start-up line.
     pub fn database(&self) -> &'static str {
-        match self.inner.backend {
-            Backend::Sqlite => "SQLite",
-            Backend::Postgres => "PostgreSQL",
-            Backend::MySql => "MySQL/MariaDB",
-        }
+        self.inner.dialect.name()
     }
 
     /// The routes.
@@ -544,10 +512,11 @@ async fn create(
     let input = body(payload)?;
     let id = uuid::Uuid::new_v4().to_string();
     let a = &app.inner;
-    let sql = a.backend.sql(&format!(
-        "INSERT INTO {} (id, name, email, email_bidx, phone, national_id, notes) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        a.table
-    ));
+    let sql = format!(
+        "INSERT INTO {} (id, name, email, email_bidx, phone, national_id, notes) VALUES ({})",
+        a.table,
+        a.dialect.placeholders(1, 7)
+    );
     let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.clone());
     bind_fields(query, input)?
         .execute(&a.pool)
@@ -562,9 +531,11 @@ async fn read(
 ) -> Result<Json<CustomerOutput>, ApiError> {
     let id = customer_id(&id)?;
     let a = &app.inner;
-    let sql = a
-        .backend
-        .sql(&format!("SELECT {COLUMNS} FROM {} WHERE id = ?", a.table));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} WHERE id = {}",
+        a.table,
+        a.dialect.placeholder(1)
+    );
     let row: Option<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .fetch_optional(&a.pool)
@@ -612,11 +583,14 @@ async fn list(
     }
     let after = after.map(customer_id).transpose()?;
     let a = &app.inner;
-    let filter = if after.is_some() { "WHERE id > ?" } else { "" };
-    let sql = a.backend.sql(&format!(
+    let filter = match after {
+        Some(_) => format!("WHERE id > {}", a.dialect.placeholder(1)),
+        None => String::new(),
+    };
+    let sql = format!(
         "SELECT {COLUMNS} FROM {} {filter} ORDER BY id LIMIT {limit}",
         a.table
-    ));
+    );
     let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
     if let Some(after) = after {
         query = query.bind(after);
@@ -631,11 +605,11 @@ async fn find_by_email(app: &App, email: &str) -> Result<Json<Vec<CustomerOutput
     }
     let a = &app.inner;
     let probes = email_probes(email)?;
-    let placeholders = vec!["?"; probes.len()].join(", ");
-    let sql = a.backend.sql(&format!(
-        "SELECT {COLUMNS} FROM {} WHERE email_bidx IN ({placeholders})",
-        a.table
-    ));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} WHERE email_bidx IN ({})",
+        a.table,
+        a.dialect.placeholders(1, probes.len())
+    );
     let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
     for probe in probes {
         query = query.bind(probe);
@@ -659,10 +633,18 @@ async fn replace(
     let id = customer_id(&id)?;
     let input = body(payload)?;
     let a = &app.inner;
-    let sql = a.backend.sql(&format!(
-        "UPDATE {} SET name = ?, email = ?, email_bidx = ?, phone = ?, national_id = ?, notes = ? WHERE id = ?",
-        a.table
-    ));
+    let p = |n| a.dialect.placeholder(n);
+    let sql = format!(
+        "UPDATE {} SET name = {}, email = {}, email_bidx = {}, phone = {}, national_id = {}, notes = {} WHERE id = {}",
+        a.table,
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7)
+    );
     let done = bind_fields(sqlx::query(sqlx::AssertSqlSafe(sql)), input)?
         .bind(id.clone())
         .execute(&a.pool)
@@ -677,9 +659,11 @@ async fn replace(
 async fn remove(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = customer_id(&id)?;
     let a = &app.inner;
-    let sql = a
-        .backend
-        .sql(&format!("DELETE FROM {} WHERE id = ?", a.table));
+    let sql = format!(
+        "DELETE FROM {} WHERE id = {}",
+        a.table,
+        a.dialect.placeholder(1)
+    );
     let done = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .execute(&a.pool)
