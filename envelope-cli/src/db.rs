@@ -1,7 +1,7 @@
-//! The database side of the migration engine: one connection pool (sqlx's `Any` driver) and
-//! the SQL each dialect needs, with the facts of `shared/design/MIGRATIONS.md`: NULL-safe
-//! equality per database, byte-exact comparisons on MySQL (its default collations ignore case
-//! and trailing spaces), and column-type checks before the first write.
+//! The database side of the migration engine: one connection pool (sqlx's `Any` driver), the
+//! one place driver errors are sorted ([`classify`]), the catalog lookups, and primary keys and
+//! values as the engine reads and binds them. The SQL that differs per database is `sql.rs`;
+//! the schema checks before the first write are `plan.rs`.
 
 use std::fmt;
 use std::time::Duration;
