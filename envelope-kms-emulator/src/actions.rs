@@ -9,10 +9,10 @@ use rand::{Rng as _, RngExt as _};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use crate::api::{ApiError, api_error, context_bytes, int_param, opt_str, str_param, uuid_text};
 use crate::auth::now_secs;
-use crate::blob::{cmk_cipher, open_blob, seal_blob};
-use crate::http::{ApiError, api_error, context_bytes, int_param, opt_str, str_param, uuid_text};
-use crate::state::{CmkEntry, KeyState, StoredKey, persist};
+use crate::blob::{open_blob, seal_blob};
+use crate::state::{CmkEntry, KeyState, StoredKey, cmk_cipher, find, persist, usable};
 use crate::{Shared, lock};
 
 fn new_key_id() -> String {
@@ -98,33 +98,6 @@ fn change_persisted(
         entry.meta.deletion_date = deletion;
     }
     written
-}
-
-/// The entry for a KeyId (or `alias/NAME`).
-fn find<'a>(keys: &'a BTreeMap<String, CmkEntry>, id: &str) -> Result<&'a CmkEntry, ApiError> {
-    let found = match id.strip_prefix("alias/") {
-        Some(alias) => keys.values().find(|k| k.meta.alias == alias),
-        None => keys.get(id),
-    };
-    found.ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", format!("no key {id}")))
-}
-
-pub(crate) fn usable<'a>(
-    keys: &'a BTreeMap<String, CmkEntry>,
-    id: &str,
-) -> Result<&'a CmkEntry, ApiError> {
-    let entry = find(keys, id)?;
-    match entry.meta.key_state {
-        KeyState::Enabled => Ok(entry),
-        KeyState::Disabled => Err(api_error(
-            "ResourceUnavailable.CmkDisabled",
-            "the key is disabled",
-        )),
-        KeyState::PendingDelete => Err(api_error(
-            "ResourceUnavailable.KeyPendingDelete",
-            "the key is pending deletion",
-        )),
-    }
 }
 
 pub(crate) fn describe_key(shared: &Shared, params: &Value) -> Result<Value, ApiError> {

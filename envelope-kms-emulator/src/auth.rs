@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::http::HeaderMap;
 use envelope_core::__private::tc3 as sign;
 
-use crate::http::{ApiError, api_error, header};
+use crate::api::{ApiError, api_error, header};
 use crate::{MAX_CLOCK_SKEW_SECS, Shared, lock};
 
 pub(crate) fn now_secs() -> i64 {

@@ -2,23 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{Aad, Nonce};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use rand::{Rng as _, RngExt as _};
 use zeroize::Zeroizing;
 
-use crate::actions::usable;
-use crate::http::{ApiError, api_error};
-use crate::state::CmkEntry;
+use crate::api::{ApiError, api_error};
+use crate::state::{CmkEntry, usable};
 use crate::{BLOB_MARKER, BLOB_SEPARATOR};
-
-/// An AES-256-GCM key; `None` unless `material` is 32 bytes.
-pub(crate) fn cmk_cipher(material: &[u8]) -> Option<LessSafeKey> {
-    UnboundKey::new(&AES_256_GCM, material)
-        .ok()
-        .map(LessSafeKey::new)
-}
 
 /// `base64(key id, nonce, filler: 64 bytes) -k- base64(marker: 16 bytes) -k- base64(ciphertext || tag)`.
 pub(crate) fn seal_blob(

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use envelope_core::SecretString;
 use envelope_core::kms::tencent::API_VERSION;
-use envelope_core::{EncryptionContext, SecretString};
 use rand::{Rng as _, RngExt as _};
 use serde_json::{Value, json};
 
@@ -16,39 +16,13 @@ use crate::actions::{
     create_key, decrypt, describe_key, encrypt, generate_data_key, generate_random, re_encrypt,
     schedule_deletion, set_state,
 };
+use crate::api::{ApiError, api_error, header, uuid_text};
 use crate::auth::{authenticate, now_secs};
 use crate::state::KeyState;
 use crate::{Faults, ROLE_PATH, Shared, TempCredentials, lock};
 
-/// An API error: HTTP 200 with `Response.Error`, as the real service answers.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub(crate) code: &'static str,
-    pub(crate) message: String,
-}
-
-pub(crate) fn api_error(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        code,
-        message: message.into(),
-    }
-}
-
 fn request_id() -> String {
     uuid_text(rand::rng().random())
-}
-
-/// 16 bytes in the 8-4-4-4-12 hex form of a UUID.
-pub(crate) fn uuid_text(b: [u8; 16]) -> String {
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 fn respond(body: Result<Value, ApiError>) -> Response {
@@ -139,10 +113,6 @@ pub(crate) async fn handle(
             .or_default() += 1;
     }
     respond(result)
-}
-
-pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// `GET /latest/meta-data/cam/security-credentials/[ROLE]`: the role's name, or new temporary
@@ -256,66 +226,5 @@ async fn serve(
             "InvalidAction",
             format!("unknown action {other}"),
         )),
-    }
-}
-
-pub(crate) fn str_param<'a>(params: &'a Value, name: &str) -> Result<&'a str, ApiError> {
-    match params.get(name) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::String(_)) | None => Err(api_error(
-            "MissingParameter",
-            format!("the parameter {name} is missing"),
-        )),
-        Some(_) => Err(api_error(
-            "InvalidParameter",
-            format!("the parameter {name} must be a string"),
-        )),
-    }
-}
-
-pub(crate) fn opt_str<'a>(params: &'a Value, name: &str) -> Result<Option<&'a str>, ApiError> {
-    match params.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(api_error(
-            "InvalidParameter",
-            format!("the parameter {name} must be a string"),
-        )),
-    }
-}
-
-pub(crate) fn int_param(params: &Value, name: &str) -> Result<Option<i64>, ApiError> {
-    match params.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| {
-            api_error(
-                "InvalidParameter",
-                format!("the parameter {name} must be an integer"),
-            )
-        }),
-    }
-}
-
-/// The context as the bytes the blob is bound to: parsed, sorted and compact, so that equal
-/// maps match whatever their spacing or order.
-pub(crate) fn context_bytes(params: &Value, name: &str) -> Result<String, ApiError> {
-    match opt_str(params, name)? {
-        None | Some("") => Ok(String::new()),
-        Some(text) => {
-            if text.len() > 1024 {
-                return Err(api_error(
-                    "InvalidParameterValue",
-                    format!("{name} is longer than 1024 characters"),
-                ));
-            }
-            EncryptionContext::from_json(text)
-                .map(|c| c.canonical_json())
-                .map_err(|_| {
-                    api_error(
-                        "InvalidParameterValue",
-                        format!("{name} must be a JSON object of string values"),
-                    )
-                })
-        }
     }
 }

@@ -37,6 +37,7 @@ use crate::http::handle;
 use crate::state::{CmkEntry, load_state};
 
 mod actions;
+mod api;
 mod auth;
 mod blob;
 mod http;

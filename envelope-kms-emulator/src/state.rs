@@ -3,15 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aws_lc_rs::aead::LessSafeKey;
+use aws_lc_rs::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::blob::cmk_cipher;
-use crate::http::{ApiError, api_error};
+use crate::api::{ApiError, api_error};
 use crate::{Shared, StartError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,4 +154,41 @@ pub(crate) fn persist<'a>(
             format!("cannot write the state file {}: {e}", path.display()),
         )
     })
+}
+
+/// An AES-256-GCM key; `None` unless `material` is 32 bytes.
+pub(crate) fn cmk_cipher(material: &[u8]) -> Option<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, material)
+        .ok()
+        .map(LessSafeKey::new)
+}
+
+/// The entry for a KeyId (or `alias/NAME`).
+pub(crate) fn find<'a>(
+    keys: &'a BTreeMap<String, CmkEntry>,
+    id: &str,
+) -> Result<&'a CmkEntry, ApiError> {
+    let found = match id.strip_prefix("alias/") {
+        Some(alias) => keys.values().find(|k| k.meta.alias == alias),
+        None => keys.get(id),
+    };
+    found.ok_or_else(|| api_error("ResourceUnavailable.CmkNotFound", format!("no key {id}")))
+}
+
+pub(crate) fn usable<'a>(
+    keys: &'a BTreeMap<String, CmkEntry>,
+    id: &str,
+) -> Result<&'a CmkEntry, ApiError> {
+    let entry = find(keys, id)?;
+    match entry.meta.key_state {
+        KeyState::Enabled => Ok(entry),
+        KeyState::Disabled => Err(api_error(
+            "ResourceUnavailable.CmkDisabled",
+            "the key is disabled",
+        )),
+        KeyState::PendingDelete => Err(api_error(
+            "ResourceUnavailable.KeyPendingDelete",
+            "the key is pending deletion",
+        )),
+    }
 }

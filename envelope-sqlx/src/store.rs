@@ -11,7 +11,7 @@ use envelope_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, async_tra
 use sqlx::pool::PoolOptions;
 use sqlx::{Database, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Row, Type};
 
-use crate::turns::{DdlTurns, run_ddl_in_turn};
+use crate::turns::{DdlTurns, backend, run_ddl_in_turn};
 
 /// The DDL for the default table name, one script per database (the same as
 /// [`envelope_core::dialect::ddl`]), also shipped as files to copy into an application's own
@@ -203,15 +203,6 @@ where
 /// is unavailable, which is not a conflict (the index-key code reads a conflict as "another
 /// process won the race").
 fn shut_down(e: envelope_core::Error) -> StoreError {
-    StoreError::backend(e)
-}
-
-pub(crate) fn backend(e: sqlx::Error) -> StoreError {
-    if let Some(db) = e.as_database_error()
-        && db.is_unique_violation()
-    {
-        return StoreError::Conflict(format!("unique constraint: {}", db.message()));
-    }
     StoreError::backend(e)
 }
 

@@ -6,8 +6,6 @@ use envelope_core::StoreError;
 use envelope_core::dialect::{self, Dialect};
 use sqlx::{Database, Executor, Pool};
 
-use crate::store::backend;
-
 mod sealed {
     pub trait Sealed {}
 }
@@ -159,4 +157,15 @@ where
         turn.record(done);
     }
     turn.finish()
+}
+
+/// A driver error as a store error: a unique-constraint violation is a lost race
+/// ([`StoreError::Conflict`]), anything else the backend's failure.
+pub(crate) fn backend(e: sqlx::Error) -> StoreError {
+    if let Some(db) = e.as_database_error()
+        && db.is_unique_violation()
+    {
+        return StoreError::Conflict(format!("unique constraint: {}", db.message()));
+    }
+    StoreError::backend(e)
 }
